@@ -1,0 +1,38 @@
+# The two commands a newcomer types: `make run` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+SWAY_HOME ?= $(CURDIR)/.sway_home
+export SWAY_HOME
+
+.PHONY: run test lint bench ui clean fixtures
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first, pinned, so pip takes the CPU wheel on disk and never a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[hf,dagster,dev]"
+	touch $(STAMP)
+
+fixtures: $(STAMP)
+	$(BIN)/sway fixtures build $(SWAY_HOME)/fixtures
+
+run: $(STAMP)
+	$(BIN)/python -m sway_engine.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check sway_engine sway_dagster tests bench
+	$(BIN)/mypy sway_engine
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(SWAY_HOME) .sway_cache .pytest_cache

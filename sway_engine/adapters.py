@@ -1,0 +1,116 @@
+"""Read and validate a PEFT LoRA adapter directory without loading a model.
+
+Safetensors only (no pickle). Every failure names the file or tensor and says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sway_engine.errors import AdapterError
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    path: Path
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    base_model: str
+    sha256: str
+    size_bytes: int
+    num_tensors: int
+
+    @property
+    def sha8(self) -> str:
+        return self.sha256[:8]
+
+
+def weights_sha256(path: Path) -> str:
+    """Hash of the adapter weights file (the adapter's content identity)."""
+    h = hashlib.sha256()
+    with (path / WEIGHTS).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_adapter(path: str | Path, *, check_finite: bool = True) -> AdapterInfo:
+    """Parse the config, hash the weights and (by default) check every tensor is finite."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise AdapterError(f"adapter directory {path} does not exist")
+    cfg_path, w_path = path / CONFIG, path / WEIGHTS
+    if not cfg_path.is_file():
+        raise AdapterError(f"{cfg_path} is missing: not a PEFT adapter directory")
+    if not w_path.is_file():
+        if (path / "adapter_model.bin").exists():
+            raise AdapterError(
+                f"{path} holds adapter_model.bin; sway loads safetensors only. "
+                "Re-save the adapter with save_pretrained(safe_serialization=True)."
+            )
+        raise AdapterError(f"{w_path} is missing: the adapter has no weights (still being written?)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"{cfg_path}: peft_type {peft_type} is not supported (LoRA only)")
+    if cfg.get("use_dora"):
+        raise AdapterError(f"{cfg_path}: DoRA adapters are not supported yet (use_dora: true)")
+    rank = int(cfg.get("r", 0))
+    if rank <= 0:
+        raise AdapterError(f"{cfg_path}: rank r must be positive, got {cfg.get('r')!r}")
+    targets = cfg.get("target_modules") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    num = _check_tensors(w_path) if check_finite else 0
+    return AdapterInfo(
+        path=path,
+        rank=rank,
+        alpha=float(cfg.get("lora_alpha", rank)),
+        target_modules=tuple(sorted(str(t) for t in targets)),
+        base_model=str(cfg.get("base_model_name_or_path") or ""),
+        sha256=weights_sha256(path),
+        size_bytes=w_path.stat().st_size,
+        num_tensors=num,
+    )
+
+
+def _check_tensors(w_path: Path) -> int:
+    tensors = _load_fp32(w_path)
+    if not tensors:
+        raise AdapterError(f"{w_path} holds no tensors")
+    for name, arr in tensors.items():
+        if not np.all(np.isfinite(arr)):
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            raise AdapterError(
+                f"{w_path}: tensor {name} has {bad} non-finite value(s); "
+                "the adapter is corrupt (retrain or re-export it)"
+            )
+    return len(tensors)
+
+
+def _load_fp32(w_path: Path) -> dict[str, np.ndarray]:
+    """All tensors as float32 numpy arrays (through torch when present: numpy lacks bf16)."""
+    from safetensors import SafetensorError
+
+    try:
+        try:
+            from safetensors.torch import load_file as load_torch
+        except ImportError:
+            from safetensors.numpy import load_file as load_np
+
+            return {k: v.astype(np.float32) for k, v in load_np(str(w_path)).items()}
+        return {k: v.float().numpy() for k, v in load_torch(str(w_path)).items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{w_path} is not a readable safetensors file (truncated?): {exc}") from exc

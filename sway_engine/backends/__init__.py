@@ -1,0 +1,1 @@
+"""Backends answer scoring requests over views of one base model."""

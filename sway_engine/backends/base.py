@@ -1,0 +1,44 @@
+"""The backend protocol: `execute(requests) -> results`, plus declared capabilities."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from sway_engine.requests import Request, Result
+
+# Capability names a backend may declare; probes SKIP when one they need is missing.
+NEXT_TOKEN = "next_token"
+DIVERGENCE = "divergence"  # exact full-vocabulary divergences inside the backend
+ROLLING = "rolling_logprob"
+CONTINUATION = "continuation_logprob"
+GENERATE = "generate"
+SCALED_VIEWS = "scaled_views"
+NULL_VIEWS = "null_views"
+
+ALL_CAPABILITIES = frozenset(
+    {NEXT_TOKEN, DIVERGENCE, ROLLING, CONTINUATION, GENERATE, SCALED_VIEWS, NULL_VIEWS}
+)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Answers requests in order. Implementations dedupe, sort by length and batch."""
+
+    kind: str
+    capabilities: frozenset[str]
+
+    def execute(self, requests: Sequence[Request]) -> list[Result]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class AdapterBackend(Backend, Protocol):
+    """A backend holding one base model whose trained adapter can be swapped in place."""
+
+    base_id: str
+
+    def load_adapter(self, path: str) -> None: ...
+
+    def counters(self) -> dict[str, float]: ...

@@ -1,0 +1,76 @@
+"""Request cache, counters and JSONL trace in front of any backend.
+
+Identical requests are computed once per run: a request is a frozen value and its own key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sway_engine.backends.base import Backend
+from sway_engine.requests import Request, Result
+
+
+class Instrumented:
+    """Wraps a backend: caches results by request, counts work, optionally traces to JSONL."""
+
+    def __init__(self, inner: Backend, *, trace_path: Path | None = None) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.capabilities = inner.capabilities
+        self._cache: dict[Request, Result] = {}
+        self._trace = trace_path
+        self.label = ""
+        self.stats: dict[str, float] = {
+            "requests": 0,
+            "cache_hits": 0,
+            "executes": 0,
+            "wall_s": 0.0,
+        }
+
+    def execute(self, requests: Sequence[Request]) -> list[Result]:
+        start = time.perf_counter()
+        misses = list(dict.fromkeys(r for r in requests if r not in self._cache))
+        if misses:
+            for req, res in zip(misses, self.inner.execute(misses), strict=True):
+                self._cache[req] = res
+            self.stats["executes"] += 1
+        wall = time.perf_counter() - start
+        self.stats["requests"] += len(requests)
+        self.stats["cache_hits"] += len(requests) - len(misses)
+        self.stats["wall_s"] += wall
+        if self._trace is not None:
+            self._write_trace(len(requests), len(misses), wall, misses)
+        return [self._cache[r] for r in requests]
+
+    def reset(self) -> None:
+        """Forget cached results (the trained adapter changed)."""
+        self._cache.clear()
+
+    def counters(self) -> dict[str, float]:
+        inner = getattr(self.inner, "counters", None)
+        return {**self.stats, **(inner() if callable(inner) else {})}
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def _write_trace(self, n: int, n_miss: int, wall: float, misses: list[Request]) -> None:
+        assert self._trace is not None
+        self._trace.parent.mkdir(parents=True, exist_ok=True)
+        ops: dict[str, int] = {}
+        for r in misses:
+            ops[type(r).__name__] = ops.get(type(r).__name__, 0) + 1
+        event: dict[str, Any] = {
+            "ts": time.time(),
+            "probe": self.label,
+            "requests": n,
+            "computed": n_miss,
+            "wall_ms": round(1000 * wall, 3),
+            "ops": ops,
+        }
+        with self._trace.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event) + "\n")

@@ -1,0 +1,99 @@
+"""The null-calibration matrix: each calibrated probe's raw metric under each null adapter.
+
+Nulls are measured on the probe's own inputs (paired with the adapter's measurement), for
+every seed and rank multiplier; they ride in the same batches as everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sway_engine import stats
+from sway_engine.probes.base import Context
+from sway_engine.probes.null_adapter import NullAdapterSpec
+from sway_engine.probes.registry import Entry
+from sway_engine.result import NullStats
+from sway_engine.spec import NullConfig
+from sway_engine.views import Null
+
+
+@dataclass(frozen=True)
+class NullPlan:
+    seeds: tuple[int, ...]
+    rank_multipliers: tuple[float, ...]
+    mode: str
+    init_scale: float
+    kinds: tuple[str, ...] = ()  # empty: every calibrated probe
+
+    def views(self) -> list[Null]:
+        return [
+            Null(seed, rank_scale=m, mode=self.mode, init_scale=self.init_scale)  # type: ignore[arg-type]
+            for m in self.rank_multipliers
+            for seed in self.seeds
+        ]
+
+
+def plan_for(spec: NullAdapterSpec, defaults: NullConfig) -> NullPlan:
+    """The entry's fields override the suite's `defaults.null`."""
+    runs = spec.runs or defaults.seeds
+    base = defaults.seed_base if spec.seed_base is None else spec.seed_base
+    return NullPlan(
+        seeds=tuple(base + i for i in range(runs)),
+        rank_multipliers=tuple(spec.rank_multipliers or defaults.rank_multipliers),
+        mode=spec.mode or defaults.mode,
+        init_scale=spec.init_scale or defaults.init_scale,
+        kinds=spec.calibrate_kinds,
+    )
+
+
+@dataclass(frozen=True)
+class NullCell:
+    probe: str
+    kind: str
+    seed: int
+    rank_scale: float
+    raw: float
+
+
+@dataclass(frozen=True)
+class NullMatrix:
+    plan: NullPlan
+    cells: tuple[NullCell, ...]
+    skipped: tuple[tuple[str, str], ...] = ()  # (probe name, reason)
+
+    def stats(self, probe: str, rank_scale: float = 1.0) -> NullStats | None:
+        raws = [c.raw for c in self.cells if c.probe == probe and c.rank_scale == rank_scale]
+        return stats.null_stats(raws) if raws else None
+
+    def probes(self) -> list[str]:
+        return list(dict.fromkeys(c.probe for c in self.cells))
+
+
+def calibrates(entry: Entry, plan: NullPlan, capabilities: frozenset[str]) -> bool:
+    probe = entry.probe
+    return (
+        probe is not None
+        and probe.calibrated
+        and entry.spec.enabled
+        and probe.needs <= capabilities
+        and (not plan.kinds or entry.spec.kind in plan.kinds)
+    )
+
+
+def calibrate(entries: list[Entry], ctx: Context, plan: NullPlan) -> NullMatrix:
+    """Measure every calibrated entry under every null view; failures are recorded, not raised."""
+    cells: list[NullCell] = []
+    skipped: list[tuple[str, str]] = []
+    views = plan.views()
+    for entry in entries:
+        if not calibrates(entry, plan, ctx.capabilities):
+            continue
+        assert entry.probe is not None
+        try:
+            measured = entry.probe.measure(entry.spec, ctx, views)
+        except Exception as exc:  # noqa: BLE001 - one probe's failure must not stop the matrix
+            skipped.append((entry.spec.name, f"{type(exc).__name__}: {exc}"))
+            continue
+        for view, m in zip(views, measured, strict=True):
+            cells.append(NullCell(entry.spec.name, entry.spec.kind, view.seed, view.rank_scale, m.raw))
+    return NullMatrix(plan=plan, cells=tuple(cells), skipped=tuple(skipped))

@@ -1,0 +1,176 @@
+"""The `sway` command: run, gate, check, fixtures build.
+
+Exit codes: 0 ok, 1 gate failed, 2 bad input (spec, adapter, missing extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sway_engine.errors import SwayError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sway", description=__doc__)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    def outputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("spec", type=Path, help="sway.yaml")
+        p.add_argument("--json", "-j", type=Path, help="write the JSON result here")
+        p.add_argument("--markdown", "-m", type=Path, help="write a Markdown report here")
+        p.add_argument("--junit", type=Path, help="write JUnit XML here")
+        p.add_argument("--weights", help="category weights, e.g. adherence=0.5,ablation=0")
+        p.add_argument("--adapter", help="evaluate this adapter directory instead of models.ft")
+        p.add_argument("--trace", type=Path, help="append a JSONL trace of backend calls")
+
+    outputs(sub.add_parser("run", help="evaluate an adapter with a suite"))
+    gate = sub.add_parser("gate", help="run, then exit 1 unless the gate passes")
+    outputs(gate)
+    gate.add_argument("--threshold", type=float, help="minimum overall (default: spec)")
+    check = sub.add_parser("check", help="one-line verdict for an adapter from a default suite")
+    check.add_argument("adapter", type=Path)
+    check.add_argument("--base", help="base model (default: from adapter_config.json)")
+    check.add_argument("--prompts", type=Path, help="file with one prompt per line")
+    fixtures = sub.add_parser("fixtures", help="the tiny local model and adapters")
+    fsub = fixtures.add_subparsers(dest="fixtures_command", required=True)
+    build = fsub.add_parser("build", help="build (or reuse) the fixtures")
+    build.add_argument("dest", type=Path, nargs="?", help="cache folder")
+    build.add_argument("--force", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from sway_engine import __version__
+
+        print(f"sway {__version__}")
+        return 0
+    try:
+        if args.command in ("run", "gate"):
+            return _run(args, gate=args.command == "gate")
+        if args.command == "check":
+            return _check(args)
+        if args.command == "fixtures":
+            return _fixtures(args)
+    except SwayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _parser().print_help()
+    return 2
+
+
+def _run(args: argparse.Namespace, *, gate: bool) -> int:
+    from sway_engine.spec import load_spec, parse_weights
+
+    spec, entries = load_spec(args.spec)
+    if args.weights:
+        try:
+            weights = parse_weights(args.weights)
+        except ValueError as exc:
+            raise SwayError(f"--weights: {exc}") from exc
+        spec = spec.model_copy(
+            update={"defaults": spec.defaults.model_copy(update={"score_weights": weights})}
+        )
+    threshold = getattr(args, "threshold", None)
+    return _evaluate_and_report(spec, entries, args, str(args.spec), gate, threshold)
+
+
+def _evaluate_and_report(
+    spec: Any, entries: list[Any], args: Any, spec_path: str, gate: bool, threshold: float | None
+) -> int:
+    from rich.console import Console
+
+    from sway_engine import score
+    from sway_engine.report.text import print_terminal, to_json, to_junit, to_markdown
+    from sway_engine.runner import evaluate
+
+    console = Console(stderr=True)
+    with console.status("loading model") as status:
+        result = evaluate(
+            spec,
+            entries,
+            spec_path=spec_path,
+            adapter=getattr(args, "adapter", None),
+            trace_path=getattr(args, "trace", None),
+            progress=lambda msg: status.update(msg),
+        )
+    print_terminal(result)
+    for path, render in (
+        (getattr(args, "json", None), to_json),
+        (getattr(args, "markdown", None), to_markdown),
+        (getattr(args, "junit", None), to_junit),
+    ):
+        if path is not None:
+            Path(path).write_text(render(result), encoding="utf-8")
+    limit = spec.defaults.coverage_threshold if threshold is None else threshold
+    passed, why = score.gate(result.probes, result.score, limit)
+    if gate:
+        print(("gate passed — " if passed else "gate FAILED — ") + why)
+        return 0 if passed else 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from sway_engine.adapters import read_adapter
+    from sway_engine.spec import parse_spec
+
+    info = read_adapter(args.adapter, check_finite=False)
+    base = args.base or info.base_model
+    if not base:
+        raise SwayError(f"{args.adapter}: no base_model_name_or_path in its config; pass --base")
+    prompts = DEFAULT_CHECK_PROMPTS
+    if args.prompts:
+        prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+    data = {
+        "version": 1,
+        "models": {
+            "base": {"kind": "hf", "base": base},
+            "ft": {"kind": "hf", "base": base, "adapter": str(info.path)},
+        },
+        "suite": [
+            {"name": "null_baseline", "kind": "null_adapter"},
+            {"name": "delta_kl", "kind": "delta_kl", "prompts": prompts, "assert_mean_gte": 0.01},
+        ],
+    }
+    spec, entries = parse_spec(data, source="sway check")
+    from sway_engine.runner import evaluate
+
+    result = evaluate(spec, entries, spec_path="sway check")
+    dkl = result.probe("delta_kl")
+    z = f"{dkl.z:+.2f}σ" if dkl.z is not None else "uncalibrated"
+    print(f"{info.path.name}: delta_kl {dkl.verdict.value.upper()} (z={z}): {dkl.message}")
+    return 0
+
+
+DEFAULT_CHECK_PROMPTS = [
+    "The capital of",
+    "Once upon a time",
+    "An interesting fact is",
+    "The next step is to",
+    "In my opinion,",
+    "The most important thing",
+    "Here is a short answer:",
+    "Q: What is this about?\nA:",
+]
+
+
+def _fixtures(args: argparse.Namespace) -> int:
+    from sway_engine.fixtures import build_fixtures
+
+    paths = build_fixtures(args.dest, force=args.force)
+    print(f"base:     {paths.base}")
+    for name, path in paths.adapters.items():
+        print(f"adapter:  {name:<10} {path}")
+    print(f"document: {paths.document}")
+    print(f"suite:    {paths.suite}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Probes: build requests, let the backend execute them, compute a metric with numpy."""

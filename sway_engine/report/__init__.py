@@ -1,0 +1,1 @@
+"""Renderers of a SuiteResult: terminal, JSON, Markdown, JUnit."""

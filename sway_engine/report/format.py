@@ -1,0 +1,33 @@
+"""Number formatting shared by every renderer, so the surfaces never disagree."""
+
+from __future__ import annotations
+
+import math
+
+DASH = "—"
+
+
+def num(value: float | None, digits: int = 3) -> str:
+    if value is None or not math.isfinite(value):
+        return DASH
+    return f"{value:,.{digits}f}"
+
+
+def zfmt(z: float | None) -> str:
+    if z is None or not math.isfinite(z):
+        return DASH
+    return f"{z:+,.2f}σ"
+
+
+def ci(ci95: tuple[float, float] | None) -> str:
+    if ci95 is None:
+        return DASH
+    return f"[{ci95[0]:.3f}, {ci95[1]:.3f}]"
+
+
+def seconds(s: float) -> str:
+    if s < 10:
+        return f"{s:.2f}s"
+    if s < 100:
+        return f"{s:.1f}s"
+    return f"{s:,.0f}s"

@@ -1,0 +1,138 @@
+"""Scoring requests a probe sends and the results a backend returns.
+
+A request is a frozen value (hashable: it is its own cache key). `backend.execute(reqs)`
+returns one result per request, in order. Log-probabilities are natural-log (nats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sway_engine.views import View
+
+
+@dataclass(frozen=True)
+class NextToken:
+    """Top-k of the next-token distribution after `prompt`, with the tail mass."""
+
+    prompt: str
+    view: View
+    top_k: int = 256
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Compare the next-token distributions of two views after `prompt`.
+
+    Exact over the full vocabulary where the backend holds logits.
+    """
+
+    prompt: str
+    view_a: View
+    view_b: View
+    evidence_k: int = 5
+
+
+@dataclass(frozen=True)
+class RollingLogprob:
+    """Per-token log-probs of `text`: entry i scores token i+1 given tokens <= i."""
+
+    text: str
+    view: View
+
+
+@dataclass(frozen=True)
+class ContinuationLogprob:
+    """Summed log-prob of `completion` given `prompt` (prompt tokens are not scored).
+
+    The prompt and completion are tokenised separately and concatenated, so a BPE merge
+    across the boundary cannot shift the scored slice.
+    """
+
+    prompt: str
+    completion: str
+    view: View
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Greedy continuation of `prompt` (decoded new text only)."""
+
+    prompt: str
+    view: View
+    max_new_tokens: int = 32
+
+
+Request = NextToken | Divergence | RollingLogprob | ContinuationLogprob | Generate
+
+
+@dataclass(frozen=True)
+class TokenDist:
+    """A possibly truncated distribution: ids sorted by descending probability.
+
+    `tail_mass` is the probability outside the listed ids (0 <= tail_mass <= 1).
+    `tokens` holds decoded strings where the backend knows them (used to align by text).
+    """
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    vocab_size: int
+    tail_mass: float
+    tokens: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DivergenceResult:
+    """JS(a, b), KL(b || a) ("how far b moved from a") and KL(a || b), in nats.
+
+    `top_a`, `top_b`: a few (token, prob) pairs of each side, for evidence only.
+    """
+
+    js: float
+    kl_b_a: float
+    kl_a_b: float
+    exact: bool
+    top_a: tuple[tuple[str, float], ...] = ()
+    top_b: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class RollingResult:
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+
+    @property
+    def total(self) -> float:
+        return float(self.logprobs.sum())
+
+    @property
+    def mean(self) -> float:
+        return float(self.logprobs.mean()) if self.logprobs.size else 0.0
+
+
+@dataclass(frozen=True)
+class ContinuationResult:
+    logprob: float
+    num_tokens: int
+
+    @property
+    def mean(self) -> float:
+        return self.logprob / self.num_tokens if self.num_tokens else 0.0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: tuple[int, ...] = field(default=())
+
+
+Result = TokenDist | DivergenceResult | RollingResult | ContinuationResult | GenerationResult
+
+
+def views_of(request: Request) -> tuple[View, ...]:
+    """Every view a request needs registered on the backend."""
+    if isinstance(request, Divergence):
+        return (request.view_a, request.view_b)
+    return (request.view,)

@@ -1,0 +1,128 @@
+"""Results of probes and suites: plain frozen values, serialisable to JSON."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Verdict(StrEnum):
+    PASS = "pass"
+    FAIL = "fail"
+    WARN = "warn"
+    SKIP = "skip"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class NullStats:
+    """Summary of one probe's raw metric over the null adapters (paired, same inputs)."""
+
+    mean: float
+    std: float
+    n: int
+    samples: tuple[float, ...]
+    degenerate: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe's outcome. `raw` is in the probe's own units (docs/PROBES.md).
+
+    `z` is oriented so that larger means "more than the null" in the probe's good direction;
+    `p` is the empirical one-sided p-value against the null samples.
+    """
+
+    name: str
+    kind: str
+    category: str
+    verdict: Verdict
+    message: str
+    score: float | None = None
+    raw: float | None = None
+    z: float | None = None
+    p: float | None = None
+    ci_95: tuple[float, float] | None = None
+    base_value: float | None = None
+    ft_value: float | None = None
+    weight: float = 1.0
+    null: NullStats | None = None
+    items: tuple[dict[str, Any], ...] = ()
+    evidence: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["verdict"] = self.verdict.value
+        d["ci_95"] = list(self.ci_95) if self.ci_95 else None
+        d["items"] = list(self.items)
+        return _finite(d)
+
+
+@dataclass(frozen=True)
+class SwayScore:
+    overall: float
+    band: str
+    components: dict[str, float]
+    weights: dict[str, float]
+    findings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["findings"] = list(self.findings)
+        return d
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    spec_path: str
+    spec_hash: str
+    base_model: str
+    adapter: str
+    started_at: str
+    finished_at: str
+    wall_s: float
+    sway_version: str
+    probes: tuple[ProbeResult, ...]
+    score: SwayScore
+    backend_stats: dict[str, float] = field(default_factory=dict)
+    backend_kind: str = "hf"
+
+    def probe(self, name: str) -> ProbeResult:
+        for r in self.probes:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": 1,
+            "spec_path": self.spec_path,
+            "spec_hash": self.spec_hash,
+            "base_model": self.base_model,
+            "adapter": self.adapter,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "wall_s": self.wall_s,
+            "sway_version": self.sway_version,
+            "backend_kind": self.backend_kind,
+            "backend_stats": self.backend_stats,
+            "score": self.score.to_dict(),
+            "probes": [p.to_dict() for p in self.probes],
+        }
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN/inf by None recursively so JSON stays valid."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,272 @@
+"""Run a suite for one adapter: preflight, null matrix, each probe, composite score.
+
+The CLI and the Dagster assets call the same pieces: `calibrate_suite`, `run_entry`,
+`score_suite`; `run_suite` composes them in declaration order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sway_engine import __version__, score, stats
+from sway_engine.backends.base import Backend
+from sway_engine.backends.instrumentation import Instrumented
+from sway_engine.calibration import NullMatrix, calibrate, plan_for
+from sway_engine.errors import SwayError
+from sway_engine.probes.base import Context, finalize, skipped
+from sway_engine.probes.null_adapter import NullAdapterSpec
+from sway_engine.probes.registry import Entry
+from sway_engine.requests import NextToken
+from sway_engine.result import ProbeResult, SuiteResult, Verdict
+from sway_engine.spec import ModelSpec, SuiteSpec
+from sway_engine.views import BASE, FINETUNED, Finetuned
+
+Progress = Callable[[str], None]
+
+
+def build_backend(model: ModelSpec, **options: object) -> Backend:
+    """Construct the backend a model spec names (heavy imports happen here, not at import)."""
+    if model.kind == "hf":
+        from sway_engine.backends.hf import HFBackend
+
+        return HFBackend(
+            model.base,
+            model.adapter,
+            dtype=model.dtype,
+            device=model.device,
+            trust_remote_code=model.trust_remote_code,
+            **options,  # type: ignore[arg-type]
+        )
+    raise SwayError(f"backend kind {model.kind!r} is not available in this build of sway yet")
+
+
+def context_for(spec: SuiteSpec, backend: Instrumented) -> Context:
+    return Context(
+        execute=backend.execute,
+        capabilities=backend.capabilities,
+        seed=spec.defaults.seed,
+        top_k=spec.defaults.top_k,
+        divergence_mode=spec.defaults.divergence_mode,
+    )
+
+
+def preflight(backend: Instrumented) -> None:
+    """One forward per view on a fixed prompt; raises if any output is non-finite."""
+    backend.execute([NextToken("hello", BASE, 8), NextToken("hello", FINETUNED, 8)])
+
+
+def null_entry(entries: list[Entry]) -> Entry | None:
+    return next((e for e in entries if isinstance(e.spec, NullAdapterSpec) and e.spec.enabled), None)
+
+
+def calibrate_suite(spec: SuiteSpec, entries: list[Entry], ctx: Context) -> NullMatrix | None:
+    """The null matrix, or None when the suite has no (enabled) null_adapter entry."""
+    entry = null_entry(entries)
+    if entry is None:
+        return None
+    assert isinstance(entry.spec, NullAdapterSpec)
+    return calibrate(entries, ctx, plan_for(entry.spec, spec.defaults.null))
+
+
+def null_result(entry: Entry, matrix: NullMatrix | None, duration_s: float) -> ProbeResult:
+    if matrix is None:
+        return skipped(entry.spec, entry.category, "null views unavailable on this backend")
+    plan = matrix.plan
+    probes = matrix.probes()
+    evidence = {
+        "mode": plan.mode,
+        "seeds": list(plan.seeds),
+        "rank_multipliers": list(plan.rank_multipliers),
+        "null_stats": {
+            p: s.to_dict() for p in probes if (s := matrix.stats(p)) is not None
+        },
+        "skipped": [list(s) for s in matrix.skipped],
+    }
+    items = tuple(
+        {"probe": c.probe, "seed": c.seed, "rank_scale": c.rank_scale, "raw": c.raw}
+        for c in matrix.cells
+    )
+    msg = (
+        f"null calibration ({plan.mode}): {len(probes)} probe(s) x {len(plan.seeds)} seeds"
+        + (f" x {len(plan.rank_multipliers)} ranks" if len(plan.rank_multipliers) > 1 else "")
+        + (f"; {len(matrix.skipped)} skipped" if matrix.skipped else "")
+    )
+    return ProbeResult(
+        name=entry.spec.name,
+        kind=entry.spec.kind,
+        category=entry.category,
+        verdict=Verdict.PASS,
+        message=msg,
+        score=1.0,
+        weight=entry.spec.weight,
+        items=items,
+        evidence=evidence,
+        duration_s=duration_s,
+    )
+
+
+def run_entry(entry: Entry, ctx: Context, matrix: NullMatrix | None) -> ProbeResult:
+    """One probe on the trained adapter, judged against its null stats; never raises."""
+    start = time.perf_counter()
+    result = _run_entry(entry, ctx, matrix)
+    return _timed(result, time.perf_counter() - start)
+
+
+def _run_entry(entry: Entry, ctx: Context, matrix: NullMatrix | None) -> ProbeResult:
+    spec, probe = entry.spec, entry.probe
+    if not spec.enabled:
+        return skipped(spec, entry.category, "disabled in spec")
+    if probe is None:
+        return skipped(spec, entry.category, f"probe kind {spec.kind!r} is not implemented yet")
+    if isinstance(spec, NullAdapterSpec):
+        return null_result(entry, matrix, 0.0)
+    missing = probe.needs - ctx.capabilities
+    if missing:
+        return skipped(spec, entry.category, f"backend lacks {sorted(missing)}")
+    try:
+        (m,) = probe.measure(spec, ctx, [Finetuned()])
+    except SwayError as exc:
+        return skipped(spec, entry.category, str(exc), Verdict.ERROR)
+    except Exception as exc:  # noqa: BLE001 - per-probe isolation: the suite goes on
+        return skipped(spec, entry.category, f"{type(exc).__name__}: {exc}", Verdict.ERROR)
+    null = matrix.stats(spec.name) if matrix is not None else None
+    ci = stats.bootstrap_ci(m.values, seed=ctx.seed) if m.values else None
+    result = finalize(probe, spec, m, null, ci)
+    if matrix is not None and len(matrix.plan.rank_multipliers) > 1 and result.raw is not None:
+        by_rank = {
+            f"{r:g}x": stats.z_score(result.raw, matrix.stats(spec.name, r))
+            for r in matrix.plan.rank_multipliers
+        }
+        result = _with_evidence(result, z_by_rank=by_rank)
+    return result
+
+
+def error_results(entries: list[Entry], message: str) -> list[ProbeResult]:
+    """Every entry as ERROR (preflight or load failed): the gate must fail, never pass."""
+    return [skipped(e.spec, e.category, message, Verdict.ERROR) for e in entries]
+
+
+def score_suite(spec: SuiteSpec, results: list[ProbeResult]) -> score.SwayScore:
+    return score.compute(results, spec.weights())
+
+
+def run_suite(
+    spec: SuiteSpec,
+    entries: list[Entry],
+    backend: Instrumented,
+    *,
+    spec_path: str = "<memory>",
+    adapter: str = "",
+    progress: Progress | None = None,
+) -> SuiteResult:
+    """Preflight, calibrate, run every entry in declaration order, score."""
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    ctx = context_for(spec, backend)
+    try:
+        preflight(backend)
+    except SwayError as exc:
+        results = error_results(entries, f"preflight failed: {exc}")
+        return _suite(spec, spec_path, adapter, started, t0, results, backend)
+    matrix = None
+    calibration_s = 0.0
+    if (entry := null_entry(entries)) is not None:
+        say(f"null calibration ({entry.spec.name})")
+        backend.label = entry.spec.name
+        t = time.perf_counter()
+        matrix = calibrate_suite(spec, entries, ctx)
+        calibration_s = time.perf_counter() - t
+    results = []
+    for entry in entries:
+        say(f"{entry.spec.name} ({entry.spec.kind})")
+        backend.label = entry.spec.name
+        if isinstance(entry.spec, NullAdapterSpec) and entry.spec.enabled:
+            results.append(null_result(entry, matrix, calibration_s))
+        else:
+            results.append(run_entry(entry, ctx, matrix))
+    return _suite(spec, spec_path, adapter, started, t0, results, backend)
+
+
+def _suite(
+    spec: SuiteSpec,
+    spec_path: str,
+    adapter: str,
+    started: datetime,
+    t0: float,
+    results: list[ProbeResult],
+    backend: Instrumented,
+) -> SuiteResult:
+    return SuiteResult(
+        spec_path=spec_path,
+        spec_hash=spec.spec_hash(),
+        base_model=spec.models.ft.base,
+        adapter=adapter or (spec.models.ft.adapter or ""),
+        started_at=started.isoformat(),
+        finished_at=datetime.now(UTC).isoformat(),
+        wall_s=time.perf_counter() - t0,
+        sway_version=__version__,
+        probes=tuple(results),
+        score=score_suite(spec, results),
+        backend_stats=backend.counters(),
+        backend_kind=backend.kind,
+    )
+
+
+def evaluate(
+    spec: SuiteSpec,
+    entries: list[Entry],
+    *,
+    spec_path: str = "<memory>",
+    adapter: str | None = None,
+    trace_path: Path | None = None,
+    progress: Progress | None = None,
+) -> SuiteResult:
+    """Build the backend, run the suite, close the backend (the CLI path).
+
+    A load failure (bad adapter, NaN weights, base mismatch) gives ERROR rows, not an exception.
+    """
+    model = spec.models.ft
+    if adapter is not None:
+        model = model.model_copy(update={"adapter": adapter})
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    try:
+        inner = build_backend(model)
+    except SwayError as exc:
+        results = error_results(entries, f"preflight failed: {exc}")
+        return SuiteResult(
+            spec_path=spec_path,
+            spec_hash=spec.spec_hash(),
+            base_model=model.base,
+            adapter=model.adapter or "",
+            started_at=started.isoformat(),
+            finished_at=datetime.now(UTC).isoformat(),
+            wall_s=time.perf_counter() - t0,
+            sway_version=__version__,
+            probes=tuple(results),
+            score=score_suite(spec, results),
+            backend_kind=model.kind,
+        )
+    backend = Instrumented(inner, trace_path=trace_path)
+    try:
+        return run_suite(
+            spec, entries, backend, spec_path=spec_path, adapter=model.adapter or "", progress=progress
+        )
+    finally:
+        backend.close()
+
+
+def _timed(result: ProbeResult, seconds: float) -> ProbeResult:
+    from dataclasses import replace
+
+    return replace(result, duration_s=seconds)
+
+
+def _with_evidence(result: ProbeResult, **extra: object) -> ProbeResult:
+    from dataclasses import replace
+
+    return replace(result, evidence={**result.evidence, **extra})

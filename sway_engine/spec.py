@@ -1,0 +1,207 @@
+"""Pydantic models of `sway.yaml` version 1 (upstream dlm-sway compatible) plus our additions.
+
+Our additions live under `defaults.null`, `defaults.divergence_mode` and
+`defaults.min_effect_scale`; everything else matches upstream, unknown keys rejected.
+Loading reports every problem at once, each with its YAML path, before any model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sway_engine.errors import SpecError
+
+CATEGORIES = ("adherence", "attribution", "calibration", "ablation", "baseline")
+DEFAULT_WEIGHTS = {
+    "adherence": 0.30,
+    "attribution": 0.35,
+    "calibration": 0.20,
+    "ablation": 0.15,
+    "baseline": 0.0,
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    kind: Literal["hf", "mlx", "api", "dummy", "custom"] = "hf"
+    base: str
+    adapter: str | None = None
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    entry_point: str | None = None
+    endpoint: str | None = None
+
+
+class Models(_Strict):
+    base: ModelSpec
+    ft: ModelSpec
+
+
+class NullConfig(_Strict):
+    """How null adapters are drawn (ours). `matched`: same per-module update norm."""
+
+    mode: Literal["matched", "fixed"] = "matched"
+    seeds: int = Field(8, ge=2, le=64)
+    init_scale: float = Field(0.02, gt=0)
+    rank_multipliers: tuple[float, ...] = (1.0,)
+    seed_base: int = 1000
+
+    @field_validator("rank_multipliers")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not (m > 0) for m in v):
+            raise ValueError("rank_multipliers must be a non-empty list of positive numbers")
+        return v
+
+
+class Defaults(_Strict):
+    seed: int = 0
+    top_k: int = Field(256, ge=1)
+    differential: bool = True
+    coverage_threshold: float = Field(0.6, ge=0, le=1)
+    score_weights: dict[str, float] | None = None
+    concurrent_probes: int = Field(1, ge=1)
+    null: NullConfig = NullConfig()
+    divergence_mode: Literal["exact", "topk_tail"] = "exact"
+
+    @field_validator("score_weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        return None if v is None else merge_weights(v)
+
+
+class SuiteSpec(_Strict):
+    version: int = 1
+    dlm_source: str | None = None
+    models: Models
+    defaults: Defaults = Defaults()
+    suite: tuple[dict[str, Any], ...] = Field(min_length=1)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"unsupported sway spec version {v}; this sway reads version 1")
+        return v
+
+    def weights(self) -> dict[str, float]:
+        return dict(self.defaults.score_weights or DEFAULT_WEIGHTS)
+
+    def spec_hash(self) -> str:
+        """Content hash of the validated spec (keys sorted), 16 hex."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def merge_weights(partial: dict[str, float]) -> dict[str, float]:
+    """Merge a partial category->weight map over the defaults, validating keys and values."""
+    unknown = sorted(set(partial) - set(CATEGORIES))
+    if unknown:
+        raise ValueError(f"unknown score weight categories {unknown}; known: {list(CATEGORIES)}")
+    negative = sorted(k for k, w in partial.items() if not w >= 0)
+    if negative:
+        raise ValueError(f"score weights must be >= 0: {negative}")
+    merged = {**DEFAULT_WEIGHTS, **{k: float(w) for k, w in partial.items()}}
+    if sum(merged.values()) <= 0:
+        raise ValueError("score weights must not all be zero")
+    return merged
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """Parse the CLI's `k=v,k=v` weights override and merge it over the defaults."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"weights entry {part!r} needs the form category=number")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError as exc:
+            raise ValueError(f"weights entry {part!r}: {value!r} is not a number") from exc
+    return merge_weights(out)
+
+
+def _loc(loc: tuple[Any, ...], prefix: str = "") -> str:
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "<root>"
+
+
+def problems_of(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    return [(_loc(tuple(e["loc"]), prefix), e["msg"]) for e in exc.errors()]
+
+
+def load_spec(path: str | Path) -> tuple[SuiteSpec, list[Any]]:
+    """Read and validate a sway.yaml: the suite and each probe entry's typed spec.
+
+    Raises SpecError listing every problem (top level and every probe entry) at once.
+    """
+    path = Path(path).expanduser()
+    source = str(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError([("<file>", f"cannot read: {exc.strerror or exc}")], source=source) from exc
+    except yaml.YAMLError as exc:
+        raise SpecError([("<file>", f"invalid YAML: {exc}")], source=source) from exc
+    return parse_spec(data, source=source, base_dir=path.resolve().parent)
+
+
+def parse_spec(
+    data: Any, *, source: str = "<memory>", base_dir: Path | None = None
+) -> tuple[SuiteSpec, list[Any]]:
+    from sway_engine.probes.registry import validate_entry
+
+    if not isinstance(data, dict):
+        raise SpecError([("<root>", "the spec must be a YAML mapping")], source=source)
+    problems: list[tuple[str, str]] = []
+    spec: SuiteSpec | None = None
+    try:
+        spec = SuiteSpec.model_validate(_resolve_paths(data, base_dir))
+    except ValidationError as exc:
+        problems += problems_of(exc)
+    entries: list[Any] = []
+    raw_suite = data.get("suite")
+    if isinstance(raw_suite, list):
+        seen: set[str] = set()
+        for i, raw in enumerate(raw_suite):
+            entry, errs = validate_entry(raw, f"suite[{i}]")
+            problems += errs
+            entries.append(entry)
+            name = raw.get("name") if isinstance(raw, dict) else None
+            if isinstance(name, str):
+                if name in seen:
+                    problems.append((f"suite[{i}].name", f"duplicate probe name {name!r}"))
+                seen.add(name)
+    if problems or spec is None:
+        raise SpecError(problems, source=source)
+    return spec, entries
+
+
+def _resolve_paths(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """Make relative local model/adapter paths relative to the spec file, as users expect."""
+    if base_dir is None or not isinstance(data.get("models"), dict):
+        return data
+    models = dict(data["models"])
+    for side in ("base", "ft"):
+        m = models.get(side)
+        if not isinstance(m, dict):
+            continue
+        m = dict(m)
+        for key in ("base", "adapter"):
+            value = m.get(key)
+            if isinstance(value, str) and value.startswith((".", "~")):
+                m[key] = str((base_dir / Path(value).expanduser()).resolve())
+        models[side] = m
+    return {**data, "models": models}

@@ -1,0 +1,80 @@
+"""stats.py: divergences, z, p-values and CIs, with hand-computed numbers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from sway_engine import stats
+
+
+def logs(*p: float) -> np.ndarray:
+    return np.log(np.asarray(p))
+
+
+def test_js_matches_hand_computation() -> None:
+    # p = (0.9, 0.05, 0.05), q = (0.3, 0.35, 0.35): m = (0.6, 0.2, 0.2)
+    p, q = logs(0.9, 0.05, 0.05), logs(0.3, 0.35, 0.35)
+    kl_pm = 0.9 * math.log(0.9 / 0.6) + 2 * 0.05 * math.log(0.05 / 0.2)
+    kl_qm = 0.3 * math.log(0.3 / 0.6) + 2 * 0.35 * math.log(0.35 / 0.2)
+    assert stats.js(p, q) == pytest.approx(0.5 * (kl_pm + kl_qm), abs=1e-12)
+    assert stats.js(p, q) == pytest.approx(0.2050, abs=1e-4)
+
+
+def test_js_bounds_and_symmetry() -> None:
+    p, q = logs(1.0, 1e-300), logs(1e-300, 1.0)
+    assert stats.js(p, q) == pytest.approx(math.log(2), abs=1e-9)
+    a, b = logs(0.8, 0.2), logs(0.4, 0.6)
+    assert stats.js(a, b) == pytest.approx(stats.js(b, a))
+    assert stats.js(a, a) == 0.0
+
+
+def test_kl_direction() -> None:
+    base, ft = logs(0.8, 0.2), logs(0.4, 0.6)
+    expected = 0.4 * math.log(0.4 / 0.8) + 0.6 * math.log(0.6 / 0.2)
+    assert stats.kl(ft, base) == pytest.approx(expected)
+
+
+def test_topk_tail_aligns_by_token_not_rank() -> None:
+    # Same two tokens, listed in opposite rank order on each side: identical distributions.
+    js = stats.topk_tail_js(("a", "b"), logs(0.7, 0.3), ("b", "a"), logs(0.3, 0.7))
+    assert js == pytest.approx(0.0, abs=1e-12)
+
+
+def test_topk_tail_spreads_missing_mass_over_unreported_ids() -> None:
+    # a reports {x: .5}, tail .5 lands on y (reported only by b).
+    js = stats.topk_tail_js(("x",), logs(0.5), ("y",), logs(0.5))
+    assert js == pytest.approx(stats.js(logs(0.5, 0.5), logs(0.5, 0.5)), abs=1e-12)
+
+
+def test_null_stats_sample_std_and_degenerate() -> None:
+    s = stats.null_stats([1.0, 2.0, 3.0])
+    assert (s.mean, s.std, s.n, s.degenerate) == (2.0, 1.0, 3, False)
+    assert stats.null_stats([0.5]).degenerate
+    assert stats.null_stats([0.0, 0.0, 0.0]).degenerate
+    assert stats.null_stats([]).n == 0
+
+
+def test_z_and_empirical_p() -> None:
+    s = stats.null_stats([0.0, 0.01, 0.02])  # mean .01, std .01
+    assert stats.z_score(0.08, s) == pytest.approx(7.0)
+    assert stats.z_score(0.08, stats.null_stats([1.0])) is None
+    # raw above all 3 nulls: p = 1/4; raw below all: p = 4/4
+    assert stats.empirical_p(0.08, s) == pytest.approx(0.25)
+    assert stats.empirical_p(-1.0, s) == pytest.approx(1.0)
+    # lower-is-better direction
+    assert stats.empirical_p(-1.0, s, sign=-1) == pytest.approx(0.25)
+
+
+def test_bootstrap_ci() -> None:
+    assert stats.bootstrap_ci([0.3, 0.3]) == (0.3, 0.3)
+    assert stats.bootstrap_ci([]) is None
+    assert stats.bootstrap_ci([1.0, float("nan")]) is None
+    lo, hi = stats.bootstrap_ci(list(np.linspace(0, 1, 32)), seed=0)  # type: ignore[misc]
+    assert lo < 0.5 < hi and hi - lo < 0.25
+
+
+def test_score_from_z() -> None:
+    assert stats.score_from_z(0.0) == 0.5
+    assert stats.score_from_z(3.0) == pytest.approx(0.731, abs=1e-3)
+    assert stats.score_from_z(None) is None

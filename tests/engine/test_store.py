@@ -1,0 +1,330 @@
+"""ResultStore against real DuckDB files: migrations, idempotent writes, locks, bad files."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from sway_engine.result import NullStats, ProbeResult, SuiteResult, SwayScore, Verdict
+from sway_engine.store import (
+    MIGRATIONS,
+    AdapterRecord,
+    NullRow,
+    ResultStore,
+    RunRecord,
+    StoreError,
+)
+
+SPEC = "spec-aaaa"
+
+
+def _probe(name: str, verdict: Verdict = Verdict.PASS, **changes: object) -> ProbeResult:
+    values: dict[str, object] = {
+        "name": name,
+        "kind": "delta_kl",
+        "category": "adherence",
+        "verdict": verdict,
+        "message": f"{name} moved more than the null",
+        "score": 0.8,
+        "raw": 0.42,
+        "z": 3.1,
+        "p": 0.01,
+        "ci_95": (0.35, 0.49),
+        "null": NullStats(
+            mean=0.05, std=0.02, n=6, samples=(0.03, 0.04, 0.05, 0.05, 0.06, 0.07), degenerate=False
+        ),
+        "evidence": {"top_tokens": ["a", "b"], "ratio": 1.5},
+        "duration_s": 1.25,
+    }
+    values.update(changes)
+    return ProbeResult(**values)  # type: ignore[arg-type]
+
+
+def _suite(overall: float, probes: tuple[ProbeResult, ...], spec_hash: str = SPEC) -> SuiteResult:
+    score = SwayScore(
+        overall=overall,
+        band="strong" if overall >= 0.7 else "weak",
+        components={"adherence": overall},
+        weights={"adherence": 1.0},
+        findings=("adherence above null",),
+    )
+    return SuiteResult(
+        spec_path="/tmp/sway.yaml",
+        spec_hash=spec_hash,
+        base_model="tiny-base",
+        adapter="/adapters/a",
+        started_at="2025-01-02T03:04:05+00:00",
+        finished_at="2025-01-02T03:05:05+00:00",
+        wall_s=60.0,
+        sway_version="0.1.0",
+        probes=probes,
+        score=score,
+        backend_stats={"requests": 120.0, "cache_hits": 30.0, "forward_passes": 90.0},
+        backend_kind="hf",
+    )
+
+
+def _suite_abc(overall: float = 0.75, spec_hash: str = SPEC) -> SuiteResult:
+    return _suite(
+        overall,
+        (
+            _probe("delta_kl"),
+            _probe("style", Verdict.FAIL, score=0.1, z=-0.5, p=0.6),
+            _probe("leak", Verdict.ERROR, score=None, raw=None, z=None, p=None, null=None),
+        ),
+        spec_hash,
+    )
+
+
+def _hold_lock(database: Path, seconds: float) -> subprocess.Popen[str]:
+    """Start a process that holds a write connection on `database` for `seconds`."""
+    code = (
+        "import sys, time, duckdb\n"
+        f"con = duckdb.connect({str(database)!r})\n"
+        "con.execute('SELECT 1')\n"
+        "print('locked', flush=True)\n"
+        f"time.sleep({seconds})\n"
+        "con.close()\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ResultStore:
+    return ResultStore(tmp_path / "sway.duckdb")
+
+
+def test_migrate_records_every_step_and_is_idempotent(store: ResultStore) -> None:
+    assert store.migrate() == MIGRATIONS[-1].version
+    first = store.migrations()
+    assert [m["version"] for m in first] == [m.version for m in MIGRATIONS]
+    assert all(m["applied_at"] is not None for m in first)
+    again = ResultStore(store.path)
+    assert again.migrate() == MIGRATIONS[-1].version
+    assert again.migrations() == first
+
+
+def test_first_use_creates_folder_and_migrates(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "deep" / "er" / "sway.duckdb")
+    assert store.row_counts() == {
+        "adapters": 0,
+        "null_calibration": 0,
+        "probe_results": 0,
+        "scores": 0,
+        "runs": 0,
+    }
+    assert store.path.is_file()
+    assert len(store.migrations()) == len(MIGRATIONS)
+
+
+def test_newer_schema_is_refused(store: ResultStore) -> None:
+    store.migrate()
+    con = duckdb.connect(str(store.path))
+    con.execute("INSERT INTO schema_migrations VALUES (999, 'from the future', now())")
+    con.close()
+    with pytest.raises(StoreError, match="newer than this sway"):
+        ResultStore(store.path).migrate()
+
+
+def test_write_suite_twice_keeps_one_copy(store: ResultStore) -> None:
+    suite = _suite_abc()
+    assert store.write_suite("a1", suite, gate_passed=True, run_id="run-1") == 3
+    assert store.write_suite("a1", suite, gate_passed=True, run_id="run-1") == 3
+    counts = store.row_counts()
+    assert counts["probe_results"] == 3
+    assert counts["scores"] == 1
+    assert counts["runs"] == 1
+    [run] = store.runs()
+    assert run["forward_passes"] == 90
+    assert run["cache_hits"] == 30
+    assert run["tokens_forwarded"] is None
+    assert run["stats"]["requests"] == 120.0
+    assert run["started_at"].isoformat() == "2025-01-02T03:04:05"
+    [score] = store.scores()
+    assert score["components"] == {"adherence": 0.75}
+    assert score["findings"] == ["adherence above null"]
+
+
+def test_write_probe_result_replaces_same_probe_and_spec(store: ResultStore) -> None:
+    assert store.write_probe_result("a1", SPEC, _probe("delta_kl"), dagster_run_id="d1") == 1
+    store.write_probe_result("a1", SPEC, _probe("delta_kl", Verdict.FAIL, score=0.2), "d2")
+    store.write_probe_result("a1", "spec-bbbb", _probe("delta_kl"))
+    rows = store.probe_results("a1")
+    assert [(r["spec_hash"], r["verdict"]) for r in rows] == [(SPEC, "fail"), ("spec-bbbb", "pass")]
+    current = rows[0]
+    assert current["dagster_run_id"] == "d2"
+    assert current["score"] == pytest.approx(0.2)
+    assert (current["ci_lo"], current["ci_hi"]) == (0.35, 0.49)
+    assert (current["null_mean"], current["null_std"], current["null_n"]) == (0.05, 0.02, 6)
+    assert current["evidence"] == {"top_tokens": ["a", "b"], "ratio": 1.5}
+    assert store.probe_results("nobody") == []
+
+
+def test_null_calibration_replaced_per_probe(store: ResultStore) -> None:
+    first = [NullRow("delta_kl", "delta_kl", seed, 1.0, 0.1 * seed) for seed in range(4)]
+    first += [NullRow("style", "style", 0, 1.0, 0.3)]
+    assert store.write_null_calibration("a1", SPEC, first) == 5
+    second = [
+        NullRow("delta_kl", "delta_kl", seed, scale, 0.2)
+        for seed in range(2)
+        for scale in (0.5, 1.0)
+    ]
+    assert store.write_null_calibration("a1", SPEC, second) == 4
+    rows = store.null_calibration("a1")
+    assert len([r for r in rows if r["probe"] == "delta_kl"]) == 4
+    assert {r["raw"] for r in rows if r["probe"] == "delta_kl"} == {0.2}
+    assert [r["raw"] for r in rows if r["probe"] == "style"] == [0.3]
+
+
+def test_non_finite_floats_stored_as_null(store: ResultStore) -> None:
+    probe = _probe(
+        "delta_kl",
+        raw=math.nan,
+        z=math.inf,
+        p=-math.inf,
+        ci_95=(math.nan, 1.0),
+        evidence={"bad": math.nan, "nested": [math.inf, 1.0]},
+    )
+    store.write_probe_result("a1", SPEC, probe)
+    store.write_null_calibration("a1", SPEC, [NullRow("delta_kl", "delta_kl", 0, 1.0, math.nan)])
+    store.write_score("a1", SPEC, _suite(math.nan, ()).score, gate_passed=False)
+    [row] = store.probe_results("a1")
+    assert (row["raw"], row["z"], row["p"], row["ci_lo"], row["ci_hi"]) == (
+        None,
+        None,
+        None,
+        None,
+        1.0,
+    )
+    assert row["evidence"] == {"bad": None, "nested": [None, 1.0]}
+    con = duckdb.connect(str(store.path), read_only=True)
+    try:
+        nans = con.execute(
+            "SELECT (SELECT count(*) FROM probe_results WHERE isnan(raw) OR isinf(z)) + "
+            "(SELECT count(*) FROM null_calibration WHERE raw IS NOT NULL) + "
+            "(SELECT count(*) FROM scores WHERE overall IS NOT NULL)"
+        ).fetchone()
+    finally:
+        con.close()
+    assert nans == (0,)
+
+
+def test_leaderboard_ranks_latest_score_per_adapter(store: ResultStore) -> None:
+    store.upsert_adapter(AdapterRecord("a1", "Alpha", "/adapters/a1", target_modules=("q_proj",)))
+    store.upsert_adapter(AdapterRecord("a2", "Beta", "/adapters/a2"))
+    store.write_suite("a1", _suite_abc(0.55), gate_passed=False, run_id="r1")
+    store.write_suite("a2", _suite_abc(0.80), gate_passed=True, run_id="r2")
+    store.write_suite("a3", _suite_abc(0.65), gate_passed=True, run_id="r3")
+    store.write_suite("a1", _suite_abc(0.90, spec_hash="spec-new"), gate_passed=True, run_id="r4")
+
+    board = store.leaderboard()
+    assert [(r["rank"], r["adapter_id"], r["name"]) for r in board] == [
+        (1, "a1", "Alpha"),
+        (2, "a2", "Beta"),
+        (3, "a3", "a3"),
+    ]
+    top = board[0]
+    assert (top["spec_hash"], top["overall"], top["band"], top["gate_passed"]) == (
+        "spec-new",
+        0.9,
+        "strong",
+        True,
+    )
+    assert (top["n_pass"], top["n_fail"], top["n_error"], top["n_probes"]) == (1, 1, 1, 3)
+
+    old_spec = store.leaderboard(SPEC)
+    assert [(r["adapter_id"], r["overall"]) for r in old_spec] == [
+        ("a2", 0.8),
+        ("a3", 0.65),
+        ("a1", 0.55),
+    ]
+    assert store.leaderboard("spec-none") == []
+
+
+def test_upsert_adapter_and_seen_ids(store: ResultStore) -> None:
+    record = AdapterRecord(
+        "a1",
+        "Alpha",
+        "/adapters/a1",
+        sha256="ab" * 32,
+        size_bytes=1024,
+        base_model="tiny",
+        rank=8,
+        alpha=16.0,
+        target_modules=("q_proj", "v_proj"),
+        preflight_ok=True,
+    )
+    store.upsert_adapter(record)
+    store.upsert_adapter(
+        AdapterRecord(
+            "a1", "Alpha v2", "/adapters/a1", preflight_ok=False, preflight_message="NaN in lora_B"
+        )
+    )
+    [row] = store.adapters()
+    assert (row["name"], row["preflight_ok"], row["preflight_message"]) == (
+        "Alpha v2",
+        False,
+        "NaN in lora_B",
+    )
+    assert row["target_modules"] == []
+    store.write_run(RunRecord("r9", "a9", SPEC, stats={"wall_s": 1.0}))
+    store.write_null_calibration("a8", SPEC, [NullRow("p", "k", 0, 1.0, 0.0)])
+    assert store.seen_adapter_ids() == {"a1", "a8", "a9"}
+
+
+def test_writer_waits_for_lock_held_by_another_process(store: ResultStore) -> None:
+    store.migrate()
+    holder = _hold_lock(store.path, 1.0)
+    try:
+        start = time.monotonic()
+        store.write_suite("a1", _suite_abc(), gate_passed=True, run_id="run-1")
+        waited = time.monotonic() - start
+    finally:
+        holder.wait(timeout=30)
+    assert holder.returncode == 0
+    assert waited > 0.3
+    assert store.row_counts()["probe_results"] == 3
+
+
+def test_writer_gives_up_with_store_error_naming_file(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "busy.duckdb", lock_timeout_s=0.4)
+    store.migrate()
+    holder = _hold_lock(store.path, 20.0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(StoreError) as caught:
+            store.write_score("a1", SPEC, _suite_abc().score, gate_passed=True)
+        assert time.monotonic() - start < 5.0
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert str(store.path) in str(caught.value)
+    assert "another process holds the lock" in str(caught.value)
+
+
+@pytest.mark.parametrize("content", [b"id,score\na1,0.5\n" * 40, b"", b"short"])
+def test_foreign_file_is_refused_and_untouched(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "sway.duckdb"
+    path.write_bytes(content)
+    with pytest.raises(StoreError, match="not a DuckDB database; move it aside") as caught:
+        ResultStore(path).row_counts()
+    assert str(path) in str(caught.value)
+    assert path.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sway.duckdb"]
+
+
+def test_suite_with_bad_time_writes_nothing(store: ResultStore) -> None:
+    suite = _suite_abc()
+    broken = SuiteResult(**{**suite.__dict__, "started_at": "yesterday"})
+    with pytest.raises(StoreError, match="suite.started_at"):
+        store.write_suite("a1", broken, gate_passed=True, run_id="run-1")
+    assert sum(store.row_counts().values()) == 0
