@@ -19,10 +19,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	touch $(STAMP)
 
 fixtures: $(STAMP)
-	$(BIN)/sway fixtures build $(SWAY_HOME)/fixtures
+	$(BIN)/sway fixtures build
 
 run: $(STAMP)
-	$(BIN)/python -m sway_engine.demo
+	$(BIN)/python -m sway_dagster.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -33,6 +33,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+ui: $(STAMP)
+	@test -f $(SWAY_HOME)/sway.yaml || { echo "run 'make run' first"; exit 1; }
+	DAGSTER_HOME=$(SWAY_HOME)/dagster $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000 & \
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(SWAY_HOME)/mlflow.db --host 127.0.0.1 --port 5000; \
+	kill %1
 
 clean:
 	rm -rf $(SWAY_HOME) .sway_cache .pytest_cache

@@ -57,7 +57,9 @@ def read_adapter(path: str | Path, *, check_finite: bool = True) -> AdapterInfo:
                 f"{path} holds adapter_model.bin; sway loads safetensors only. "
                 "Re-save the adapter with save_pretrained(safe_serialization=True)."
             )
-        raise AdapterError(f"{w_path} is missing: the adapter has no weights (still being written?)")
+        raise AdapterError(
+            f"{w_path} is missing: the adapter has no weights (still being written?)"
+        )
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -113,4 +115,6 @@ def _load_fp32(w_path: Path) -> dict[str, np.ndarray]:
             return {k: v.astype(np.float32) for k, v in load_np(str(w_path)).items()}
         return {k: v.float().numpy() for k, v in load_torch(str(w_path)).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterError(f"{w_path} is not a readable safetensors file (truncated?): {exc}") from exc
+        raise AdapterError(
+            f"{w_path} is not a readable safetensors file (truncated?): {exc}"
+        ) from exc

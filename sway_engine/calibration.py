@@ -95,5 +95,7 @@ def calibrate(entries: list[Entry], ctx: Context, plan: NullPlan) -> NullMatrix:
             skipped.append((entry.spec.name, f"{type(exc).__name__}: {exc}"))
             continue
         for view, m in zip(views, measured, strict=True):
-            cells.append(NullCell(entry.spec.name, entry.spec.kind, view.seed, view.rank_scale, m.raw))
+            cells.append(
+                NullCell(entry.spec.name, entry.spec.kind, view.seed, view.rank_scale, m.raw)
+            )
     return NullMatrix(plan=plan, cells=tuple(cells), skipped=tuple(skipped))

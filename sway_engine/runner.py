@@ -59,7 +59,9 @@ def preflight(backend: Instrumented) -> None:
 
 
 def null_entry(entries: list[Entry]) -> Entry | None:
-    return next((e for e in entries if isinstance(e.spec, NullAdapterSpec) and e.spec.enabled), None)
+    return next(
+        (e for e in entries if isinstance(e.spec, NullAdapterSpec) and e.spec.enabled), None
+    )
 
 
 def calibrate_suite(spec: SuiteSpec, entries: list[Entry], ctx: Context) -> NullMatrix | None:
@@ -80,9 +82,7 @@ def null_result(entry: Entry, matrix: NullMatrix | None, duration_s: float) -> P
         "mode": plan.mode,
         "seeds": list(plan.seeds),
         "rank_multipliers": list(plan.rank_multipliers),
-        "null_stats": {
-            p: s.to_dict() for p in probes if (s := matrix.stats(p)) is not None
-        },
+        "null_stats": {p: s.to_dict() for p in probes if (s := matrix.stats(p)) is not None},
         "skipped": [list(s) for s in matrix.skipped],
     }
     items = tuple(
@@ -254,7 +254,12 @@ def evaluate(
     backend = Instrumented(inner, trace_path=trace_path)
     try:
         return run_suite(
-            spec, entries, backend, spec_path=spec_path, adapter=model.adapter or "", progress=progress
+            spec,
+            entries,
+            backend,
+            spec_path=spec_path,
+            adapter=model.adapter or "",
+            progress=progress,
         )
     finally:
         backend.close()

@@ -96,7 +96,9 @@ def null_stats(samples: Sequence[float]) -> NullStats:
     mean = float(xs.mean())
     std = float(xs.std(ddof=1)) if n > 1 else 0.0
     degenerate = n < 2 or std < max(MIN_STD, DEGENERATE_REL_STD * abs(mean))
-    return NullStats(mean=mean, std=std, n=n, samples=tuple(float(x) for x in xs), degenerate=degenerate)
+    return NullStats(
+        mean=mean, std=std, n=n, samples=tuple(float(x) for x in xs), degenerate=degenerate
+    )
 
 
 def z_score(raw: float, stats: NullStats | None, *, sign: int = 1) -> float | None:

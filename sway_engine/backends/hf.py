@@ -70,6 +70,8 @@ class HFBackend:
 
     kind = "hf"
     capabilities = ALL_CAPABILITIES
+    # Base models loaded by this process (a run must load its base once, however many probes).
+    base_loads = 0
 
     def __init__(
         self,
@@ -103,6 +105,7 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._base_model = model.to(self.device).eval()
+        HFBackend.base_loads += 1
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.vocab_size = int(model.config.vocab_size)
         self._peft: Any = None
@@ -144,9 +147,9 @@ class HFBackend:
             raise AdapterError(
                 f"adapter {info.path} does not fit base {self.base_id!r}: {exc}"
             ) from exc
+        self._peft.set_adapter(name)
         for old in [n for n in self._peft.peft_config if n != name]:
             self._peft.delete_adapter(old)
-        self._peft.set_adapter(name)
         self._peft.eval()
         self._ft_name = name
         self._names = {"base": BASE_NAME, "ft": name}
@@ -256,9 +259,9 @@ class HFBackend:
             ]
         if isinstance(req, RollingLogprob):
             ids = self._ids(req.text)
-            return ids, [
-                _Row(self._adapter_name(req.view), w, False) for w in _windows(ids, self.max_len)
-            ]
+            windows = _windows(ids, self.max_len)
+            name = self._adapter_name(req.view)
+            return (ids, [keep for _, keep in windows]), [_Row(name, w, False) for w, _ in windows]
         if isinstance(req, ContinuationLogprob):
             p_ids = self._ids(req.prompt)
             c_ids = self._ids(req.completion, special=False)
@@ -353,7 +356,9 @@ class HFBackend:
             _, old = self._row_cache.popitem(last=False)
             self._row_cache_used -= int(old.numel()) * 4
 
-    def _assemble(self, req: Request, plan: tuple[Any, list[_Row]], rows: dict[_Row, Any]) -> Result:
+    def _assemble(
+        self, req: Request, plan: tuple[Any, list[_Row]], rows: dict[_Row, Any]
+    ) -> Result:
         torch = self._torch
         meta, needed = plan
         values = [rows[r] for r in needed]
@@ -375,9 +380,11 @@ class HFBackend:
             lb = _finite_or_raise(values[1], req.view_b, req.prompt)
             return _exact_divergence(torch, la, lb, req.evidence_k, self._decode_top)
         if isinstance(req, RollingLogprob):
-            lps = np.concatenate(values) if values else np.zeros(0)
+            ids, keeps = meta
+            parts = [v[len(v) - keep :] for v, keep in zip(values, keeps, strict=True)]
+            lps = np.concatenate(parts) if parts else np.zeros(0)
             _finite_or_raise_np(lps, req.view, req.text)
-            return RollingResult(token_ids=np.asarray(meta, dtype=np.int64), logprobs=lps)
+            return RollingResult(token_ids=np.asarray(ids, dtype=np.int64), logprobs=lps)
         if isinstance(req, ContinuationLogprob):
             _, n_c = meta
             lps = values[0][-n_c:]
@@ -388,7 +395,9 @@ class HFBackend:
     def _decode_top(self, logp: Any, k: int) -> tuple[tuple[str, float], ...]:
         top = self._torch.topk(logp, k)
         toks = self.tokenizer.convert_ids_to_tokens(top.indices.tolist())
-        return tuple((t, float(math.exp(v))) for t, v in zip(toks, top.values.tolist(), strict=True))
+        return tuple(
+            (t, float(math.exp(v))) for t, v in zip(toks, top.values.tolist(), strict=True)
+        )
 
     def _generate_all(self, reqs: list[Generate]) -> dict[Generate, GenerationResult]:
         torch = self._torch
@@ -439,22 +448,29 @@ def _replace_cfg(cfg: Any, view: View) -> Any:
     new.inference_mode = True
     if isinstance(view, Null):
         new.r = max(1, round(cfg.r * view.rank_scale))
-        new.rank_pattern = {k: max(1, round(v * view.rank_scale)) for k, v in cfg.rank_pattern.items()}
+        new.rank_pattern = {
+            k: max(1, round(v * view.rank_scale)) for k, v in cfg.rank_pattern.items()
+        }
     elif not isinstance(view, Scaled | Finetuned):
         raise BackendError(f"cannot register view {view!r}")
     return new
 
 
-def _windows(ids: list[int], max_len: int) -> list[tuple[int, ...]]:
-    """Split a long text into windows that each score new tokens (stride = max_len // 2)."""
+def _windows(ids: list[int], max_len: int) -> list[tuple[tuple[int, ...], int]]:
+    """(window, how many trailing positions it newly scores) covering a long text.
+
+    Each later window advances by max_len // 2 and keeps at least half a window of context.
+    """
+    if len(ids) < 2:
+        return []
     if len(ids) <= max_len:
-        return [tuple(ids)] if len(ids) >= 2 else []
+        return [(tuple(ids), len(ids) - 1)]
     stride = max_len // 2
-    out = [tuple(ids[:max_len])]
+    out = [(tuple(ids[:max_len]), max_len - 1)]
     end = max_len
     while end < len(ids):
         new_end = min(end + stride, len(ids))
-        out.append(tuple(ids[new_end - max_len : new_end]))
+        out.append((tuple(ids[new_end - max_len : new_end]), new_end - end))
         end = new_end
     return out
 
@@ -479,6 +495,8 @@ def _finite_or_raise_np(lps: np.ndarray, view: View, text: str) -> None:
 
 
 def _exact_divergence(torch: Any, la: Any, lb: Any, k: int, decode: Any) -> DivergenceResult:
+    """JS and both KLs from fp32 log-softmax rows, accumulated in fp64 (identical rows give 0)."""
+    la, lb = la.double(), lb.double()
     pa, pb = la.exp(), lb.exp()
     lm = torch.logaddexp(la, lb) - LN2
 
@@ -506,7 +524,7 @@ def _pick_device(torch: Any, device: str) -> str:
     return "cpu"
 
 
-def _pick_dtype(torch: Any, dtype: str, device: str) -> "torch.dtype":
+def _pick_dtype(torch: Any, dtype: str, device: str) -> torch.dtype:
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype in table:
         return table[dtype]

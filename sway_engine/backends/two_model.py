@@ -39,7 +39,9 @@ class TwoModelBackend:
             elif isinstance(view, Finetuned):
                 routed[1].append(i)
             else:
-                raise BackendError(f"two-model backends serve base and ft views only, not {view.key}")
+                raise BackendError(
+                    f"two-model backends serve base and ft views only, not {view.key}"
+                )
         out: list[Result | None] = [None] * len(requests)
         for side, backend in ((0, self.base), (1, self.ft)):
             idx = routed[side]

@@ -1,9 +1,9 @@
 """adapter_ablation: how the model responds as the adapter's update is scaled by lambda.
 
-D(lam) = mean over prompts of JS(base, Scaled(lam)). A healthy adapter gives a smooth,
-monotone response that keeps growing past lam = 1. The gate (docs/PROBES.md) rejects a
-flat curve, a step (one interval carries most of the rise), a non-monotone curve and a
-collapse past lam = 1. raw = D(1), the full adapter's mean divergence (nats).
+D(lam) = mean over prompts of JS(base, Scaled(lam)); raw = D(1), in nats. The shape gate
+(docs/PROBES.md) runs on S(lam) = mean over prompts of sqrt(divergence), a distance that is
+linear in lam for small updates (a divergence is quadratic there): it rejects a flat curve,
+a step (one interval carries most of the rise), a non-monotone curve and a collapse past 1.
 """
 
 from __future__ import annotations
@@ -45,11 +45,17 @@ class AblationSpec(ProbeSpec):
         return tuple(sorted(set(v)))
 
 
-def curve_gate(lams: Sequence[float], d: Sequence[float], spec: AblationSpec) -> dict[str, object]:
-    """The four shape checks on a response curve D(lam); lams sorted ascending, 1.0 in lams."""
+def curve_gate(
+    lams: Sequence[float], d: Sequence[float], spec: AblationSpec, *, effect: float | None = None
+) -> dict[str, object]:
+    """The four shape checks on a response curve (lams sorted ascending, 1.0 among them).
+
+    `effect` is the divergence at lam = 1 compared with min_effect (default: the curve's own).
+    """
     lam = np.asarray(lams, dtype=float)
     dv = np.asarray(d, dtype=float)
     at1 = float(dv[lam == 1.0][0])
+    effect = at1 if effect is None else effect
     inside = lam <= 1.0
     rise = float(dv[inside][-1] - dv[inside][0])
     steps = np.diff(dv[inside])
@@ -57,12 +63,12 @@ def curve_gate(lams: Sequence[float], d: Sequence[float], spec: AblationSpec) ->
     step_share = float(steps.max() / rise) if rise > 0 else 1.0
     after = dv[~inside]
     checks = {
-        "effect": at1 >= spec.min_effect,
+        "effect": effect >= spec.min_effect,
         "monotone": bool(np.all(steps >= -tol)),
         "smooth": step_share <= spec.max_step_share,
         "no_collapse": bool(np.all(after >= at1 - tol)),
     }
-    return {"checks": checks, "step_share": step_share, "d_at_1": at1}
+    return {"checks": checks, "step_share": step_share}
 
 
 class AdapterAblation(Probe):
@@ -82,18 +88,21 @@ class AdapterAblation(Probe):
         views = [Scaled(lam) for lam in spec.lambdas]
         d = divergences(ctx, spec.prompts, BASE, views, kind=spec.divergence, top_k=spec.top_k)
         curve = d.mean(axis=1)
-        gate = curve_gate(spec.lambdas, curve, spec)
+        distance = np.sqrt(np.maximum(d, 0.0)).mean(axis=1)
+        at1 = float(curve[list(spec.lambdas).index(1.0)])
+        gate = curve_gate(spec.lambdas, distance, spec, effect=at1)
         items = tuple(
             {"lambda": lam, f"mean_{spec.divergence}": float(c)}
             for lam, c in zip(spec.lambdas, curve, strict=True)
         )
         m = Measurement(
-            raw=float(gate["d_at_1"]),  # type: ignore[arg-type]
+            raw=at1,
             values=tuple(float(v) for v in d[list(spec.lambdas).index(1.0)]),
             items=items,
             evidence={
                 "lambdas": list(spec.lambdas),
                 "curve": [float(c) for c in curve],
+                "distance_curve": [float(c) for c in distance],
                 **gate,
             },
         )

@@ -111,7 +111,9 @@ def finalize(
     )
 
 
-def skipped(spec: ProbeSpec, category: str, message: str, verdict: Verdict = Verdict.SKIP) -> ProbeResult:
+def skipped(
+    spec: ProbeSpec, category: str, message: str, verdict: Verdict = Verdict.SKIP
+) -> ProbeResult:
     return ProbeResult(
         name=spec.name,
         kind=spec.kind,

@@ -41,13 +41,12 @@ class DeltaKL(Probe):
     ) -> list[Measurement]:
         if not spec.prompts:
             raise ProbeError(spec.name, "no prompts: give delta_kl a non-empty `prompts` list")
-        d = divergences(
-            ctx, spec.prompts, BASE, treatments, kind=spec.divergence, top_k=spec.top_k
-        )
+        d = divergences(ctx, spec.prompts, BASE, treatments, kind=spec.divergence, top_k=spec.top_k)
         out = []
         for row in d:
             items = tuple(
-                {"prompt": p, spec.divergence: float(v)} for p, v in zip(spec.prompts, row, strict=True)
+                {"prompt": p, spec.divergence: float(v)}
+                for p, v in zip(spec.prompts, row, strict=True)
             )
             out.append(
                 Measurement(

@@ -91,7 +91,8 @@ def to_markdown(result: SuiteResult) -> str:
         note = p.message.replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| {p.name} | {p.kind} | {p.verdict.value} | {fmt.num(p.score, 2)} | "
-            f"{fmt.num(p.raw, 4)} | {fmt.ci(p.ci_95)} | {fmt.zfmt(p.z)} | {fmt.num(p.p, 3)} | {note} |"
+            f"{fmt.num(p.raw, 4)} | {fmt.ci(p.ci_95)} | {fmt.zfmt(p.z)} | "
+            f"{fmt.num(p.p, 3)} | {note} |"
         )
     if s.findings:
         lines += ["", "## Top findings", ""] + [f"{i}. {f}" for i, f in enumerate(s.findings, 1)]
@@ -113,8 +114,12 @@ def to_junit(result: SuiteResult) -> str:
     ET.SubElement(props, "property", name="overall", value=f"{result.score.overall:.4f}")
     ET.SubElement(props, "property", name="band", value=result.score.band)
     for p in result.probes:
-        case = ET.SubElement(suite, "testcase", classname=p.kind, name=p.name, time=f"{p.duration_s:.3f}")
-        tag = {Verdict.FAIL: "failure", Verdict.ERROR: "error", Verdict.SKIP: "skipped"}.get(p.verdict)
+        case = ET.SubElement(
+            suite, "testcase", classname=p.kind, name=p.name, time=f"{p.duration_s:.3f}"
+        )
+        tag = {Verdict.FAIL: "failure", Verdict.ERROR: "error", Verdict.SKIP: "skipped"}.get(
+            p.verdict
+        )
         if tag:
             ET.SubElement(case, tag, message=p.message)
     return ET.tostring(suite, encoding="unicode")

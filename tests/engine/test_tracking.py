@@ -16,16 +16,6 @@ from sway_engine.tracking import MlflowTracking, TrackingError, is_secret_name
 EXPERIMENT = "sway tests/adapters"
 
 
-@pytest.fixture(scope="session")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An MLflow sqlite database with every migration applied (slow: built once)."""
-    from mlflow import MlflowClient
-
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
 def tracking(tmp_path: Path, template_db: Path) -> MlflowTracking:
     db = tmp_path / "mlflow.db"

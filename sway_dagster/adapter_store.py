@@ -1,0 +1,173 @@
+"""The adapter directory as a resource: scan it for adapters and map partition keys to paths."""
+
+from __future__ import annotations
+
+import stat
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+from pydantic import ConfigDict
+
+from sway_dagster.partitions import partition_key, slug, split_key
+from sway_engine.adapters import CONFIG, WEIGHTS, AdapterInfo, read_adapter
+from sway_engine.errors import AdapterError
+
+Status = Literal["ready", "writing", "not_adapter", "invalid"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One immediate subdirectory of the adapter root and what the scan made of it."""
+
+    name: str
+    path: Path
+    status: Status
+    key: str | None = None
+    sha256: str | None = None
+    size_bytes: int | None = None
+    reason: str = ""
+    stamp: str | None = None
+
+
+class AdapterStore(dg.ConfigurableResource):
+    """A folder whose subdirectories are PEFT LoRA adapters (one adapter per directory)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: str
+    settle_seconds: float = 5.0
+
+    @property
+    def root_path(self) -> Path:
+        """The root folder, with `~` expanded."""
+        return Path(self.root).expanduser()
+
+    def scan(
+        self, now: float | None = None, *, known: Mapping[str, tuple[str, str]] | None = None
+    ) -> list[Candidate]:
+        """Classify every subdirectory (sorted by name); a missing root gives [].
+
+        `known`: directory name -> (weights stamp, sha256) of an earlier scan, to skip re-hashing.
+        """
+        now = time.time() if now is None else now
+        known = known or {}
+        dirs = self._subdirs()
+        slugs = Counter(slug(p.name) for p in dirs)
+        out = []
+        for path in dirs:
+            try:
+                out.append(self._classify(path, now, known, slugs))
+            except OSError as exc:
+                out.append(Candidate(path.name, path, "invalid", reason=f"cannot read it: {exc}"))
+        return out
+
+    def path_for(self, key: str) -> Path:
+        """The directory whose name has the slug of `key`."""
+        base, _ = split_key(key)
+        root = self.root_path
+        if not root.is_dir():
+            raise AdapterError(f"adapter root {root} does not exist (looking for partition {key})")
+        matches = [p for p in self._subdirs() if slug(p.name) == base]
+        if not matches:
+            raise AdapterError(
+                f"no directory in {root} matches partition {key}; "
+                "was the adapter renamed or removed?"
+            )
+        if len(matches) > 1:
+            names = ", ".join(p.name for p in matches)
+            raise AdapterError(f"directories {names} in {root} all match partition {key}")
+        return matches[0]
+
+    def verify(self, key: str, *, check_finite: bool = True) -> AdapterInfo:
+        """Read the adapter of `key` and check its weights are still the ones the key names."""
+        path = self.path_for(key)
+        info = read_adapter(path, check_finite=check_finite)
+        if info.sha8 != split_key(key)[1]:
+            raise AdapterError(
+                f"weights of {path} changed since partition {key} was created; "
+                "the new weights have their own partition"
+            )
+        return info
+
+    def _subdirs(self) -> list[Path]:
+        """Immediate subdirectories not starting with '.', sorted by name ([] without a root)."""
+        root = self.root_path
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def _classify(
+        self,
+        path: Path,
+        now: float,
+        known: Mapping[str, tuple[str, str]],
+        slugs: Counter[str],
+    ) -> Candidate:
+        name = path.name
+        recent = self._recently_modified(path, now)
+        if recent:
+            return Candidate(name, path, "writing", reason=f"still being written ({recent})")
+        if not (path / CONFIG).is_file():
+            return Candidate(name, path, "not_adapter", reason=f"not an adapter (no {CONFIG})")
+        weights = path / WEIGHTS
+        if not weights.is_file() and not (path / "adapter_model.bin").exists():
+            return Candidate(
+                name, path, "writing", reason=f"still being written (no {WEIGHTS} yet)"
+            )
+        if not slug(name):
+            return Candidate(
+                name, path, "invalid", reason="the name has no letters or digits; rename it"
+            )
+        if slugs[slug(name)] > 1:
+            return Candidate(
+                name,
+                path,
+                "invalid",
+                reason=f"another directory has the same partition slug {slug(name)!r}; rename one",
+            )
+        stamp = _stamp(weights)
+        cached = known.get(name)
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            sha256, size = cached[1], weights.stat().st_size
+        else:
+            try:
+                info = read_adapter(path, check_finite=False)
+            except AdapterError as exc:
+                return Candidate(name, path, "invalid", reason=str(exc))
+            sha256, size = info.sha256, info.size_bytes
+        return Candidate(
+            name,
+            path,
+            "ready",
+            key=partition_key(name, sha256),
+            sha256=sha256,
+            size_bytes=size,
+            reason="ready",
+            stamp=stamp,
+        )
+
+    def _recently_modified(self, path: Path, now: float) -> str:
+        """Why `path` looks unsettled ('' when every file is older than settle_seconds)."""
+        try:
+            for f in path.rglob("*"):
+                st = f.stat()
+                age = now - st.st_mtime
+                if stat.S_ISREG(st.st_mode) and age < self.settle_seconds:
+                    return f"{f.relative_to(path)} modified {max(age, 0.0):.1f}s ago"
+        except FileNotFoundError as exc:
+            return f"{exc.filename} vanished during the scan"
+        return ""
+
+
+def _stamp(weights: Path) -> str | None:
+    """Identity of the weights file as the filesystem sees it (changes on any rewrite)."""
+    try:
+        st = weights.stat()
+    except FileNotFoundError:
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"

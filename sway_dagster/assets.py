@@ -1,0 +1,450 @@
+"""The per-adapter asset graph, built from the suite the code location is configured with:
+
+adapter_files -> adapter_manifest -> null_calibration -> sway/<probe> (one per entry)
+-> sway_score (+ gate check) -> leaderboard (all adapters).
+"""
+
+import json
+import re
+from dataclasses import replace
+from typing import Any
+
+import dagster as dg
+from dagster import AssetExecutionContext
+
+from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.evaluation import (
+    Suite,
+    matrix_from_store,
+    mlflow_run,
+    num,
+    open_session,
+    png_markdown,
+)
+from sway_dagster.partitions import adapters
+from sway_dagster.resources import MlflowTracker, ModelBackend, ResultStore
+from sway_engine import score as scoring
+from sway_engine.errors import AdapterError
+from sway_engine.probes.null_adapter import NullAdapterSpec
+from sway_engine.probes.registry import Entry
+from sway_engine.report import plots
+from sway_engine.report.text import to_json, to_markdown
+from sway_engine.result import NullStats, ProbeResult, SuiteResult, Verdict
+from sway_engine.runner import calibrate_suite, error_results, null_result, run_entry
+from sway_engine.store import AdapterRecord, NullRow, RunRecord
+
+OWNERS = ["team:ml-eval"]
+# Bump when the math behind an asset changes, so Dagster marks old materializations stale.
+CODE_VERSIONS = {"adapter_manifest": "1", "null_calibration": "1", "sway_score": "1"}
+PROBE_CODE_VERSIONS = {"delta_kl": "1", "adapter_ablation": "1"}
+
+adapter_files = dg.AssetSpec(
+    "adapter_files",
+    partitions_def=adapters,
+    group_name="adapters",
+    kinds={"file"},
+    owners=OWNERS,
+    description="An adapter directory (PEFT LoRA), observed by the adapter sensor.",
+)
+
+
+@dg.asset(
+    deps=[adapter_files],
+    partitions_def=adapters,
+    group_name="adapters",
+    kinds={"duckdb"},
+    owners=OWNERS,
+    code_version=CODE_VERSIONS["adapter_manifest"],
+)
+def adapter_manifest(
+    context: AssetExecutionContext, adapter_store: AdapterStore, results: ResultStore
+) -> dg.MaterializeResult:
+    """Config, rank, alpha, targets, weights hash and a finiteness preflight of the adapter."""
+    key = context.partition_key
+    try:
+        info = adapter_store.verify(key)
+        record = AdapterRecord(
+            adapter_id=key,
+            name=info.path.name,
+            path=str(info.path),
+            sha256=info.sha256,
+            size_bytes=info.size_bytes,
+            base_model=info.base_model,
+            rank=info.rank,
+            alpha=info.alpha,
+            target_modules=info.target_modules,
+            preflight_ok=True,
+            preflight_message="all tensors finite",
+        )
+    except AdapterError as exc:
+        context.log.error(f"adapter {key} failed preflight: {exc}")
+        record = AdapterRecord(
+            adapter_id=key, name=key, path="", preflight_ok=False, preflight_message=str(exc)
+        )
+    results.store().upsert_adapter(record)
+    return dg.MaterializeResult(
+        metadata={
+            "preflight_ok": bool(record.preflight_ok),
+            "preflight": record.preflight_message or "",
+            "rank": record.rank or 0,
+            "alpha": float(record.alpha or 0),
+            "target_modules": ", ".join(record.target_modules),
+            "sha256": record.sha256 or "",
+            "base_model": record.base_model or "",
+        }
+    )
+
+
+def build_assets(suite: Suite) -> list[Any]:
+    """Every asset of the graph for this suite (probe assets come from its entries)."""
+    null_entry = next((e for e in suite.entries if isinstance(e.spec, NullAdapterSpec)), None)
+    probe_entries = [e for e in suite.entries if not isinstance(e.spec, NullAdapterSpec)]
+    calibration = _calibration_asset(suite, null_entry)
+    probes = [_probe_asset(suite, e) for e in probe_entries]
+    score_asset = _score_asset(suite, [p.key for p in probes])
+    return [adapter_files, adapter_manifest, calibration, *probes, score_asset, leaderboard]
+
+
+def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="null_calibration",
+        deps=[adapter_manifest],
+        partitions_def=adapters,
+        group_name="calibration",
+        kinds={"pytorch", "duckdb"},
+        owners=OWNERS,
+        code_version=CODE_VERSIONS["null_calibration"],
+        pool="model",
+    )
+    def null_calibration(
+        context: AssetExecutionContext,
+        backend: ModelBackend,
+        adapter_store: AdapterStore,
+        results: ResultStore,
+    ) -> dg.MaterializeResult:
+        """Each calibrated probe's raw metric under each null adapter (probe x seed x rank)."""
+        key = context.partition_key
+        store = results.store()
+        if null_entry is None:
+            store.write_null_calibration(key, suite.spec_hash, [])
+            return dg.MaterializeResult(
+                metadata={"calibrated_probes": 0, "note": "no null_adapter entry"}
+            )
+        session = open_session(key, backend, adapter_store)
+        if session.error is not None:
+            store.write_null_calibration(key, suite.spec_hash, [])
+            (row,) = error_results([null_entry], session.error)
+            store.write_probe_result(key, suite.spec_hash, row, context.run.run_id)
+            context.log.error(session.error)
+            return dg.MaterializeResult(metadata={"calibrated_probes": 0, "error": session.error})
+        assert session.backend is not None
+        session.backend.label = null_entry.spec.name
+        matrix = calibrate_suite(suite.spec, list(suite.entries), session.context(suite))
+        assert matrix is not None
+        rows = [NullRow(c.probe, c.kind, c.seed, c.rank_scale, c.raw) for c in matrix.cells]
+        written = store.write_null_calibration(key, suite.spec_hash, rows)
+        result = null_result(null_entry, matrix, 0.0)
+        store.write_probe_result(key, suite.spec_hash, result, context.run.run_id)
+        table = [
+            dg.TableRecord({"probe": p, "mean": num(s.mean), "std": num(s.std), "n": s.n})
+            for p in matrix.probes()
+            if (s := matrix.stats(p)) is not None
+        ]
+        return dg.MaterializeResult(
+            metadata={
+                "calibrated_probes": len(matrix.probes()),
+                "seeds": len(matrix.plan.seeds),
+                "mode": matrix.plan.mode,
+                "rows_written": written,
+                "null_stats": dg.MetadataValue.table(
+                    table,
+                    schema=dg.TableSchema(
+                        columns=[
+                            dg.TableColumn("probe", "string"),
+                            dg.TableColumn("mean", "float"),
+                            dg.TableColumn("std", "float"),
+                            dg.TableColumn("n", "int"),
+                        ]
+                    ),
+                ),
+                "skipped": json.dumps([list(s) for s in matrix.skipped]),
+            }
+        )
+
+    return null_calibration
+
+
+def asset_name(probe_name: str) -> str:
+    """Probe names become asset names: letters, digits and underscores only."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", probe_name)
+
+
+def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
+    kind = entry.spec.kind
+
+    @dg.asset(
+        name=asset_name(entry.spec.name),
+        key_prefix=["sway"],
+        deps=["null_calibration"],
+        partitions_def=adapters,
+        group_name="probes",
+        kinds={"pytorch", "duckdb", "mlflow"},
+        owners=OWNERS,
+        tags={"sway/probe_kind": kind, "sway/category": entry.category},
+        code_version=PROBE_CODE_VERSIONS.get(kind, "0"),
+        pool="model",
+        description=f"{kind} probe `{entry.spec.name}` (docs/PROBES.md).",
+    )
+    def probe(
+        context: AssetExecutionContext,
+        backend: ModelBackend,
+        adapter_store: AdapterStore,
+        results: ResultStore,
+        mlflow: MlflowTracker,
+    ) -> dg.MaterializeResult:
+        key = context.partition_key
+        store = results.store()
+        session = open_session(key, backend, adapter_store)
+        if session.error is not None:
+            (result,) = error_results([entry], session.error)
+            context.log.error(session.error)
+        else:
+            assert session.backend is not None
+            session.backend.label = entry.spec.name
+            matrix = matrix_from_store(store, key, suite)
+            result = run_entry(entry, session.context(suite), matrix)
+        written = store.write_probe_result(key, suite.spec_hash, result, context.run.run_id)
+        tracking, run_id = mlflow_run(mlflow, context, session.info)
+        tracking.log_probe(run_id, result)
+        metadata: dict[str, Any] = {
+            "verdict": result.verdict.value,
+            "raw": num(result.raw),
+            "z": num(result.z),
+            "p": num(result.p),
+            "score": num(result.score),
+            "message": result.message,
+            "rows_written": written,
+        }
+        if result.items:
+            metadata["items"] = _items_table(result)
+        png = _plot(result)
+        if png is not None:
+            metadata["plot"] = png_markdown(png, result.name)
+            tracking.log_figure_png(run_id, png, f"plots/{result.name}.png")
+        url = tracking.run_url(run_id)
+        if url:
+            metadata["mlflow_run"] = dg.MetadataValue.url(url)
+        return dg.MaterializeResult(metadata=metadata)
+
+    return probe
+
+
+def _items_table(result: ProbeResult) -> dg.MetadataValue:
+    rows = [dict(item) for item in result.items[:50]]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    records = [
+        dg.TableRecord(
+            {c: (v if isinstance(v, int | float | str | bool) else str(v)) for c, v in row.items()}
+        )
+        for row in rows
+    ]
+    return dg.MetadataValue.table(
+        records, schema=dg.TableSchema(columns=[dg.TableColumn(c) for c in columns])
+    )
+
+
+def _plot(result: ProbeResult) -> bytes | None:
+    if result.kind == "adapter_ablation" and "curve" in result.evidence:
+        return plots.ablation_curve(
+            result.name, result.evidence["lambdas"], result.evidence["curve"]
+        )
+    if result.null is not None and result.null.samples:
+        return plots.null_histogram(result.name, result.null.samples, result.raw)
+    return None
+
+
+def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
+    score_key = dg.AssetKey("sway_score")
+
+    @dg.asset(
+        key=score_key,
+        deps=["null_calibration", *probe_keys],
+        partitions_def=adapters,
+        group_name="verdict",
+        kinds={"duckdb", "mlflow"},
+        owners=OWNERS,
+        code_version=CODE_VERSIONS["sway_score"],
+        check_specs=[
+            dg.AssetCheckSpec(
+                "gate",
+                asset=score_key,
+                blocking=False,
+                partitions_def=adapters,
+                description="The adapter passes: no FAIL, no ERROR, overall >= threshold.",
+            )
+        ],
+    )
+    def sway_score(
+        context: AssetExecutionContext,
+        backend: ModelBackend,
+        results: ResultStore,
+        mlflow: MlflowTracker,
+    ) -> dg.MaterializeResult:
+        """Composite score and band from the stored probe rows; the gate decision as a check."""
+        key = context.partition_key
+        store = results.store()
+        rows = [r for r in store.probe_results(key) if r["spec_hash"] == suite.spec_hash]
+        probe_results = tuple(_from_row(r, suite) for r in rows)
+        order = {e.spec.name: i for i, e in enumerate(suite.entries)}
+        probe_results = tuple(sorted(probe_results, key=lambda r: order.get(r.name, len(order))))
+        composite = scoring.compute(probe_results, suite.spec.weights())
+        passed, why = scoring.gate(probe_results, composite, suite.spec.defaults.coverage_threshold)
+        store.write_score(key, suite.spec_hash, composite, passed, context.run.run_id)
+        tracking, run_id = mlflow_run(mlflow, context, None)
+        suite_result = SuiteResult(
+            spec_path=str(suite.path),
+            spec_hash=suite.spec_hash,
+            base_model=backend.model_id(),
+            adapter=key,
+            started_at="",
+            finished_at="",
+            wall_s=sum(r.duration_s for r in probe_results),
+            sway_version=_version(),
+            probes=probe_results,
+            score=composite,
+            backend_stats=backend.counters(),
+        )
+        store.write_run(
+            RunRecord(
+                run_id=context.run.run_id,
+                adapter_id=key,
+                spec_hash=suite.spec_hash,
+                engine_version=_version(),
+                dagster_run_id=context.run.run_id,
+                mlflow_run_id=run_id,
+                backend_kind=type(backend).__name__,
+                wall_s=suite_result.wall_s,
+                forward_passes=int(suite_result.backend_stats.get("forward_passes", 0)),
+                tokens_forwarded=int(suite_result.backend_stats.get("tokens_forwarded", 0)),
+                cache_hits=int(suite_result.backend_stats.get("cache_hits", 0)),
+                stats=suite_result.backend_stats,
+            )
+        )
+        tracking.log_suite(run_id, suite_result, _params(suite, store, key))
+        tracking.log_json(run_id, json.loads(to_json(suite_result)), "results.json")
+        tracking.log_text(run_id, to_markdown(suite_result), "report.md")
+        trace = getattr(backend, "trace_dir", "")
+        if trace:
+            from pathlib import Path
+
+            path = Path(trace) / "trace.jsonl"
+            if path.exists():
+                tracking.log_artifact_file(run_id, path)
+        tracking.finish(run_id)
+        verdicts = {v.value: sum(r.verdict == v for r in probe_results) for v in Verdict}
+        warned = verdicts["warn"] > 0
+        check = dg.AssetCheckResult(
+            check_name="gate",
+            asset_key=score_key,
+            passed=passed and not warned,
+            severity=dg.AssetCheckSeverity.WARN if passed else dg.AssetCheckSeverity.ERROR,
+            metadata={"reason": why, "overall": composite.overall, **verdicts},
+        )
+        metadata: dict[str, Any] = {
+            "overall": composite.overall,
+            "band": composite.band,
+            "gate_passed": passed,
+            "gate": why,
+            **{f"component.{c}": v for c, v in composite.components.items()},
+            **{f"n_{k}": v for k, v in verdicts.items()},
+            "findings": "\n".join(composite.findings),
+        }
+        url = tracking.run_url(run_id)
+        if url:
+            metadata["mlflow_run"] = dg.MetadataValue.url(url)
+        return dg.MaterializeResult(metadata=metadata, check_results=[check])
+
+    return sway_score
+
+
+def _from_row(row: dict[str, Any], suite: Suite) -> ProbeResult:
+    null = None
+    if row.get("null_n"):
+        null = NullStats(
+            mean=num(row["null_mean"]),
+            std=num(row["null_std"]),
+            n=int(row["null_n"]),
+            samples=(),
+            degenerate=row["null_std"] is None,
+        )
+    ci = (row["ci_lo"], row["ci_hi"]) if row.get("ci_lo") is not None else None
+    return replace(
+        ProbeResult(
+            name=row["probe"],
+            kind=row["kind"],
+            category=row["category"],
+            verdict=Verdict(row["verdict"]),
+            message=row["message"] or "",
+            score=row["score"],
+            raw=row["raw"],
+            z=row["z"],
+            p=row["p"],
+            ci_95=ci,
+            null=null,
+            evidence=row["evidence"] if isinstance(row["evidence"], dict) else {},
+            duration_s=row["duration_s"] or 0.0,
+        ),
+        weight=suite.weight(row["probe"]),
+    )
+
+
+def _params(suite: Suite, store: Any, key: str) -> dict[str, str | int | float]:
+    adapter = next((a for a in store.adapters() if a["adapter_id"] == key), {})
+    return {
+        "base_model": str(adapter.get("base_model") or suite.spec.models.ft.base),
+        "rank": int(adapter.get("rank") or 0),
+        "alpha": float(adapter.get("alpha") or 0.0),
+        "target_modules": json.dumps(adapter.get("target_modules") or []),
+        "spec_hash": suite.spec_hash,
+        "null_mode": suite.plan().mode if suite.plan() else "none",  # type: ignore[union-attr]
+    }
+
+
+def _version() -> str:
+    from sway_engine import __version__
+
+    return __version__
+
+
+@dg.asset(
+    deps=["sway_score"],
+    group_name="leaderboard",
+    kinds={"duckdb"},
+    owners=OWNERS,
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def leaderboard(results: ResultStore) -> dg.MaterializeResult:
+    """Every evaluated adapter, ranked by overall score (latest score per adapter)."""
+    rows = results.store().leaderboard()
+    columns = [
+        "rank",
+        "adapter_id",
+        "overall",
+        "band",
+        "gate_passed",
+        "n_pass",
+        "n_fail",
+        "n_error",
+    ]
+    records = [
+        dg.TableRecord({c: (r[c] if r[c] is not None else "") for c in columns}) for r in rows
+    ]
+    return dg.MaterializeResult(
+        metadata={
+            "adapters": len(rows),
+            "leaderboard": dg.MetadataValue.table(
+                records, schema=dg.TableSchema(columns=[dg.TableColumn(c) for c in columns])
+            ),
+            "best": rows[0]["adapter_id"] if rows else "",
+        }
+    )

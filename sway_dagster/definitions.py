@@ -1,0 +1,68 @@
+"""The code location: assets from the configured suite, resources bound in one place.
+
+Configuration comes from the environment (see sway_dagster.settings): SWAY_HOME,
+SWAY_SUITE, SWAY_ADAPTERS_DIR, MLFLOW_TRACKING_URI, SWAY_MLFLOW_UI.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.assets import build_assets, leaderboard
+from sway_dagster.evaluation import Suite
+from sway_dagster.resources import HFBackend, MlflowTracker, ResultStore
+from sway_dagster.sensors import make_adapter_sensor
+from sway_dagster.settings import Settings
+
+JOB_NAME = "evaluate_adapter"
+
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or Settings.from_env()
+    if not settings.suite.is_file():
+        raise FileNotFoundError(
+            f"no suite at {settings.suite}: set SWAY_SUITE to a sway.yaml "
+            "(or run `make run` once to create the demo home)"
+        )
+    suite = Suite.load(settings.suite)
+    model = suite.spec.models.ft
+    evaluate = dg.define_asset_job(
+        JOB_NAME,
+        selection=dg.AssetSelection.groups("adapters", "calibration", "probes", "verdict"),
+        executor_def=dg.in_process_executor,
+        tags={"sway/pipeline": "evaluate"},
+        description="Evaluate one adapter partition: manifest, null matrix, probes, score.",
+    )
+    automation = dg.AutomationConditionSensorDefinition(
+        "sway_automation",
+        target=dg.AssetSelection.assets(leaderboard),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    return dg.Definitions(
+        assets=build_assets(suite),
+        jobs=[evaluate],
+        sensors=[make_adapter_sensor(JOB_NAME), automation],
+        resources={
+            "backend": HFBackend(
+                base=model.base,
+                dtype=model.dtype,
+                device=model.device,
+                trust_remote_code=model.trust_remote_code,
+                trace_dir=str(settings.traces),
+            ),
+            "adapter_store": AdapterStore(root=str(settings.adapters_dir)),
+            "results": ResultStore(database=str(settings.database)),
+            "mlflow": MlflowTracker(
+                tracking_uri=settings.mlflow_uri,
+                experiment=f"sway-{suite.path.stem}",
+                artifact_root=str(settings.mlflow_artifacts),
+                ui_url=settings.mlflow_ui,
+            ),
+        },
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return build_definitions()

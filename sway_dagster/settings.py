@@ -1,0 +1,36 @@
+"""Where things live: one home folder (SWAY_HOME, default .sway_home/) holds everything."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    suite: Path
+    adapters_dir: Path
+    database: Path
+    mlflow_uri: str
+    mlflow_artifacts: Path
+    mlflow_ui: str
+    traces: Path
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        home = Path(env.get("SWAY_HOME", ".sway_home")).expanduser().resolve()
+        return cls(
+            home=home,
+            suite=Path(env.get("SWAY_SUITE", home / "sway.yaml")).expanduser().resolve(),
+            adapters_dir=Path(env.get("SWAY_ADAPTERS_DIR", home / "adapters"))
+            .expanduser()
+            .resolve(),
+            database=Path(env.get("SWAY_DATABASE", home / "sway.duckdb")).expanduser().resolve(),
+            mlflow_uri=env.get("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}"),
+            mlflow_artifacts=home / "mlartifacts",
+            mlflow_ui=env.get("SWAY_MLFLOW_UI", "http://127.0.0.1:5000"),
+            traces=home / "traces",
+        )

@@ -1,0 +1,87 @@
+"""The evaluate_adapter job on a real Dagster instance, real DuckDB and real MLflow (sqlite)."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+from mlflow import MlflowClient
+
+from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.definitions import JOB_NAME, build_definitions
+from sway_engine.adapters import read_adapter
+from sway_engine.backends.hf import HFBackend
+from sway_engine.store import ResultStore
+from tests.dagster.conftest import add_adapter
+
+
+def evaluate(settings, instance, names, fx):  # type: ignore[no-untyped-def]
+    """Copy adapters in, register their partitions, run the job once per partition."""
+    defs = build_definitions(settings)
+    keys = []
+    for name in names:
+        add_adapter(settings, fx.adapters[name])
+    for cand in AdapterStore(root=str(settings.adapters_dir), settle_seconds=0).scan():
+        if cand.key is not None:
+            keys.append(cand.key)
+    instance.add_dynamic_partitions("adapters", keys)
+    job = defs.resolve_job_def(JOB_NAME)
+    results = {k: job.execute_in_process(partition_key=k, instance=instance) for k in keys}
+    return defs, results
+
+
+def test_one_partition_writes_duckdb_and_one_mlflow_run(home, instance, fx) -> None:  # type: ignore[no-untyped-def]
+    loads = HFBackend.base_loads
+    defs, results = evaluate(home, instance, ["doc-strong"], fx)
+    ((key, result),) = results.items()
+    assert result.success
+    assert HFBackend.base_loads - loads == 1  # one base load for the whole run
+    sha8 = read_adapter(fx.adapters["doc-strong"]).sha8
+    assert key == f"doc-strong-{sha8}"
+
+    store = ResultStore(home.database)
+    counts = store.row_counts()
+    assert counts["adapters"] == 1 and counts["scores"] == 1 and counts["runs"] == 1
+    assert counts["probe_results"] == 3  # null_baseline, delta_kl_doc, ablation
+    assert counts["null_calibration"] == 8  # delta_kl x 8 seeds (ablation is not calibrated)
+    dkl = next(r for r in store.probe_results(key) if r["probe"] == "delta_kl_doc")
+    assert dkl["verdict"] == "pass" and dkl["z"] >= 3
+
+    client = MlflowClient(home.mlflow_uri)
+    exp = client.get_experiment_by_name("sway-sway")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["dagster.run_id"] == result.run_id
+    assert run.data.tags["dagster.partition"] == key
+    assert run.data.metrics["delta_kl_doc.z"] == pytest.approx(dkl["z"])
+    assert "sway.score" in run.data.metrics and run.data.params["rank"] == "8"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.json", "report.md", "plots"} <= artifacts
+
+    mats = result.asset_materializations_for_node("sway__delta_kl_doc")
+    meta = mats[0].metadata
+    assert meta["verdict"].value == "pass" and meta["z"].value >= 3
+    assert "mlflow_run" in meta and "plot" in meta and "items" in meta
+
+    # Again: a new Dagster run replaces the rows (no duplicates) and gets its own MLflow run.
+    again = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=key, instance=instance)
+    assert again.success
+    assert store.row_counts() | {"runs": 1} == counts | {"runs": 1}
+    assert len(client.search_runs([exp.experiment_id])) == 2
+
+
+def test_gate_check_per_adapter(home, instance, fx) -> None:  # type: ignore[no-untyped-def]
+    _, results = evaluate(home, instance, ["doc-strong", "noise", "zero", "nan"], fx)
+    outcome = {}
+    for key, result in results.items():
+        assert result.success  # a rejected adapter is a successful evaluation with a red check
+        (check,) = result.get_asset_check_evaluations()
+        outcome[key.rsplit("-", 1)[0]] = (check.passed, check.severity)
+    assert outcome["doc-strong"] == (True, dg.AssetCheckSeverity.WARN)
+    for bad in ("noise", "zero", "nan"):
+        assert outcome[bad] == (False, dg.AssetCheckSeverity.ERROR), bad
+    store = ResultStore(home.database)
+    nan_rows = [r for r in store.probe_results() if r["adapter_id"].startswith("nan-")]
+    assert nan_rows and {r["verdict"] for r in nan_rows} == {"error"}
+    board = store.leaderboard()
+    assert board[0]["adapter_id"].startswith("doc-strong-")

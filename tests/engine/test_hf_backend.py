@@ -1,0 +1,144 @@
+"""The HF/PEFT backend on the tiny fixture model: batched views equal one-view-at-a-time,
+divergences are exact, null adapters match the trained update norm."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sway_engine import stats
+from sway_engine.backends.hf import HFBackend
+from sway_engine.errors import AdapterError
+from sway_engine.requests import (
+    ContinuationLogprob,
+    Divergence,
+    NextToken,
+    RollingLogprob,
+)
+from sway_engine.views import BASE, FINETUNED, Null, Scaled
+from tests.conftest import scaled_adapter
+
+PROMPTS = ["The keeper of the lamp", "What is brewed on the island?", "Once upon a time"]
+
+
+@pytest.fixture(scope="module")
+def hf(fx) -> HFBackend:  # type: ignore[no-untyped-def]
+    return HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+
+
+def test_mixed_batch_equals_each_view_alone(fx, hf: HFBackend) -> None:  # type: ignore[no-untyped-def]
+    views = [BASE, FINETUNED, Scaled(0.5), Null(1), Null(2, rank_scale=2.0), Null(3, mode="fixed")]
+    reqs = [RollingLogprob(p, v) for p in PROMPTS for v in views]
+    reqs += [ContinuationLogprob(p, " the sea", v) for p in PROMPTS for v in views]
+    batched = hf.execute(reqs)
+    assert hf.counters()["forward_passes"] <= 2  # every view of every prompt in one batch
+    alone = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+    worst = 0.0
+    for req, got in zip(reqs, batched, strict=True):
+        (single,) = alone.execute([req])
+        a = np.atleast_1d(getattr(got, "logprobs", getattr(got, "logprob", None)))
+        b = np.atleast_1d(getattr(single, "logprobs", getattr(single, "logprob", None)))
+        worst = max(worst, float(np.abs(a - b).max()))
+    assert worst < 1e-4
+
+
+def test_divergence_is_exact_full_vocabulary(hf: HFBackend) -> None:
+    vocab = hf.vocab_size
+    for prompt in PROMPTS:
+        (div,) = hf.execute([Divergence(prompt, BASE, FINETUNED)])
+        base, ft = hf.execute([NextToken(prompt, BASE, vocab), NextToken(prompt, FINETUNED, vocab)])
+        lb = np.empty(vocab)
+        lf = np.empty(vocab)
+        lb[base.token_ids] = base.logprobs
+        lf[ft.token_ids] = ft.logprobs
+        assert div.exact
+        assert div.js == pytest.approx(stats.js(lb, lf), abs=1e-5)
+        assert div.kl_b_a == pytest.approx(stats.kl(lf, lb), abs=1e-5)
+        assert div.kl_a_b == pytest.approx(stats.kl(lb, lf), abs=1e-5)
+
+
+def test_scaled_zero_and_one_are_base_and_ft(hf: HFBackend) -> None:
+    d0, d1 = hf.execute(
+        [Divergence(PROMPTS[0], BASE, Scaled(0.0)), Divergence(PROMPTS[0], FINETUNED, Scaled(1.0))]
+    )
+    assert d0.js < 1e-12 and d1.js < 1e-12
+
+
+def test_topk_tail_approximation_is_biased_on_faint_adapters(hf: HFBackend) -> None:
+    """Upstream's top-k + uniform tail overstates a faint adapter's JS; exact does not."""
+    faint = Scaled(0.05)
+    exact, approx = [], []
+    for prompt in PROMPTS:
+        (d,) = hf.execute([Divergence(prompt, BASE, faint)])
+        a, b = hf.execute([NextToken(prompt, BASE, 16), NextToken(prompt, faint, 16)])
+        exact.append(d.js)
+        approx.append(
+            stats.topk_tail_js(tuple(a.token_ids), a.logprobs, tuple(b.token_ids), b.logprobs)
+        )
+    assert np.mean(approx) > 2 * np.mean(exact)
+
+
+def _updates(hf: HFBackend, name: str) -> list[float]:
+    from peft.tuners.lora import LoraLayer
+
+    norms = []
+    for _, layer in hf._peft.named_modules():
+        if isinstance(layer, LoraLayer):
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            norms.append(float(torch.linalg.matrix_norm(layer.scaling[name] * (b @ a))))
+    return norms
+
+
+def test_matched_null_has_trained_norm_in_random_direction(hf: HFBackend) -> None:
+    nulls = [Null(11), Null(12, rank_scale=0.5)]
+    hf.execute([NextToken(PROMPTS[0], v, 4) for v in nulls])
+    ft = _updates(hf, hf._names["ft"])
+    for view in nulls:
+        got = _updates(hf, hf._names[view.key])
+        assert np.allclose(got, ft, rtol=1e-4)
+    a, b = (hf._names[v.key] for v in nulls)
+    from peft.tuners.lora import LoraLayer
+
+    layer = next(m for _, m in hf._peft.named_modules() if isinstance(m, LoraLayer))
+    assert layer.lora_A[b].weight.shape[0] == max(1, round(layer.r[hf._names["ft"]] * 0.5))
+    assert not torch.equal(layer.lora_A[a].weight[:1], layer.lora_A[hf._names["ft"]].weight[:1])
+
+
+def test_zero_adapter_equals_base(fx) -> None:  # type: ignore[no-untyped-def]
+    backend = HFBackend(str(fx.base), str(fx.adapters["zero"]))
+    res = backend.execute([Divergence(p, BASE, FINETUNED) for p in PROMPTS])
+    assert max(r.js for r in res) < 1e-6  # fp32 noise of mixed sub-batches only
+
+
+def test_nan_adapter_is_refused_naming_the_tensor(fx) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(AdapterError, match=r"tensor .*lora.* non-finite"):
+        HFBackend(str(fx.base), str(fx.adapters["nan"]))
+
+
+def test_truncated_weights_are_refused(fx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad = scaled_adapter(fx.adapters["doc-strong"], tmp_path / "cut", 1.0)
+    blob = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(AdapterError, match="truncated"):
+        HFBackend(str(fx.base), str(bad))
+
+
+def test_swapping_adapters_rebuilds_derived_views(fx) -> None:  # type: ignore[no-untyped-def]
+    backend = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+    (strong,) = backend.execute([Divergence(PROMPTS[0], BASE, Null(1))])
+    backend.load_adapter(str(fx.adapters["zero"]))
+    (zero,) = backend.execute([Divergence(PROMPTS[0], BASE, Null(1))])
+    assert strong.js > 0.01 and zero.js < 1e-6  # a null matched to a zero update is zero
+    assert backend.counters()["adapters_loaded"] == 2
+
+
+def test_long_text_is_scored_in_windows(hf: HFBackend) -> None:
+    text = " ".join(["the lamp keeper walked along the shore"] * 80)
+    (res,) = hf.execute([RollingLogprob(text, BASE)])
+    n = len(hf.tokenizer(text)["input_ids"])
+    assert n > hf.max_len and res.logprobs.size == n - 1
+    assert math.isfinite(res.total)
