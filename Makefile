@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 SWAY_HOME ?= $(CURDIR)/.sway_home
 export SWAY_HOME
 
-.PHONY: run test lint bench ui clean fixtures
+.PHONY: run test lint bench ui clean fixtures browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -24,8 +24,15 @@ fixtures: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m sway_dagster.demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium for tests/dagster/test_browser.py: Debian's package, installed once (as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing chromium (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	}
 
 lint: $(STAMP)
 	$(BIN)/ruff check sway_engine sway_dagster tests bench

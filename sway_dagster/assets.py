@@ -140,7 +140,11 @@ def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefin
         assert session.backend is not None
         session.backend.label = null_entry.spec.name
         matrix = calibrate_suite(suite.spec, list(suite.entries), session.context(suite))
-        assert matrix is not None
+        if matrix is None:
+            store.write_null_calibration(key, suite.spec_hash, [])
+            skip = null_result(null_entry, None, 0.0)
+            store.write_probe_result(key, suite.spec_hash, skip, context.run.run_id)
+            return dg.MaterializeResult(metadata={"calibrated_probes": 0, "note": skip.message})
         rows = [NullRow(c.probe, c.kind, c.seed, c.rank_scale, c.raw) for c in matrix.cells]
         written = store.write_null_calibration(key, suite.spec_hash, rows)
         result = null_result(null_entry, matrix, 0.0)
@@ -399,7 +403,7 @@ def _from_row(row: dict[str, Any], suite: Suite) -> ProbeResult:
 
 
 def _params(suite: Suite, store: Any, key: str) -> dict[str, str | int | float]:
-    adapter = next((a for a in store.adapters() if a["adapter_id"] == key), {})
+    adapter: dict[str, Any] = next((a for a in store.adapters() if a["adapter_id"] == key), {})
     return {
         "base_model": str(adapter.get("base_model") or suite.spec.models.ft.base),
         "rank": int(adapter.get("rank") or 0),

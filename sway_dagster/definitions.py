@@ -11,14 +11,17 @@ import dagster as dg
 from sway_dagster.adapter_store import AdapterStore
 from sway_dagster.assets import build_assets, leaderboard
 from sway_dagster.evaluation import Suite
-from sway_dagster.resources import HFBackend, MlflowTracker, ResultStore
+from sway_dagster.resources import HFBackend, MlflowTracker, ModelBackend, ResultStore
 from sway_dagster.sensors import make_adapter_sensor
 from sway_dagster.settings import Settings
 
 JOB_NAME = "evaluate_adapter"
 
 
-def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+def build_definitions(
+    settings: Settings | None = None, backend: ModelBackend | None = None
+) -> dg.Definitions:
+    """The code location for a sway home; `backend` overrides the HF resource from the suite."""
     settings = settings or Settings.from_env()
     if not settings.suite.is_file():
         raise FileNotFoundError(
@@ -44,7 +47,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         jobs=[evaluate],
         sensors=[make_adapter_sensor(JOB_NAME), automation],
         resources={
-            "backend": HFBackend(
+            "backend": backend
+            or HFBackend(
                 base=model.base,
                 dtype=model.dtype,
                 device=model.device,

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sway_engine import __version__, score, stats
-from sway_engine.backends.base import Backend
+from sway_engine.backends.base import NULL_VIEWS, Backend
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.calibration import NullMatrix, calibrate, plan_for
 from sway_engine.errors import SwayError
@@ -67,7 +67,7 @@ def null_entry(entries: list[Entry]) -> Entry | None:
 def calibrate_suite(spec: SuiteSpec, entries: list[Entry], ctx: Context) -> NullMatrix | None:
     """The null matrix, or None when the suite has no (enabled) null_adapter entry."""
     entry = null_entry(entries)
-    if entry is None:
+    if entry is None or NULL_VIEWS not in ctx.capabilities:
         return None
     assert isinstance(entry.spec, NullAdapterSpec)
     return calibrate(entries, ctx, plan_for(entry.spec, spec.defaults.null))

@@ -258,18 +258,19 @@ class HFBackend:
                 _Row(self._adapter_name(req.view_b), ids, True),
             ]
         if isinstance(req, RollingLogprob):
-            ids = self._ids(req.text)
-            windows = _windows(ids, self.max_len)
+            text_ids = self._ids(req.text)
+            windows = _windows(text_ids, self.max_len)
             name = self._adapter_name(req.view)
-            return (ids, [keep for _, keep in windows]), [_Row(name, w, False) for w, _ in windows]
+            keeps = [keep for _, keep in windows]
+            return (text_ids, keeps), [_Row(name, w, False) for w, _ in windows]
         if isinstance(req, ContinuationLogprob):
             p_ids = self._ids(req.prompt)
             c_ids = self._ids(req.completion, special=False)
             if not c_ids:
                 raise BackendError(f"completion {req.completion!r} tokenizes to zero tokens")
-            ids = (p_ids + c_ids)[-self.max_len :]
-            n_c = min(len(c_ids), len(ids) - 1)
-            return (tuple(ids), n_c), [_Row(self._adapter_name(req.view), tuple(ids), False)]
+            seq = tuple((p_ids + c_ids)[-self.max_len :])
+            n_c = min(len(c_ids), len(seq) - 1)
+            return (seq, n_c), [_Row(self._adapter_name(req.view), seq, False)]
         if isinstance(req, Generate):
             return None, []
         raise BackendError(f"hf backend cannot answer {type(req).__name__}")

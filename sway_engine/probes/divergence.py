@@ -48,8 +48,8 @@ def divergences(
 
 def _topk(ref: TokenDist, out: TokenDist, kind: Kind) -> float:
     # Align by decoded token text when the backend gives it (API servers), else by id.
-    ids_a = ref.tokens or tuple(int(i) for i in ref.token_ids)
-    ids_b = out.tokens or tuple(int(i) for i in out.token_ids)
+    ids_a: tuple[object, ...] = ref.tokens or tuple(int(i) for i in ref.token_ids)
+    ids_b: tuple[object, ...] = out.tokens or tuple(int(i) for i in out.token_ids)
     if kind == "js":
         return stats.topk_tail_js(ids_a, ref.logprobs, ids_b, out.logprobs)
     return stats.topk_tail_kl(ids_a, ref.logprobs, ids_b, out.logprobs)

@@ -1,0 +1,55 @@
+"""Backend resources: one base load per run, and the two-model composition."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from sway_dagster.definitions import JOB_NAME, build_definitions
+from sway_dagster.resources import HFBackend, TwoModelBackend
+from sway_engine.backends.hf import HFBackend as Engine
+from sway_engine.store import ResultStore
+from tests.dagster.conftest import add_adapter
+
+
+def test_two_model_on_one_model_loads_once(fx) -> None:  # type: ignore[no-untyped-def]
+    loads = Engine.base_loads
+    res = TwoModelBackend(base=HFBackend(base=str(fx.base)), ft=HFBackend(base=str(fx.base)))
+    res.session(str(fx.adapters["doc-strong"]))
+    res.session(str(fx.adapters["zero"]))
+    assert Engine.base_loads - loads == 1
+
+
+def test_two_model_on_two_models_composes(fx) -> None:  # type: ignore[no-untyped-def]
+    loads = Engine.base_loads
+    res = TwoModelBackend(
+        base=HFBackend(base=str(fx.base), dtype="fp32"), ft=HFBackend(base=str(fx.base))
+    )
+    session = res.session(str(fx.adapters["doc-strong"]))
+    assert Engine.base_loads - loads == 2
+    assert session.kind == "two_model"
+
+
+def test_unknown_resource_config_is_rejected(fx) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValidationError, match="bogus"):
+        HFBackend(base=str(fx.base), bogus=1)  # type: ignore[call-arg]
+
+
+def test_job_runs_with_a_two_model_backend(home, instance, fx) -> None:  # type: ignore[no-untyped-def]
+    backend = TwoModelBackend(
+        base=HFBackend(base=str(fx.base), dtype="fp32"), ft=HFBackend(base=str(fx.base))
+    )
+    defs = build_definitions(home, backend=backend)
+    add_adapter(home, fx.adapters["doc-strong"])
+    from sway_dagster.adapter_store import AdapterStore
+
+    (cand,) = AdapterStore(root=str(home.adapters_dir), settle_seconds=0).scan()
+    assert cand.key is not None
+    instance.add_dynamic_partitions("adapters", [cand.key])
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(
+        partition_key=cand.key, instance=instance
+    )
+    assert result.success
+    rows = {r["probe"]: r for r in ResultStore(home.database).probe_results(cand.key)}
+    assert rows["null_baseline"]["verdict"] == "skip"
+    assert rows["delta_kl_doc"]["verdict"] == "pass" and rows["delta_kl_doc"]["z"] is None

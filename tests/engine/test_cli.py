@@ -1,0 +1,87 @@
+"""The `sway` command on the fixtures: reports, exit codes, and errors users can act on."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from sway_engine.cli import main
+
+
+def test_run_writes_json_markdown_and_junit(fx, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "r.json"
+    md = tmp_path / "r.md"
+    junit = tmp_path / "r.xml"
+    trace = tmp_path / "trace.jsonl"
+    argv = ["run", str(fx.suite), "-j", str(out), "-m", str(md), "--junit", str(junit)]
+    assert main([*argv, "--trace", str(trace)]) == 0
+    data = json.loads(out.read_text())
+    verdicts = {p["name"]: p["verdict"] for p in data["probes"]}
+    assert verdicts == {"null_baseline": "pass", "delta_kl_doc": "pass", "ablation": "pass"}
+    assert data["backend_stats"]["forward_passes"] >= 1
+    assert "| delta_kl_doc | delta_kl | pass |" in md.read_text()
+    suite = ET.fromstring(junit.read_text())
+    assert suite.get("failures") == "0" and suite.get("tests") == "3"
+    events = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert {e["probe"] for e in events} >= {"null_baseline", "ablation"}
+    assert "delta_kl_doc" in capsys.readouterr().out
+
+
+def test_gate_exit_codes(fx, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["gate", str(fx.suite)]) == 0
+    assert "gate passed" in capsys.readouterr().out
+    assert main(["gate", str(fx.suite), "--adapter", str(fx.adapters["zero"])]) == 1
+    assert "gate FAILED" in capsys.readouterr().out
+    assert main(["gate", str(fx.suite), "--adapter", str(fx.adapters["nan"])]) == 1
+    assert "errored" in capsys.readouterr().out
+
+
+def test_weights_override_is_merged_and_validated(fx, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "r.json"
+    assert main(["run", str(fx.suite), "-j", str(out), "--weights", "ablation=0"]) == 0
+    weights = json.loads(out.read_text())["score"]["weights"]
+    assert weights["ablation"] == 0 and weights["adherence"] == 0.30
+    assert main(["run", str(fx.suite), "--weights", "adherance=1"]) == 2
+    assert "unknown score weight categories ['adherance']" in capsys.readouterr().err
+
+
+def test_bad_spec_exits_2_listing_every_problem(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "sway.yaml"
+    spec.write_text(
+        "version: 1\nmodels: {base: {base: m}, ft: {base: m, adpter: a}}\n"
+        "suite:\n  - {name: d, kind: delta_kl, prompts: [x], bogus: 1}\n  - {name: e, kind: nope}\n"
+    )
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    for path in ("models.ft.adpter", "suite[0].bogus", "suite[1].kind"):
+        assert path in err
+
+
+def test_check_gives_one_line_verdict(fx, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["check", str(fx.adapters["doc-strong"])]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("doc-strong: delta_kl")
+
+
+def test_check_refuses_a_directory_that_is_not_an_adapter(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["check", str(tmp_path)]) == 2
+    assert "adapter_config.json is missing" in capsys.readouterr().err
+
+
+def test_missing_base_model_is_an_error_row_not_a_crash(fx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    spec = tmp_path / "sway.yaml"
+    spec.write_text(fx.suite.read_text().replace(str(fx.base), str(tmp_path / "no-such-model")))
+    out = tmp_path / "r.json"
+    assert main(["gate", str(spec), "-j", str(out)]) == 1
+    probes = json.loads(out.read_text())["probes"]
+    assert {p["verdict"] for p in probes} == {"error"}
+    assert "cannot load base model" in probes[0]["message"]
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["fixtures", "build"]])
+def test_small_commands(argv: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip()
