@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -61,7 +62,7 @@ class ProbeResult:
         d["verdict"] = self.verdict.value
         d["ci_95"] = list(self.ci_95) if self.ci_95 else None
         d["items"] = list(self.items)
-        return _finite(d)
+        return json_safe(d)
 
 
 @dataclass(frozen=True)
@@ -117,12 +118,20 @@ class SuiteResult:
         }
 
 
-def _finite(value: Any) -> Any:
-    """Replace NaN/inf by None recursively so JSON stays valid."""
+def finite(value: float | int | None) -> float | None:
+    """A float, or None for None, NaN and +-inf (stored as NULL, shown as a dash)."""
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def json_safe(value: Any) -> Any:
+    """Replace non-finite floats by None recursively; tuples and sets become lists."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v) for v in value]
     return value

@@ -198,7 +198,7 @@ def _suite(
     started: datetime,
     t0: float,
     results: list[ProbeResult],
-    backend: Instrumented,
+    backend: Instrumented | None,
 ) -> SuiteResult:
     return SuiteResult(
         spec_path=spec_path,
@@ -211,8 +211,8 @@ def _suite(
         sway_version=__version__,
         probes=tuple(results),
         score=score_suite(spec, results),
-        backend_stats=backend.counters(),
-        backend_kind=backend.kind,
+        backend_stats=backend.counters() if backend is not None else {},
+        backend_kind=backend.kind if backend is not None else spec.models.ft.kind,
     )
 
 
@@ -238,19 +238,7 @@ def evaluate(
         inner = build_backend(model)
     except SwayError as exc:
         results = error_results(entries, f"preflight failed: {exc}")
-        return SuiteResult(
-            spec_path=spec_path,
-            spec_hash=spec.spec_hash(),
-            base_model=model.base,
-            adapter=model.adapter or "",
-            started_at=started.isoformat(),
-            finished_at=datetime.now(UTC).isoformat(),
-            wall_s=time.perf_counter() - t0,
-            sway_version=__version__,
-            probes=tuple(results),
-            score=score_suite(spec, results),
-            backend_kind=model.kind,
-        )
+        return _suite(spec, spec_path, model.adapter or "", started, t0, results, None)
     backend = Instrumented(inner, trace_path=trace_path)
     try:
         return run_suite(

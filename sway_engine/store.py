@@ -7,7 +7,6 @@ processes (Dagster steps, the CLI, a notebook) can share one file; writers wait 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 import duckdb
 
 from sway_engine.errors import SwayError
-from sway_engine.result import ProbeResult, SuiteResult, SwayScore
+from sway_engine.result import ProbeResult, SuiteResult, SwayScore, finite, json_safe
 
 T = TypeVar("T")
 
@@ -240,7 +239,7 @@ class ResultStore:
             record.size_bytes,
             record.base_model,
             record.rank,
-            _finite(record.alpha),
+            finite(record.alpha),
             _json_text(list(record.target_modules)),
             record.preflight_ok,
             record.preflight_message,
@@ -258,7 +257,7 @@ class ResultStore:
         """Replace the null samples of every probe present in `rows`; return rows written."""
         listed = list(rows)
         values = [
-            [adapter_id, spec_hash, r.probe, r.kind, r.seed, _finite(r.rank_scale), _finite(r.raw)]
+            [adapter_id, spec_hash, r.probe, r.kind, r.seed, finite(r.rank_scale), finite(r.raw)]
             for r in listed
         ]
         probes = sorted({r.probe for r in listed})
@@ -588,18 +587,18 @@ def _put_probe(
             result.kind,
             result.category,
             result.verdict.value,
-            _finite(result.score),
-            _finite(result.raw),
-            _finite(result.z),
-            _finite(result.p),
-            _finite(ci_lo),
-            _finite(ci_hi),
-            _finite(null.mean) if null else None,
-            _finite(null.std) if null else None,
+            finite(result.score),
+            finite(result.raw),
+            finite(result.z),
+            finite(result.p),
+            finite(ci_lo),
+            finite(ci_hi),
+            finite(null.mean) if null else None,
+            finite(null.std) if null else None,
             null.n if null else None,
             result.message,
             _json_text(result.evidence),
-            _finite(result.duration_s),
+            finite(result.duration_s),
             dagster_run_id,
             recorded_at,
         ],
@@ -624,7 +623,7 @@ def _put_score(
         [
             adapter_id,
             spec_hash,
-            _finite(score.overall),
+            finite(score.overall),
             score.band,
             _json_text(score.components),
             gate_passed,
@@ -648,7 +647,7 @@ def _put_run(con: duckdb.DuckDBPyConnection, record: RunRecord) -> None:
             record.backend_kind,
             _naive_utc(record.started_at),
             _naive_utc(record.finished_at),
-            _finite(record.wall_s),
+            finite(record.wall_s),
             record.forward_passes,
             record.tokens_forwarded,
             record.cache_hits,
@@ -664,32 +663,13 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
         return
 
 
-def _finite(value: float | int | None) -> float | None:
-    """NaN and +-inf become None (stored as NULL)."""
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 def _count(value: float | int | None) -> int | None:
-    number = _finite(value)
+    number = finite(value)
     return int(number) if number is not None else None
 
 
-def _json_safe(value: Any) -> Any:
-    """Replace non-finite floats by None recursively; tuples become lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _json_text(value: Any) -> str:
-    return json.dumps(_json_safe(value), sort_keys=True, allow_nan=False, default=str)
+    return json.dumps(json_safe(value), sort_keys=True, allow_nan=False, default=str)
 
 
 def _decode_row(row: dict[str, Any]) -> dict[str, Any]:

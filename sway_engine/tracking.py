@@ -6,7 +6,6 @@ mlflow is imported lazily: importing it takes seconds and most sway commands nev
 from __future__ import annotations
 
 import json
-import math
 import re
 import tempfile
 import time
@@ -16,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from sway_engine.errors import SwayError
-from sway_engine.result import ProbeResult, SuiteResult
+from sway_engine.result import ProbeResult, SuiteResult, finite, json_safe
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -121,7 +120,7 @@ class MlflowTracking:
 
         now = _now_ms()
         metrics = [m for r in suite.probes for m in _probe_metrics(r, now)]
-        overall = _finite(suite.score.overall)
+        overall = finite(suite.score.overall)
         if overall is not None:
             metrics.append(Metric("sway.score", overall, now, 0))
         tags = [RunTag("sway.band", suite.score.band), RunTag("sway.spec_hash", suite.spec_hash)]
@@ -165,7 +164,7 @@ class MlflowTracking:
 
     def log_json(self, run_id: str, obj: Any, artifact_file: str) -> None:
         """Write `obj` as indented JSON (NaN/inf as null) to the run artifact `artifact_file`."""
-        text = json.dumps(_json_safe(obj), indent=2, sort_keys=True, allow_nan=False, default=str)
+        text = json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False, default=str)
         self.log_text(run_id, text, artifact_file)
 
     def log_figure_png(self, run_id: str, png_bytes: bytes, artifact_file: str) -> None:
@@ -230,7 +229,7 @@ def _probe_metrics(result: ProbeResult, timestamp_ms: int) -> list[Metric]:
 
     metrics = []
     for field_name in PROBE_METRICS:
-        value = _finite(getattr(result, field_name))
+        value = finite(getattr(result, field_name))
         if value is not None:
             metrics.append(Metric(f"{result.name}.{field_name}", value, timestamp_ms, 0))
     return metrics
@@ -248,24 +247,6 @@ def _quote(value: str) -> str:
 def _slug(name: str) -> str:
     """A folder name for an experiment name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
-
-
-def _finite(value: float | None) -> float | None:
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-def _json_safe(value: Any) -> Any:
-    """Replace non-finite floats by None recursively; tuples and sets become lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _now_ms() -> int:
