@@ -20,7 +20,7 @@ from sway_engine.errors import SwayError
 from sway_engine.probes.base import Context
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
-from sway_engine.runner import context_for, null_entry
+from sway_engine.runner import context_for, document_of, null_entry
 from sway_engine.spec import SuiteSpec, load_spec
 from sway_engine.store import ResultStore as DuckStore
 
@@ -36,6 +36,7 @@ class Suite:
     @classmethod
     def load(cls, path: Path) -> "Suite":
         spec, entries = load_spec(path)
+        document_of(spec)  # fail at load with the document's path and line, not mid-run
         return cls(path=path, spec=spec, entries=tuple(entries))
 
     @property

@@ -6,6 +6,7 @@ The CLI and the Dagster assets call the same pieces: `calibrate_suite`, `run_ent
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from sway_engine import __version__, score, stats
 from sway_engine.backends.base import NULL_VIEWS, Backend
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.calibration import NullMatrix, calibrate, plan_for
+from sway_engine.dlm import Document, load_dlm
 from sway_engine.errors import SwayError
 from sway_engine.probes.base import Context, finalize, skipped
 from sway_engine.probes.null_adapter import NullAdapterSpec
@@ -50,7 +52,18 @@ def context_for(spec: SuiteSpec, backend: Instrumented) -> Context:
         seed=spec.defaults.seed,
         top_k=spec.defaults.top_k,
         divergence_mode=spec.defaults.divergence_mode,
+        document=document_of(spec),
     )
+
+
+@functools.cache
+def _load_document(path: str) -> Document:
+    return load_dlm(path)
+
+
+def document_of(spec: SuiteSpec) -> Document | None:
+    """The suite's `.dlm` document (parsed once per process), or None without dlm_source."""
+    return _load_document(spec.dlm_source) if spec.dlm_source else None
 
 
 def preflight(backend: Instrumented) -> None:
@@ -137,7 +150,7 @@ def _run_entry(entry: Entry, ctx: Context, matrix: NullMatrix | None) -> ProbeRe
     result = finalize(probe, spec, m, null, ci)
     if matrix is not None and len(matrix.plan.rank_multipliers) > 1 and result.raw is not None:
         by_rank = {
-            f"{r:g}x": stats.z_score(result.raw, matrix.stats(spec.name, r))
+            f"{r:g}x": stats.z_score(result.raw, matrix.stats(spec.name, r), sign=probe.z_sign)
             for r in matrix.plan.rank_multipliers
         }
         result = _with_evidence(result, z_by_rank=by_rank)
@@ -229,6 +242,7 @@ def evaluate(
 
     A load failure (bad adapter, NaN weights, base mismatch) gives ERROR rows, not an exception.
     """
+    document_of(spec)  # a missing or malformed .dlm is a bad input: fail before loading a model
     model = spec.models.ft
     if adapter is not None:
         model = model.model_copy(update={"adapter": adapter})

@@ -190,8 +190,13 @@ def parse_spec(
 
 
 def _resolve_paths(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
-    """Make relative local model/adapter paths relative to the spec file, as users expect."""
-    if base_dir is None or not isinstance(data.get("models"), dict):
+    """Make relative local paths (models, adapter, dlm_source) relative to the spec file."""
+    if base_dir is None:
+        return data
+    source = data.get("dlm_source")
+    if isinstance(source, str) and not Path(source).expanduser().is_absolute():
+        data = {**data, "dlm_source": str((base_dir / source).resolve())}
+    if not isinstance(data.get("models"), dict):
         return data
     models = dict(data["models"])
     for side in ("base", "ft"):

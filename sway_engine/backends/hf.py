@@ -102,6 +102,7 @@ class HFBackend:
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot load base model {base!r}: {exc}") from exc
         self.tokenizer.padding_side = "left"
+        self.tokenizer.model_max_length = 1 << 30  # long texts are windowed here, never truncated
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._base_model = model.to(self.device).eval()

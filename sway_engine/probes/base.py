@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sway_engine.dlm import Document
 from sway_engine.requests import Request, Result
 from sway_engine.result import NullStats, ProbeResult, Verdict
 from sway_engine.views import View
@@ -31,13 +32,14 @@ class ProbeSpec(BaseModel):
 
 @dataclass(frozen=True)
 class Context:
-    """What a probe may use: an executor for requests and run-wide settings."""
+    """What a probe may use: an executor for requests, run-wide settings, the document."""
 
     execute: Callable[[Sequence[Request]], list[Result]]
     capabilities: frozenset[str]
     seed: int = 0
     top_k: int = 256
     divergence_mode: str = "exact"
+    document: Document | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class Probe(ABC):
     needs: ClassVar[frozenset[str]] = frozenset()
     # Whether null adapters calibrate this probe (its metric is defined for a null view).
     calibrated: ClassVar[bool] = True
+    # Orientation of z: +1 when a higher raw is better, -1 when lower is better.
+    z_sign: ClassVar[int] = 1
 
     @abstractmethod
     def measure(self, spec: Any, ctx: Context, treatments: Sequence[View]) -> list[Measurement]:

@@ -9,10 +9,23 @@ from pydantic import ValidationError
 
 from sway_engine.probes.adapter_ablation import AdapterAblation
 from sway_engine.probes.base import Probe, ProbeSpec
+from sway_engine.probes.calibration_drift import CalibrationDrift
 from sway_engine.probes.delta_kl import DeltaKL
+from sway_engine.probes.external_perplexity import ExternalPerplexity
 from sway_engine.probes.null_adapter import NullAdapter
+from sway_engine.probes.section_internalization import SectionInternalization
 
-PROBES: dict[str, type[Probe]] = {p.kind: p for p in (NullAdapter, DeltaKL, AdapterAblation)}
+PROBES: dict[str, type[Probe]] = {
+    p.kind: p
+    for p in (
+        NullAdapter,
+        DeltaKL,
+        AdapterAblation,
+        SectionInternalization,
+        CalibrationDrift,
+        ExternalPerplexity,
+    )
+}
 
 # Upstream kinds not implemented here yet: accepted so upstream files load, reported as SKIP.
 PLANNED: dict[str, str] = {
@@ -20,14 +33,11 @@ PLANNED: dict[str, str] = {
     "adapter_revert": "adherence",
     "prompt_collapse": "adherence",
     "multi_turn_coherence_decay": "adherence",
-    "section_internalization": "attribution",
     "paraphrase_invariance": "attribution",
     "preference_flip": "attribution",
     "tool_use_fidelity": "attribution",
     "style_fingerprint": "calibration",
-    "calibration_drift": "calibration",
     "leakage": "calibration",
-    "external_perplexity": "calibration",
     "gradient_ghost": "calibration",
     "training_drift": "calibration",
 }

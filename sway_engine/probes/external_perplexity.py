@@ -1,0 +1,221 @@
+"""external_perplexity: did the adapter make unrelated English prose less likely?
+
+A guard rail (category calibration). Per chunk of a general-English corpus,
+delta = mean log-prob per token under the treatment - the same under the base (nats/token);
+raw = mean of delta over chunks (negative: the adapter made general text less likely).
+Token counts come from the backend's tokenizer (the scored positions of RollingLogprob).
+
+Verdict (docs/PROBES.md): a healthy adapter cannot be "3 sigma better than random" at not
+forgetting, so the test is one-sided. It FAILs only when the loss is significantly worse than
+the null adapters' (z <= -assert_z_gte) *and* beyond the fixed tolerance
+(raw < assert_mean_delta_gte); otherwise it PASSes. Without a usable null it applies the
+tolerance alone (probes/guard_rail.py, shared with calibration_drift).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from sway_engine.backends.base import ROLLING
+from sway_engine.errors import ProbeError
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.guard_rail import guard_rail, harm_score
+from sway_engine.requests import RollingLogprob, RollingResult
+from sway_engine.result import NullStats
+from sway_engine.views import BASE, View
+
+# Corpus names shipped with sway -> file under sway_engine/probes/data/.
+BUILTIN_CORPORA = {"public_domain_en": "external_corpus.txt"}
+# A trailing piece shorter than this is dropped rather than scored as a chunk of its own.
+MIN_CHUNK_CHARS = 64
+
+
+class ExternalPerplexitySpec(ProbeSpec):
+    kind: Literal["external_perplexity"] = "external_perplexity"
+    # A built-in corpus name, or the path of a UTF-8 text file (relative to the working dir).
+    corpus: str = "public_domain_en"
+    chunk_chars: int = Field(2048, ge=128, le=16384)
+    max_chunks: int = Field(16, ge=1, le=128)
+    # Tolerated loss in nats/token (<= 0): the fallback gate and the calibrated FAIL floor.
+    assert_mean_delta_gte: float = Field(-0.1, le=0)
+    assert_z_gte: float = Field(3.0, gt=0)
+
+    @field_validator("corpus")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"corpus must be one of {sorted(BUILTIN_CORPORA)} or a file path")
+        return v
+
+
+# ---- the corpus ----
+
+
+def clean_corpus(text: str) -> str:
+    """Drop `#` provenance lines; paragraphs (blank-line separated) joined by one blank line."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            paragraphs.append(" ".join(current))
+            current = []
+    if current:
+        paragraphs.append(" ".join(current))
+    return "\n\n".join(paragraphs)
+
+
+@functools.cache
+def _builtin(filename: str) -> str:
+    ref = resources.files("sway_engine.probes").joinpath("data", filename)
+    return clean_corpus(ref.read_text(encoding="utf-8"))
+
+
+def load_corpus(name: str, probe: str = "external_perplexity") -> str:
+    """The cleaned text of a built-in corpus or of a text file; ProbeError when unreadable."""
+    if name in BUILTIN_CORPORA:
+        return _builtin(BUILTIN_CORPORA[name])
+    path = Path(name).expanduser()
+    if not path.is_file():
+        known = sorted(BUILTIN_CORPORA)
+        raise ProbeError(probe, f"unknown corpus {name!r}: not one of {known} and not a file")
+    try:
+        return clean_corpus(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProbeError(probe, f"cannot read corpus file {str(path)!r}: {exc}") from exc
+
+
+def chunk_text(text: str, chunk_chars: int, max_chunks: int) -> list[str]:
+    """Consecutive pieces of at most `chunk_chars` characters, cut at whitespace.
+
+    A piece ends at the last whitespace in its second half (no word is split), or at exactly
+    `chunk_chars` when there is none. Pieces are stripped; a tail under 64 chars is dropped.
+    """
+    chunks: list[str] = []
+    start = 0
+    while start < len(text) and len(chunks) < max_chunks:
+        end = min(start + chunk_chars, len(text))
+        if end < len(text):
+            window = text[start:end]
+            cut = max(window.rfind(" "), window.rfind("\n"))
+            if cut > chunk_chars // 2:
+                end = start + cut
+        piece = text[start:end].strip()
+        if len(piece) >= MIN_CHUNK_CHARS:
+            chunks.append(piece)
+        start = end
+    return chunks
+
+
+# ---- the probe ----
+
+
+class ExternalPerplexity(Probe):
+    kind = "external_perplexity"
+    category = "calibration"
+    spec_cls = ExternalPerplexitySpec
+    needs = frozenset({ROLLING})
+
+    def measure(
+        self, spec: ExternalPerplexitySpec, ctx: Context, treatments: Sequence[View]
+    ) -> list[Measurement]:
+        text = load_corpus(spec.corpus, spec.name)
+        chunks = chunk_text(text, spec.chunk_chars, spec.max_chunks)
+        if not chunks:
+            raise ProbeError(spec.name, f"corpus {spec.corpus!r} gives no chunk to score")
+        n = len(chunks)
+        reqs = [RollingLogprob(c, BASE) for c in chunks]
+        reqs += [RollingLogprob(c, t) for t in treatments for c in chunks]
+        res = ctx.execute(reqs)
+        base = [_scored(spec.name, r, i, BASE) for i, r in enumerate(res[:n])]
+        out = []
+        for k, view in enumerate(treatments):
+            rows = res[n * (k + 1) : n * (k + 2)]
+            treated = [_scored(spec.name, r, i, view) for i, r in enumerate(rows)]
+            out.append(_measurement(spec, chunks, base, treated))
+        return out
+
+    def judge(
+        self, spec: ExternalPerplexitySpec, m: Measurement, null: NullStats | None
+    ) -> Judgement:
+        tol = spec.assert_mean_delta_gte
+        summary = (
+            f"mean delta {m.raw:+.4f} nats/token over {len(m.values)} chunks (tolerance {tol:+.3g})"
+        )
+        return guard_rail(
+            raw=m.raw,
+            null=null,
+            sign=self.z_sign,
+            z_threshold=spec.assert_z_gte,
+            within_tolerance=m.raw >= tol,
+            fixed_score=harm_score(max(0.0, -m.raw) / max(-tol, 1e-9)),
+            summary=summary,
+            unit="nats/token",
+        )
+
+
+def _scored(probe: str, r: object, i: int, view: View) -> np.ndarray:
+    """The scored per-token log-probs of chunk i under one view (at least one, all finite)."""
+    if not isinstance(r, RollingResult):
+        raise ProbeError(probe, f"chunk {i}: expected a rolling log-prob, got {type(r).__name__}")
+    lps = np.asarray(r.logprobs, dtype=float)
+    if lps.size == 0:
+        raise ProbeError(probe, f"chunk {i} has no scored token under view {view.key}")
+    if not np.all(np.isfinite(lps)):
+        raise ProbeError(probe, f"chunk {i}: non-finite log-prob under view {view.key}")
+    return lps
+
+
+def _measurement(
+    spec: ExternalPerplexitySpec,
+    chunks: list[str],
+    base: list[np.ndarray],
+    treated: list[np.ndarray],
+) -> Measurement:
+    deltas, items = [], []
+    for i, (chunk, b, t) in enumerate(zip(chunks, base, treated, strict=True)):
+        mb, mt = float(b.mean()), float(t.mean())
+        deltas.append(mt - mb)
+        items.append(
+            {
+                "chunk": i,
+                "chars": len(chunk),
+                "tokens": int(b.size),
+                "base": mb,
+                "ft": mt,
+                "delta": mt - mb,
+                "ppl_base": math.exp(-mb),
+                "ppl_ft": math.exp(-mt),
+            }
+        )
+    tokens = sum(int(b.size) for b in base)
+    pooled_base = float(sum(b.sum() for b in base) / tokens)
+    pooled_ft = float(sum(t.sum() for t in treated) / sum(int(t.size) for t in treated))
+    worst = min(range(len(deltas)), key=lambda i: deltas[i])
+    return Measurement(
+        raw=float(np.mean(deltas)),
+        values=tuple(deltas),
+        items=tuple(items),
+        evidence={
+            "corpus": spec.corpus,
+            "chunks": len(chunks),
+            "chunk_chars": spec.chunk_chars,
+            "scored_tokens": tokens,
+            "chars_per_scored_token": sum(len(c) for c in chunks) / tokens,
+            "base_nats_per_token": pooled_base,
+            "ft_nats_per_token": pooled_ft,
+            "pooled_delta": pooled_ft - pooled_base,
+            "worst_chunk": {"chunk": worst, "delta": deltas[worst]},
+        },
+    )
