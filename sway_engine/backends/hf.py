@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,53 +161,67 @@ class HFBackend:
 
     def _adapter_name(self, view: View) -> str:
         view = canonical(view)
-        key = view.key
-        if key not in self._names:
-            if isinstance(view, Base):
-                return BASE_NAME
-            if self._peft is None:
-                raise BackendError(f"view {key} needs a trained adapter; none is loaded")
-            self._names[key] = self._register(view)
-        return self._names[key]
+        if isinstance(view, Base):
+            return BASE_NAME
+        if view.key not in self._names:
+            self._ensure_views([view])
+        return self._names[view.key]
 
-    def _register(self, view: View) -> str:
-        torch = self._torch
-        name = f"v{self._generation}_{len(self._names)}"
+    def _ensure_views(self, views: Iterable[View]) -> None:
+        """Register every view not on the model yet, in one pass (one module scan)."""
+        todo = list(
+            dict.fromkeys(
+                v
+                for v in map(canonical, views)
+                if not isinstance(v, Base) and v.key not in self._names
+            )
+        )
+        if not todo:
+            return
+        if self._peft is None:
+            raise BackendError(f"view {todo[0].key} needs a trained adapter; none is loaded")
         ft_cfg = self._peft.peft_config[self._ft_name]
-        cfg = _replace_cfg(ft_cfg, view)
-        self._peft.add_adapter(name, cfg)
+        for view in todo:
+            name = f"v{self._generation}_{len(self._names)}"
+            self._peft.add_adapter(name, _replace_cfg(ft_cfg, view))
+            self._names[view.key] = name
         layers = self._lora_layers()
-        gen = torch.Generator().manual_seed(view.seed) if isinstance(view, Null) else None
-        with torch.no_grad():
-            for layer in layers:
-                a_ft = layer.lora_A[self._ft_name].weight
-                b_ft = layer.lora_B[self._ft_name].weight
-                a_new = layer.lora_A[name].weight
-                b_new = layer.lora_B[name].weight
-                if isinstance(view, Scaled):
-                    a_new.copy_(a_ft)
-                    b_new.copy_(b_ft * view.lam)
-                    continue
-                assert isinstance(view, Null) and gen is not None
-                a = torch.randn(a_new.shape, generator=gen, dtype=torch.float32)
-                b = torch.randn(b_new.shape, generator=gen, dtype=torch.float32)
-                if view.mode == "fixed":
-                    a, b = a * view.init_scale, b * view.init_scale
-                else:
-                    target = float(
-                        torch.linalg.matrix_norm(
-                            layer.scaling[self._ft_name] * (b_ft.float() @ a_ft.float())
-                        )
-                    )
-                    have = float(torch.linalg.matrix_norm(layer.scaling[name] * (b @ a)))
-                    c = math.sqrt(target / have) if have > 0 else 0.0
-                    a, b = a * c, b * c
-                a_new.copy_(a.to(a_new.dtype))
-                b_new.copy_(b.to(b_new.dtype))
+        with self._torch.no_grad():
+            for view in todo:
+                self._fill(layers, view, self._names[view.key])
         self._peft.set_adapter(self._ft_name)
         self._peft.eval()
-        self._counters["views_registered"] += 1
-        return name
+        self._counters["views_registered"] += len(todo)
+
+    def _fill(self, layers: list[Any], view: View, name: str) -> None:
+        """Write a derived view's LoRA weights: scaled copy, or a seeded null."""
+        torch = self._torch
+        gen = torch.Generator().manual_seed(view.seed) if isinstance(view, Null) else None
+        for layer in layers:
+            a_ft = layer.lora_A[self._ft_name].weight
+            b_ft = layer.lora_B[self._ft_name].weight
+            a_new = layer.lora_A[name].weight
+            b_new = layer.lora_B[name].weight
+            if isinstance(view, Scaled):
+                a_new.copy_(a_ft)
+                b_new.copy_(b_ft * view.lam)
+                continue
+            assert isinstance(view, Null) and gen is not None
+            a = torch.randn(a_new.shape, generator=gen, dtype=torch.float32)
+            b = torch.randn(b_new.shape, generator=gen, dtype=torch.float32)
+            if view.mode == "fixed":
+                a, b = a * view.init_scale, b * view.init_scale
+            else:
+                target = float(
+                    torch.linalg.matrix_norm(
+                        layer.scaling[self._ft_name] * (b_ft.float() @ a_ft.float())
+                    )
+                )
+                have = float(torch.linalg.matrix_norm(layer.scaling[name] * (b @ a)))
+                c = math.sqrt(target / have) if have > 0 else 0.0
+                a, b = a * c, b * c
+            a_new.copy_(a.to(a_new.dtype))
+            b_new.copy_(b.to(b_new.dtype))
 
     def _lora_layers(self) -> list[Any]:
         from peft.tuners.lora import LoraLayer
@@ -221,9 +235,7 @@ class HFBackend:
     # ---- execution ----
 
     def execute(self, requests: Sequence[Request]) -> list[Result]:
-        for req in requests:
-            for view in views_of(req):
-                self._adapter_name(view)
+        self._ensure_views(v for req in requests for v in views_of(req))
         rows: dict[_Row, Any] = {}
         plans: list[Any] = []
         for req in requests:
