@@ -7,6 +7,7 @@ adapter_files -> adapter_manifest -> null_calibration -> sway/<probe> (one per e
 import json
 import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -23,6 +24,7 @@ from sway_dagster.evaluation import (
 )
 from sway_dagster.partitions import adapters
 from sway_dagster.resources import MlflowTracker, ModelBackend, ResultStore
+from sway_engine import __version__
 from sway_engine import score as scoring
 from sway_engine.errors import AdapterError
 from sway_engine.probes.null_adapter import NullAdapterSpec
@@ -36,7 +38,13 @@ from sway_engine.store import AdapterRecord, NullRow, RunRecord
 OWNERS = ["team:ml-eval"]
 # Bump when the math behind an asset changes, so Dagster marks old materializations stale.
 CODE_VERSIONS = {"adapter_manifest": "1", "null_calibration": "1", "sway_score": "1"}
-PROBE_CODE_VERSIONS = {"delta_kl": "1", "adapter_ablation": "1"}
+PROBE_CODE_VERSIONS = {
+    "delta_kl": "1",
+    "adapter_ablation": "1",
+    "section_internalization": "1",
+    "external_perplexity": "1",
+    "calibration_drift": "1",
+}
 
 adapter_files = dg.AssetSpec(
     "adapter_files",
@@ -313,7 +321,7 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
             started_at="",
             finished_at="",
             wall_s=sum(r.duration_s for r in probe_results),
-            sway_version=_version(),
+            sway_version=__version__,
             probes=probe_results,
             score=composite,
             backend_stats=backend.counters(),
@@ -323,7 +331,7 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
                 run_id=context.run.run_id,
                 adapter_id=key,
                 spec_hash=suite.spec_hash,
-                engine_version=_version(),
+                engine_version=__version__,
                 dagster_run_id=context.run.run_id,
                 mlflow_run_id=run_id,
                 backend_kind=type(backend).__name__,
@@ -339,8 +347,6 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
         tracking.log_text(run_id, to_markdown(suite_result), "report.md")
         trace = getattr(backend, "trace_dir", "")
         if trace:
-            from pathlib import Path
-
             path = Path(trace) / "trace.jsonl"
             if path.exists():
                 tracking.log_artifact_file(run_id, path)
@@ -410,14 +416,8 @@ def _params(suite: Suite, store: Any, key: str) -> dict[str, str | int | float]:
         "alpha": float(adapter.get("alpha") or 0.0),
         "target_modules": json.dumps(adapter.get("target_modules") or []),
         "spec_hash": suite.spec_hash,
-        "null_mode": suite.plan().mode if suite.plan() else "none",  # type: ignore[union-attr]
+        "null_mode": plan.mode if (plan := suite.plan()) else "none",
     }
-
-
-def _version() -> str:
-    from sway_engine import __version__
-
-    return __version__
 
 
 @dg.asset(

@@ -20,7 +20,7 @@ from sway_engine.errors import SwayError
 from sway_engine.probes.base import Context
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
-from sway_engine.runner import context_for, document_of, null_entry
+from sway_engine.runner import context_for, document_of, null_entry, preflight
 from sway_engine.spec import SuiteSpec, load_spec
 from sway_engine.store import ResultStore as DuckStore
 
@@ -69,15 +69,17 @@ class Session:
 
 
 def open_session(key: str, backend: ModelBackend, adapters: AdapterStore) -> Session:
-    """Verify the partition's weights and load them onto the (already loaded) base."""
+    """Verify the partition's weights and load them onto the (already loaded) base.
+
+    Only the hash is checked here: the tensors' finiteness is checked once, by the manifest
+    and by the backend when it loads the adapter, not again in every asset.
+    """
     try:
-        info = adapters.verify(key)
+        info = adapters.verify(key, check_finite=False)
     except SwayError as exc:
         return Session(key, None, None, str(exc))
     try:
         session = backend.session(str(info.path))
-        from sway_engine.runner import preflight
-
         preflight(session)
     except SwayError as exc:
         return Session(key, info, None, f"preflight failed: {exc}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -268,12 +269,8 @@ def evaluate(
 
 
 def _timed(result: ProbeResult, seconds: float) -> ProbeResult:
-    from dataclasses import replace
-
     return replace(result, duration_s=seconds)
 
 
 def _with_evidence(result: ProbeResult, **extra: object) -> ProbeResult:
-    from dataclasses import replace
-
     return replace(result, evidence={**result.evidence, **extra})

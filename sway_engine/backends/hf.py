@@ -153,7 +153,7 @@ class HFBackend:
             self._peft.delete_adapter(old)
         self._peft.eval()
         self._ft_name = name
-        self._names = {"base": BASE_NAME, "ft": name}
+        self._names = {"ft": name}
         self._row_cache.clear()
         self._row_cache_used = 0
         self.adapter = info
