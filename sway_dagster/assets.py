@@ -345,7 +345,7 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
         tracking.log_suite(run_id, suite_result, _params(suite, store, key))
         tracking.log_json(run_id, json.loads(to_json(suite_result)), "results.json")
         tracking.log_text(run_id, to_markdown(suite_result), "report.md")
-        trace = getattr(backend, "trace_dir", "")
+        trace = backend.trace_dir
         if trace:
             path = Path(trace) / "trace.jsonl"
             if path.exists():
