@@ -54,6 +54,7 @@ def context_for(spec: SuiteSpec, backend: Instrumented) -> Context:
         top_k=spec.defaults.top_k,
         divergence_mode=spec.defaults.divergence_mode,
         document=document_of(spec),
+        adapter_path=backend.adapter_path or spec.models.ft.adapter,
     )
 
 

@@ -47,6 +47,13 @@ class Instrumented:
             self._write_trace(len(requests), len(misses), wall, misses)
         return [self._cache[r] for r in requests]
 
+    @property
+    def adapter_path(self) -> str | None:
+        """The trained adapter's directory where the inner backend knows it."""
+        info = getattr(self.inner, "adapter", None)
+        path = getattr(info, "path", None)
+        return str(path) if path is not None else None
+
     def reset(self) -> None:
         """Forget cached results (the trained adapter changed)."""
         self._cache.clear()

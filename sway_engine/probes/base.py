@@ -40,6 +40,8 @@ class Context:
     top_k: int = 256
     divergence_mode: str = "exact"
     document: Document | None = None
+    # Directory of the trained adapter under test (pre-run probes read training files there).
+    adapter_path: str | None = None
 
 
 @dataclass(frozen=True)
