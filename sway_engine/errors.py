@@ -32,3 +32,13 @@ class ProbeError(SwayError):
     def __init__(self, probe: str, message: str) -> None:
         self.probe = probe
         super().__init__(f"{probe}: {message}")
+
+
+class ProbeSkip(SwayError):
+    """A probe cannot run here for a reason that is not a fault: an optional extra is not
+    installed, or an input it reads does not exist. The runner reports SKIP with this message
+    (say what to install or provide)."""
+
+    def __init__(self, probe: str, message: str) -> None:
+        self.probe = probe
+        super().__init__(f"{probe}: {message}")

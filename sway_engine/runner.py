@@ -18,7 +18,7 @@ from sway_engine.backends.base import NULL_VIEWS, Backend
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.calibration import NullMatrix, calibrate, plan_for
 from sway_engine.dlm import Document, load_dlm
-from sway_engine.errors import SwayError
+from sway_engine.errors import ProbeSkip, SwayError
 from sway_engine.probes.base import Context, finalize, skipped
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
@@ -143,6 +143,8 @@ def _run_entry(entry: Entry, ctx: Context, matrix: NullMatrix | None) -> ProbeRe
         return skipped(spec, entry.category, f"backend lacks {sorted(missing)}")
     try:
         (m,) = probe.measure(spec, ctx, [Finetuned()])
+    except ProbeSkip as exc:
+        return skipped(spec, entry.category, str(exc))
     except SwayError as exc:
         return skipped(spec, entry.category, str(exc), Verdict.ERROR)
     except Exception as exc:  # noqa: BLE001 - per-probe isolation: the suite goes on
