@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare_home(home: Path) -> None:
-    """A clean home with the fixture adapters, the fixture suite and a Dagster instance."""
+    """A clean home with the fixture adapters, the full probe battery and a Dagster instance."""
     from sway_engine.fixtures import build_fixtures
+    from sway_engine.fixtures.battery import write_battery
 
     fx = build_fixtures()
     if home.exists():
@@ -24,7 +25,7 @@ def prepare_home(home: Path) -> None:
     (home / "adapters").mkdir(parents=True)
     (home / "dagster").mkdir()
     shutil.copyfile(REPO / "dagster.yaml", home / "dagster" / "dagster.yaml")
-    shutil.copyfile(fx.suite, home / "sway.yaml")
+    write_battery(fx, home / "sway.yaml")
     settled = time.time() - 3600
     for name, src in fx.adapters.items():
         dst = home / "adapters" / name

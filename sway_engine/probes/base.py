@@ -74,6 +74,8 @@ class Probe(ABC):
     calibrated: ClassVar[bool] = True
     # Orientation of z: +1 when a higher raw is better, -1 when lower is better.
     z_sign: ClassVar[int] = 1
+    # Bump when the metric or verdict rule changes: Dagster marks stored results stale.
+    version: ClassVar[str] = "1"
 
     @abstractmethod
     def measure(self, spec: Any, ctx: Context, treatments: Sequence[View]) -> list[Measurement]:

@@ -8,12 +8,23 @@ from typing import Any
 from pydantic import ValidationError
 
 from sway_engine.probes.adapter_ablation import AdapterAblation
+from sway_engine.probes.adapter_revert import AdapterRevert
 from sway_engine.probes.base import Probe, ProbeSpec
 from sway_engine.probes.calibration_drift import CalibrationDrift
+from sway_engine.probes.cluster_kl import ClusterKL
 from sway_engine.probes.delta_kl import DeltaKL
 from sway_engine.probes.external_perplexity import ExternalPerplexity
+from sway_engine.probes.gradient_ghost import GradientGhost
+from sway_engine.probes.leakage import Leakage
+from sway_engine.probes.multi_turn import MultiTurn
 from sway_engine.probes.null_adapter import NullAdapter
+from sway_engine.probes.paraphrase_invariance import ParaphraseInvariance
+from sway_engine.probes.preference_flip import PreferenceFlip
+from sway_engine.probes.prompt_collapse import PromptCollapse
 from sway_engine.probes.section_internalization import SectionInternalization
+from sway_engine.probes.style_fingerprint import StyleFingerprint
+from sway_engine.probes.tool_use_fidelity import ToolUseFidelity
+from sway_engine.probes.training_drift import TrainingDrift
 
 PROBES: dict[str, type[Probe]] = {
     p.kind: p
@@ -24,23 +35,22 @@ PROBES: dict[str, type[Probe]] = {
         SectionInternalization,
         CalibrationDrift,
         ExternalPerplexity,
+        ParaphraseInvariance,
+        PreferenceFlip,
+        ToolUseFidelity,
+        StyleFingerprint,
+        Leakage,
+        TrainingDrift,
+        GradientGhost,
+        ClusterKL,
+        AdapterRevert,
+        PromptCollapse,
+        MultiTurn,
     )
 }
 
 # Upstream kinds not implemented here yet: accepted so upstream files load, reported as SKIP.
-PLANNED: dict[str, str] = {
-    "cluster_kl": "adherence",
-    "adapter_revert": "adherence",
-    "prompt_collapse": "adherence",
-    "multi_turn_coherence_decay": "adherence",
-    "paraphrase_invariance": "attribution",
-    "preference_flip": "attribution",
-    "tool_use_fidelity": "attribution",
-    "style_fingerprint": "calibration",
-    "leakage": "calibration",
-    "gradient_ghost": "calibration",
-    "training_drift": "calibration",
-}
+PLANNED: dict[str, str] = {}
 
 
 class PlannedSpec(ProbeSpec):

@@ -1,0 +1,153 @@
+"""adapter_revert: asked in other words, does the adapter fall back to what the base says?
+
+For each case's paraphrases, the base and the treatment answer greedily; answers and the gold
+are embedded (all-MiniLM-L6-v2, unit vectors). A pair whose base answer already matches the
+gold (cos > base_gold_similarity_cap) says nothing and is dropped. A kept pair reverted when
+cos(T, base) > cos(T, gold). raw = reverts / kept pairs, lower is better (z uses sign -1),
+z-scored against the null adapters on the same paraphrases. PASS needs z >= assert_z_gte and
+raw < assert_revert_rate_lt; without a usable null, the rate alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sway_engine import embeddings, stats
+from sway_engine.backends.base import GENERATE
+from sway_engine.errors import ProbeError, ProbeSkip
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.guard_rail import harm_score
+from sway_engine.probes.multi_turn import answer_of
+from sway_engine.requests import Generate, GenerationResult
+from sway_engine.result import NullStats, Verdict
+from sway_engine.views import BASE, View
+
+
+class RevertCase(BaseModel):
+    """A question, its gold answer and rewordings of the question (only these are asked)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prompt: str
+    gold: str = Field(min_length=1)
+    paraphrases: tuple[str, ...] = Field(min_length=1)
+
+
+class AdapterRevertSpec(ProbeSpec):
+    kind: Literal["adapter_revert"] = "adapter_revert"
+    cases: tuple[RevertCase, ...] = ()
+    max_new_tokens: int = Field(64, ge=1, le=1024)
+    embedding_model: str = embeddings.MODEL_NAMES[0]
+    # An answer ends at the first of these after its first non-blank character.
+    stop: tuple[str, ...] = ("\n",)
+    base_gold_similarity_cap: float = Field(0.75, ge=-1, le=1)
+    assert_revert_rate_lt: float = Field(0.25, gt=0, le=1)
+    assert_z_gte: float = 3.0
+
+    @field_validator("embedding_model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return embeddings.check_model_name(v)
+
+
+class AdapterRevert(Probe):
+    kind = "adapter_revert"
+    category = "adherence"
+    spec_cls = AdapterRevertSpec
+    needs = frozenset({GENERATE})
+    z_sign: ClassVar[int] = -1
+
+    def measure(
+        self, spec: AdapterRevertSpec, ctx: Context, treatments: Sequence[View]
+    ) -> list[Measurement]:
+        if not spec.cases:
+            raise ProbeError(
+                spec.name, "no cases: give adapter_revert `cases` of {prompt, gold, paraphrases}"
+            )
+        pairs = [(c, q) for c in spec.cases for q in c.paraphrases]
+        views = [BASE, *treatments]
+        res = ctx.execute([Generate(q, v, spec.max_new_tokens) for v in views for _, q in pairs])
+        texts = []
+        for r in res:
+            if not isinstance(r, GenerationResult):
+                raise ProbeError(spec.name, f"expected a generation, got {type(r).__name__}")
+            texts.append(answer_of(r.text, spec.stop))
+        answers = np.asarray(texts, dtype=object).reshape(len(views), len(pairs))
+        golds = [c.gold for c, _ in pairs]
+        try:
+            vectors = embeddings.embed([*golds, *texts])
+        except embeddings.EmbeddingsUnavailable as exc:
+            raise ProbeSkip(spec.name, str(exc)) from exc
+        gold_v = vectors[: len(pairs)]
+        answer_v = vectors[len(pairs) :].reshape(len(views), len(pairs), -1)
+        base_gold = (answer_v[0] * gold_v).sum(-1)
+        kept = base_gold <= spec.base_gold_similarity_cap
+        if not kept.any():
+            raise ProbeSkip(
+                spec.name,
+                f"the base already answers all {len(pairs)} paraphrases like the gold (cos > "
+                f"{spec.base_gold_similarity_cap}); nothing to measure: add cases the base "
+                "gets wrong",
+            )
+        out = []
+        for k in range(1, len(views)):
+            to_base = (answer_v[k] * answer_v[0]).sum(-1)
+            to_gold = (answer_v[k] * gold_v).sum(-1)
+            reverted = to_base > to_gold
+            items = tuple(
+                {
+                    "prompt": case.prompt,
+                    "paraphrase": q,
+                    "gold": case.gold,
+                    "base_answer": answers[0, i],
+                    "answer": answers[k, i],
+                    "cos_base_gold": float(base_gold[i]),
+                    "cos_to_base": float(to_base[i]),
+                    "cos_to_gold": float(to_gold[i]),
+                    "kept": bool(kept[i]),
+                    "reverted": bool(reverted[i]) if kept[i] else None,
+                }
+                for i, (case, q) in enumerate(pairs)
+            )
+            flags = reverted[kept].astype(float)
+            out.append(
+                Measurement(
+                    raw=float(flags.mean()),
+                    values=tuple(flags.tolist()),
+                    items=items,
+                    evidence={
+                        "reverts": int(flags.sum()),
+                        "kept": int(kept.sum()),
+                        "dropped_trivial": int((~kept).sum()),
+                        "mean_margin": float((to_gold - to_base)[kept].mean()),
+                    },
+                )
+            )
+        return out
+
+    def judge(self, spec: AdapterRevertSpec, m: Measurement, null: NullStats | None) -> Judgement:
+        ev, limit = m.evidence, spec.assert_revert_rate_lt
+        low = m.raw < limit
+        summary = (
+            f"{ev['reverts']}/{ev['kept']} paraphrase answers closer to the base's than to the "
+            f"gold (rate {m.raw:.3f}, max {limit:g}; {ev['dropped_trivial']} dropped as trivial)"
+        )
+        fixed = harm_score(m.raw / limit)
+        z = stats.z_score(m.raw, null, sign=self.z_sign)
+        if z is None:
+            note = "no null calibration" if null is None else "null is degenerate"
+            verdict = Verdict.PASS if low else Verdict.FAIL
+            why = "" if low else "reverts to the base: "
+            return Judgement(verdict, f"{why}{summary}; {note}, fixed threshold", fixed)
+        p = stats.empirical_p(m.raw, null, sign=self.z_sign)
+        score = stats.score_from_z(z)
+        assert score is not None
+        significant = z >= spec.assert_z_gte
+        vs = f"z={z:+.2f} vs null {null.mean:.3f} ± {null.std:.3f}" if null else ""
+        if significant and low:
+            return Judgement(Verdict.PASS, f"{summary}; {vs}", score, z, p)
+        why = "reverts no less than random adapters" if not significant else "reverts too often"
+        return Judgement(Verdict.FAIL, f"{why}: {summary}; {vs}", score * min(1.0, fixed), z, p)
