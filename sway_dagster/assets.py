@@ -38,14 +38,6 @@ from sway_engine.store import AdapterRecord, NullRow, RunRecord
 OWNERS = ["team:ml-eval"]
 # Bump when the math behind an asset changes, so Dagster marks old materializations stale.
 CODE_VERSIONS = {"adapter_manifest": "1", "null_calibration": "1", "sway_score": "1"}
-PROBE_CODE_VERSIONS = {
-    "delta_kl": "1",
-    "adapter_ablation": "1",
-    "section_internalization": "1",
-    "external_perplexity": "1",
-    "calibration_drift": "1",
-}
-
 adapter_files = dg.AssetSpec(
     "adapter_files",
     partitions_def=adapters,
@@ -203,7 +195,7 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
         kinds={"pytorch", "duckdb", "mlflow"},
         owners=OWNERS,
         tags={"sway/probe_kind": kind, "sway/category": entry.category},
-        code_version=PROBE_CODE_VERSIONS.get(kind, "0"),
+        code_version=entry.probe.version if entry.probe is not None else "0",
         pool="model",
         description=f"{kind} probe `{entry.spec.name}` (docs/PROBES.md).",
     )
@@ -334,7 +326,7 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
                 engine_version=__version__,
                 dagster_run_id=context.run.run_id,
                 mlflow_run_id=run_id,
-                backend_kind=type(backend).__name__,
+                backend_kind=backend.served_kind(),
                 wall_s=suite_result.wall_s,
                 forward_passes=int(suite_result.backend_stats.get("forward_passes", 0)),
                 tokens_forwarded=int(suite_result.backend_stats.get("tokens_forwarded", 0)),

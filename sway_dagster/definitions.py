@@ -11,7 +11,7 @@ import dagster as dg
 from sway_dagster.adapter_store import AdapterStore
 from sway_dagster.assets import build_assets, leaderboard
 from sway_dagster.evaluation import Suite
-from sway_dagster.resources import HFBackend, MlflowTracker, ModelBackend, ResultStore
+from sway_dagster.resources import MlflowTracker, ModelBackend, ResultStore, backend_for
 from sway_dagster.sensors import make_adapter_sensor
 from sway_dagster.settings import Settings
 
@@ -21,7 +21,8 @@ JOB_NAME = "evaluate_adapter"
 def build_definitions(
     settings: Settings | None = None, backend: ModelBackend | None = None
 ) -> dg.Definitions:
-    """The code location for a sway home; `backend` overrides the HF resource from the suite."""
+    """The code location for a sway home; `backend` overrides the resource the suite's
+    `models` choose (hf, api, custom, a fallback list; two composed when not differential)."""
     settings = settings or Settings.from_env()
     if not settings.suite.is_file():
         raise FileNotFoundError(
@@ -29,7 +30,6 @@ def build_definitions(
             "(or run `make run` once to create the demo home)"
         )
     suite = Suite.load(settings.suite)
-    model = suite.spec.models.ft
     evaluate = dg.define_asset_job(
         JOB_NAME,
         selection=dg.AssetSelection.groups("adapters", "calibration", "probes", "verdict"),
@@ -47,14 +47,7 @@ def build_definitions(
         jobs=[evaluate],
         sensors=[make_adapter_sensor(JOB_NAME), automation],
         resources={
-            "backend": backend
-            or HFBackend(
-                base=model.base,
-                dtype=model.dtype,
-                device=model.device,
-                trust_remote_code=model.trust_remote_code,
-                trace_dir=str(settings.traces),
-            ),
+            "backend": backend or backend_for(suite.spec, trace_dir=str(settings.traces)),
             "adapter_store": AdapterStore(root=str(settings.adapters_dir)),
             "results": ResultStore(database=str(settings.database)),
             "mlflow": MlflowTracker(

@@ -8,12 +8,13 @@ that a TwoModelBackend dedupes, never loads one) and frees it in teardown.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
-from pydantic import ConfigDict, PrivateAttr
+from pydantic import ConfigDict, PrivateAttr, model_validator
 
 from sway_engine.backends.instrumentation import Instrumented
+from sway_engine.spec import ModelSpec, SuiteSpec
 from sway_engine.store import ResultStore as DuckStore
 from sway_engine.tracking import MlflowTracking
 
@@ -37,6 +38,23 @@ class ModelBackend(_Strict):
         """Work counters of this run's session (forward passes, tokens, cache hits)."""
         return {}
 
+    def engine(self) -> Any:
+        """The loaded engine backend; a TwoModelBackend takes its base view from it."""
+        raise NotImplementedError
+
+    def served_kind(self) -> str:
+        """The engine kind serving this run's session (a fallback list records the one that
+        loaded), or the resource's class name before any session opened."""
+        session = getattr(self, "_session", None)
+        return str(session.kind) if session is not None else type(self).__name__
+
+    def same_model(self, other: ModelBackend) -> bool:
+        """True when `other` would load the very same model (a TwoModelBackend loads once)."""
+        return False
+
+    def _trace(self) -> Path | None:
+        return Path(self.trace_dir) / "trace.jsonl" if self.trace_dir else None
+
 
 class HFBackend(ModelBackend):
     """torch/transformers/peft: the base loads once per run; adapters swap in place."""
@@ -53,9 +71,11 @@ class HFBackend(ModelBackend):
     def model_id(self) -> str:
         return self.base
 
-    def same_model(self, other: HFBackend) -> bool:
+    def same_model(self, other: ModelBackend) -> bool:
         keys = ("base", "dtype", "device", "trust_remote_code")
-        return all(getattr(self, k) == getattr(other, k) for k in keys)
+        return isinstance(other, HFBackend) and all(
+            getattr(self, k) == getattr(other, k) for k in keys
+        )
 
     def engine(self) -> Any:
         """The loaded engine backend (loads the base on first use)."""
@@ -94,16 +114,77 @@ class HFBackend(ModelBackend):
         self._adapter = None
 
 
-class TwoModelBackend(ModelBackend):
-    """Base view from `base`, fine-tuned view from `ft`; one load when both name one model."""
+class MLXBackend(ModelBackend):
+    """mlx-lm (Apple silicon, or Linux CPU through mlx[cpu]): the base loads once per run;
+    views and adapters swap LoRA weights in place; PEFT adapters are converted (cached)."""
 
-    base: HFBackend
-    ft: HFBackend
+    base: str
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    batch_tokens: int = 4096
+    cache_dir: str = ""
+    _backend: Any = PrivateAttr(default=None)
     _session: Instrumented | None = PrivateAttr(default=None)
     _adapter: str | None = PrivateAttr(default=None)
 
     def model_id(self) -> str:
-        return self.ft.base
+        return self.base
+
+    def same_model(self, other: ModelBackend) -> bool:
+        keys = ("base", "dtype", "device", "trust_remote_code")
+        return isinstance(other, MLXBackend) and all(
+            getattr(self, k) == getattr(other, k) for k in keys
+        )
+
+    def engine(self) -> Any:
+        """The loaded engine backend (loads the base on first use)."""
+        if self._backend is None:
+            from sway_engine.backends.mlx import MLXBackend as Engine
+
+            self._backend = Engine(
+                self.base,
+                dtype=self.dtype,
+                device=self.device,
+                trust_remote_code=self.trust_remote_code,
+                batch_tokens=self.batch_tokens,
+                cache_dir=self.cache_dir or None,
+            )
+        return self._backend
+
+    def session(self, adapter_path: str) -> Instrumented:
+        engine = self.engine()
+        if self._session is None:
+            self._session = Instrumented(engine, trace_path=self._trace())
+        if self._adapter != adapter_path:
+            self._adapter = None
+            engine.load_adapter(adapter_path)
+            self._session.reset()
+            self._adapter = adapter_path
+        return self._session
+
+    def counters(self) -> dict[str, float]:
+        return self._session.counters() if self._session is not None else {}
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._backend is not None:
+            self._backend.close()
+        self._backend = None
+        self._session = None
+        self._adapter = None
+
+
+class TwoModelBackend(ModelBackend):
+    """Base view from `base`, fine-tuned view from `ft` (any kinds); one load when both name
+    one model."""
+
+    base: ModelBackend
+    ft: ModelBackend
+    _session: Instrumented | None = PrivateAttr(default=None)
+    _adapter: str | None = PrivateAttr(default=None)
+
+    def model_id(self) -> str:
+        return self.ft.model_id()
 
     def session(self, adapter_path: str) -> Instrumented:
         if self.base.same_model(self.ft):
@@ -120,6 +201,193 @@ class TwoModelBackend(ModelBackend):
         if self._session is not None:
             return self._session.counters()
         return self.ft.counters()
+
+
+class _Built(ModelBackend):
+    """A backend built from a ModelSpec by the engine (`runner.build_side`).
+
+    The adapter under evaluation is swapped in place where the engine can (`load_adapter`),
+    else the engine is rebuilt for it; an API endpoint serves what it serves.
+    """
+
+    _backend: Any = PrivateAttr(default=None)
+    _loaded: str | None = PrivateAttr(default=None)
+    _session: Instrumented | None = PrivateAttr(default=None)
+    _adapter: str | None = PrivateAttr(default=None)
+
+    def spec_for(self, adapter: str | None) -> ModelSpec:
+        raise NotImplementedError
+
+    def _engine_for(self, adapter: str | None) -> Any:
+        from sway_engine.runner import build_side
+
+        if self._backend is None:
+            self._backend = build_side(self.spec_for(adapter))
+            self._loaded = adapter
+        elif adapter is not None and adapter != self._loaded and self._backend.kind != "api":
+            load = getattr(self._backend, "load_adapter", None)
+            if callable(load):
+                load(adapter)
+            else:
+                self._backend.close()
+                self._backend = None
+                self._backend = build_side(self.spec_for(adapter))
+            self._loaded = adapter
+        return self._backend
+
+    def engine(self) -> Any:
+        return self._engine_for(None)
+
+    def session(self, adapter_path: str) -> Instrumented:
+        engine = self._engine_for(adapter_path)
+        if self._session is None or self._session.inner is not engine:
+            self._session = Instrumented(engine, trace_path=self._trace())
+        elif self._adapter != adapter_path:
+            self._session.reset()
+        self._adapter = adapter_path
+        return self._session
+
+    def counters(self) -> dict[str, float]:
+        return self._session.counters() if self._session is not None else {}
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._backend is not None:
+            self._backend.close()
+        self._backend = None
+        self._session = None
+        self._adapter = self._loaded = None
+
+
+class ApiBackend(_Built):
+    """An OpenAI-compatible completions endpoint serving one fixed model. The key comes from
+    SWAY_API_KEY / OPENAI_API_KEY in the environment, never from config."""
+
+    endpoint: str
+    model: str
+    timeout_s: float = 60.0
+    max_retries: int = 3
+    max_top_k: int = 256
+    concurrency: int = 4
+
+    def model_id(self) -> str:
+        return self.model
+
+    def _engine_for(self, adapter: str | None) -> Any:
+        if self._backend is None:
+            from sway_engine.backends.api import APIBackend as Engine
+
+            self._backend = Engine(
+                self.endpoint,
+                self.model,
+                timeout_s=self.timeout_s,
+                max_retries=self.max_retries,
+                max_top_k=self.max_top_k,
+                concurrency=self.concurrency,
+            )
+        return self._backend
+
+
+class CustomBackend(_Built):
+    """A user class (`entry_point: pkg.mod:Class`), built with the partition's adapter."""
+
+    entry_point: str
+    base: str
+
+    def model_id(self) -> str:
+        return self.base
+
+    def spec_for(self, adapter: str | None) -> ModelSpec:
+        return ModelSpec(
+            kind="custom", base=self.base, entry_point=self.entry_point, adapter=adapter
+        )
+
+
+class PriorityBackend(_Built):
+    """Kinds tried in order (e.g. ["mlx", "hf"]); the first that loads serves the run."""
+
+    kinds: list[str]
+    base: str
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    endpoint: str | None = None
+    entry_point: str | None = None
+
+    @model_validator(mode="after")
+    def _kinds_are_valid(self) -> PriorityBackend:
+        self.spec_for(None)  # the same rules as a spec's `fallback`, at construction
+        return self
+
+    def model_id(self) -> str:
+        return self.base
+
+    def spec_for(self, adapter: str | None) -> ModelSpec:
+        if not self.kinds:
+            raise ValueError("PriorityBackend needs at least one kind to try")
+        return ModelSpec.model_validate(
+            {
+                "kind": self.kinds[0],
+                "fallback": self.kinds[1:],
+                "base": self.base,
+                "adapter": adapter,
+                "dtype": self.dtype,
+                "device": self.device,
+                "trust_remote_code": self.trust_remote_code,
+                "endpoint": self.endpoint,
+                "entry_point": self.entry_point,
+            }
+        )
+
+
+def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelBackend:
+    """The backend resource for one side of a suite's `models`."""
+    if model.fallback:
+        return PriorityBackend(
+            kinds=[model.kind, *model.fallback],
+            base=model.base,
+            dtype=model.dtype,
+            device=model.device,
+            trust_remote_code=model.trust_remote_code,
+            endpoint=model.endpoint,
+            entry_point=model.entry_point,
+            trace_dir=trace_dir,
+        )
+    if model.kind == "hf":
+        return HFBackend(
+            base=model.base,
+            dtype=model.dtype,
+            device=model.device,
+            trust_remote_code=model.trust_remote_code,
+            trace_dir=trace_dir,
+        )
+    if model.kind == "mlx":
+        return MLXBackend(
+            base=model.base,
+            dtype=model.dtype,
+            device=model.device,
+            trust_remote_code=model.trust_remote_code,
+            trace_dir=trace_dir,
+        )
+    if model.kind == "api":
+        assert model.endpoint is not None  # the spec requires it
+        return ApiBackend(endpoint=model.endpoint, model=model.base, trace_dir=trace_dir)
+    if model.kind == "custom":
+        assert model.entry_point is not None  # the spec requires it
+        return CustomBackend(entry_point=model.entry_point, base=model.base, trace_dir=trace_dir)
+    raise ValueError(f"backend kind {model.kind!r} has no Dagster resource")
+
+
+def backend_for(spec: SuiteSpec, trace_dir: str = "") -> ModelBackend:
+    """The suite's backend resource: one model, or two composed (`differential: false`)."""
+    from sway_engine.runner import check_one_model
+
+    ft = resource_for(spec.models.ft, trace_dir)
+    if spec.defaults.differential:
+        check_one_model(spec.models.ft)
+        return ft
+    return TwoModelBackend(
+        base=resource_for(spec.models.base, trace_dir), ft=ft, trace_dir=trace_dir
+    )
 
 
 class ResultStore(_Strict):

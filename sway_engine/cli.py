@@ -1,4 +1,4 @@
-"""The `sway` command: run, gate, check, fixtures build.
+"""The `sway` command: run, gate, check, autogen, convert-adapter, fixtures build.
 
 Exit codes: 0 ok, 1 gate failed, 2 bad input (spec, adapter, missing extra).
 """
@@ -36,6 +36,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("adapter", type=Path)
     check.add_argument("--base", help="base model (default: from adapter_config.json)")
     check.add_argument("--prompts", type=Path, help="file with one prompt per line")
+    autogen = sub.add_parser("autogen", help="write a calibrated sway.yaml from a .dlm document")
+    autogen.add_argument("document", type=Path, help="the .dlm document")
+    autogen.add_argument("-o", "--output", type=Path, default=Path("sway.yaml"))
+    autogen.add_argument("--base", help="base model (default: the front matter's base_model)")
+    autogen.add_argument("--adapter", help="adapter directory (default: dlm's store pointer)")
+    autogen.add_argument("--kind", default="hf", help="backend kind for both models (hf)")
+    autogen.add_argument(
+        "--prompt-template",
+        default="{question}",
+        help="how a question becomes a prompt, e.g. 'Q: {question}\\nA:' (\\n is a newline)",
+    )
+    autogen.add_argument("--force", action="store_true", help="overwrite an existing output")
+    convert = sub.add_parser("convert-adapter", help="convert a PEFT LoRA adapter for mlx-lm")
+    convert.add_argument("src", type=Path, help="PEFT adapter directory")
+    convert.add_argument("dst", type=Path, help="output directory (mlx-lm adapter_path)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an mlx-lm adapter there")
     fixtures = sub.add_parser("fixtures", help="the tiny local model and adapters")
     fsub = fixtures.add_subparsers(dest="fixtures_command", required=True)
     build = fsub.add_parser("build", help="build (or reuse) the fixtures")
@@ -58,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "fixtures":
             return _fixtures(args)
+        if args.command == "convert-adapter":
+            return _convert_adapter(args)
+        if args.command == "autogen":
+            return _autogen(args)
     except SwayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -158,6 +178,34 @@ DEFAULT_CHECK_PROMPTS = [
     "Here is a short answer:",
     "Q: What is this about?\nA:",
 ]
+
+
+def _autogen(args: argparse.Namespace) -> int:
+    from sway_engine.autogen import Options, write_suite
+
+    opts = Options(
+        document=args.document,
+        output=args.output,
+        base=args.base,
+        adapter=args.adapter,
+        kind=args.kind,
+        prompt_template=args.prompt_template.replace("\\n", "\n"),
+        force=args.force,
+    )
+    path = write_suite(opts)
+    print(f"wrote {path}")
+    return 0
+
+
+def _convert_adapter(args: argparse.Namespace) -> int:
+    from sway_engine.convert import convert_peft_to_mlx
+
+    done = convert_peft_to_mlx(args.src, args.dst, overwrite=args.overwrite)
+    print(
+        f"converted {done.source.path} -> {done.path}: rank {done.rank}, scale {done.scale:g}, "
+        f"{len(done.modules)} modules, {done.num_tensors} tensors"
+    )
+    return 0
 
 
 def _fixtures(args: argparse.Namespace) -> int:

@@ -7,8 +7,9 @@ The CLI and the Dagster assets call the same pieces: `calibrate_suite`, `run_ent
 from __future__ import annotations
 
 import functools
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,11 +19,11 @@ from sway_engine.backends.base import NULL_VIEWS, Backend
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.calibration import NullMatrix, calibrate, plan_for
 from sway_engine.dlm import Document, load_dlm
-from sway_engine.errors import ProbeSkip, SwayError
+from sway_engine.errors import BackendError, ProbeSkip, SwayError
 from sway_engine.probes.base import Context, finalize, skipped
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
-from sway_engine.requests import NextToken
+from sway_engine.requests import NextToken, Result
 from sway_engine.result import ProbeResult, SuiteResult, Verdict
 from sway_engine.spec import ModelSpec, SuiteSpec
 from sway_engine.views import BASE, FINETUNED, Finetuned
@@ -30,12 +31,77 @@ from sway_engine.views import BASE, FINETUNED, Finetuned
 Progress = Callable[[str], None]
 
 
-def build_backend(model: ModelSpec, **options: object) -> Backend:
-    """Construct the backend a model spec names (heavy imports happen here, not at import)."""
+def build_backend(model: ModelSpec, *, base: ModelSpec | None = None, **options: object) -> Backend:
+    """Construct the backend a model spec names (heavy imports happen here, not at import).
+
+    `base` given (`defaults.differential: false`): the base view comes from a backend built
+    from it and the fine-tuned view from `model`'s, of any kinds (TwoModelBackend).
+    `model.fallback` lists kinds tried after `model.kind` (PriorityBackend).
+    """
+    if base is not None:
+        from sway_engine.backends.two_model import TwoModelBackend
+
+        base_backend = build_side(base, **options)
+        try:
+            ft_backend = build_side(model, **options)
+        except BaseException:
+            base_backend.close()
+            raise
+        return TwoModelBackend(base_backend, ft_backend)
+    check_one_model(model)
+    return build_side(model, **options)
+
+
+def check_one_model(model: ModelSpec) -> None:
+    """Both views from one backend: an API endpoint cannot give them (it serves one model)."""
+    if "api" in (model.kind, *model.fallback):
+        raise BackendError(
+            "an api endpoint serves one fixed model, so its base and fine-tuned views would be "
+            "the same model (every divergence 0): set defaults.differential: false and point "
+            "models.base and models.ft at two endpoints"
+        )
+
+
+def build_side(model: ModelSpec, **options: object) -> Backend:
+    """One model's backend: its kind, else each of its fallback kinds in order."""
+    if not model.fallback:
+        return _build_kind(model, **options)
+    from sway_engine.backends.priority import PriorityBackend
+
+    kinds = (model.kind, *model.fallback)
+    return PriorityBackend(
+        [
+            (k, functools.partial(_build_kind, model.model_copy(update={"kind": k}), **options))
+            for k in kinds
+        ]
+    )
+
+
+def _build_kind(model: ModelSpec, **options: object) -> Backend:
+    if model.kind == "api":
+        from sway_engine.backends.api import APIBackend
+
+        assert model.endpoint is not None  # the spec requires it for kind api
+        return APIBackend(model.endpoint, model.base, **options)  # type: ignore[arg-type]
+    if model.kind == "custom":
+        from sway_engine.backends.custom import CustomBackend
+
+        return CustomBackend(model)
     if model.kind == "hf":
         from sway_engine.backends.hf import HFBackend
 
         return HFBackend(
+            model.base,
+            model.adapter,
+            dtype=model.dtype,
+            device=model.device,
+            trust_remote_code=model.trust_remote_code,
+            **options,  # type: ignore[arg-type]
+        )
+    if model.kind == "mlx":
+        from sway_engine.backends.mlx import MLXBackend
+
+        return MLXBackend(
             model.base,
             model.adapter,
             dtype=model.dtype,
@@ -252,8 +318,11 @@ def evaluate(
         model = model.model_copy(update={"adapter": adapter})
     started = datetime.now(UTC)
     t0 = time.perf_counter()
+    if not needs_model(entries):
+        results = run_without_model(spec, entries, model.adapter, progress)
+        return _suite(spec, spec_path, model.adapter or "", started, t0, results, None)
     try:
-        inner = build_backend(model)
+        inner = build_backend(model, base=None if spec.defaults.differential else spec.models.base)
     except SwayError as exc:
         results = error_results(entries, f"preflight failed: {exc}")
         return _suite(spec, spec_path, model.adapter or "", started, t0, results, None)
@@ -271,9 +340,145 @@ def evaluate(
         backend.close()
 
 
+def needs_model(entries: list[Entry]) -> bool:
+    """True when an enabled entry needs the backend: a probe operation or null calibration."""
+    return any(
+        e.spec.enabled
+        and e.probe is not None
+        and (bool(e.probe.needs) or isinstance(e.spec, NullAdapterSpec))
+        for e in entries
+    )
+
+
+def run_without_model(
+    spec: SuiteSpec, entries: list[Entry], adapter: str | None, progress: Progress | None = None
+) -> list[ProbeResult]:
+    """Run a suite of pre-run probes (training files only): no model is loaded."""
+
+    def no_model(_requests: object) -> list[Result]:
+        raise SwayError("this probe asked for a model, but the suite runs without one")
+
+    ctx = Context(
+        execute=no_model,
+        capabilities=frozenset(),
+        seed=spec.defaults.seed,
+        document=document_of(spec),
+        adapter_path=adapter,
+    )
+    say = progress or (lambda _msg: None)
+    results = []
+    for entry in entries:
+        say(f"{entry.spec.name} ({entry.spec.kind})")
+        results.append(run_entry(entry, ctx, None))
+    return results
+
+
 def _timed(result: ProbeResult, seconds: float) -> ProbeResult:
     return replace(result, duration_s=seconds)
 
 
 def _with_evidence(result: ProbeResult, **extra: object) -> ProbeResult:
     return replace(result, evidence={**result.evidence, **extra})
+
+
+# ---- many adapters of one base in one run ----
+
+
+def run_many(
+    spec: SuiteSpec,
+    entries: list[Entry],
+    backend: Instrumented,
+    adapters: Sequence[str | Path],
+    *,
+    spec_path: str = "<memory>",
+    progress: Progress | None = None,
+) -> list[SuiteResult]:
+    """Run the suite for every adapter over the backend's one loaded base, in shared batches.
+
+    The backend must hold several trained adapters (`load_adapter` + `add_adapter`, as
+    `HFBackend` does). The first adapter that loads becomes the primary; an adapter that
+    fails to load gets ERROR rows (as `evaluate` gives), the others still run. Results come
+    back in the order of `adapters` and equal running each adapter alone.
+    """
+    from sway_engine.multi import BoundSession, Lockstep
+
+    inner = backend.inner
+    if not (hasattr(inner, "load_adapter") and hasattr(inner, "add_adapter")):
+        raise SwayError(
+            f"the {backend.kind} backend holds one adapter at a time; "
+            "evaluate the adapters one by one (evaluate) instead"
+        )
+    say = progress or (lambda _msg: None)
+    backend.reset()
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    labels: dict[int, str] = {}
+    failed: dict[int, str] = {}
+    for i, path in enumerate(adapters):
+        try:
+            if not labels:
+                inner.load_adapter(str(path))
+                labels[i] = ""
+            else:
+                labels[i] = inner.add_adapter(str(path), f"a{i}")
+        except SwayError as exc:
+            failed[i] = f"preflight failed: {exc}"
+    say(f"{len(labels)} adapter(s) registered on one base; {len(failed)} failed to load")
+    out: dict[int, SuiteResult] = {
+        i: _suite(spec, spec_path, str(adapters[i]), started, t0, error_results(entries, msg), None)
+        for i, msg in failed.items()
+    }
+    if labels:
+        lockstep = Lockstep(backend.execute, len(labels))
+
+        def one(slot: int) -> None:
+            session = BoundSession(backend, lockstep, slot, labels[slot], adapters[slot])
+            try:
+                out[slot] = run_suite(
+                    spec, entries, session, spec_path=spec_path, adapter=str(adapters[slot])
+                )
+            except Exception as exc:  # noqa: BLE001 - a thread must never die silently
+                msg = f"{type(exc).__name__}: {exc}"
+                results = error_results(entries, msg)
+                out[slot] = _suite(spec, spec_path, str(adapters[slot]), started, t0, results, None)
+            finally:
+                lockstep.leave()
+
+        threads = [threading.Thread(target=one, args=(slot,), daemon=True) for slot in labels]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        say(f"{len(labels)} suite(s) done in {lockstep.rounds} shared rounds")
+    return [out[i] for i in range(len(adapters))]
+
+
+def evaluate_many(
+    spec: SuiteSpec,
+    entries: list[Entry],
+    adapters: Sequence[str | Path],
+    *,
+    spec_path: str = "<memory>",
+    trace_path: Path | None = None,
+    progress: Progress | None = None,
+) -> list[SuiteResult]:
+    """Build the backend once (no adapter), run the suite for every adapter, close it.
+
+    The multi-adapter counterpart of `evaluate`: one base load however many adapters.
+    """
+    if not adapters:
+        raise SwayError("evaluate_many needs at least one adapter directory")
+    document_of(spec)
+    model = spec.models.ft.model_copy(update={"adapter": None})
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    try:
+        inner = build_backend(model)
+    except SwayError as exc:
+        results = error_results(entries, f"preflight failed: {exc}")
+        return [_suite(spec, spec_path, str(a), started, t0, results, None) for a in adapters]
+    backend = Instrumented(inner, trace_path=trace_path)
+    try:
+        return run_many(spec, entries, backend, adapters, spec_path=spec_path, progress=progress)
+    finally:
+        backend.close()

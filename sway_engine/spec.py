@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sway_engine.errors import SpecError
 
@@ -40,6 +47,23 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
     entry_point: str | None = None
     endpoint: str | None = None
+    # Ours: kinds tried after `kind` when it cannot load (e.g. kind: mlx, fallback: [hf]).
+    fallback: tuple[Literal["hf", "mlx", "api", "custom"], ...] = ()
+
+    @model_validator(mode="after")
+    def _kinds_tried(self) -> ModelSpec:
+        """Every kind tried is distinct and has the fields it needs."""
+        kinds = (self.kind, *self.fallback)
+        repeated = sorted({k for k in kinds if kinds.count(k) > 1})
+        if repeated:
+            raise ValueError(f"fallback repeats kind(s) {repeated}; list each kind once")
+        if self.fallback and self.kind == "dummy":
+            raise ValueError("kind dummy takes no fallback")
+        if "api" in kinds and not self.endpoint:
+            raise ValueError("kind api needs `endpoint` (the server's base URL)")
+        if "custom" in kinds and not self.entry_point:
+            raise ValueError("kind custom needs `entry_point` ('pkg.module:Class')")
+        return self
 
 
 class Models(_Strict):

@@ -1,8 +1,9 @@
 """Two-model composition: the base view from one backend, the fine-tuned view from another.
 
 Used when base and fine-tuned models cannot share one load (`defaults.differential: false`,
-different model files, an API per side). Null and scaled views need a shared base, and exact
-divergences need both logit rows in one place, so those capabilities are dropped.
+different model files, an API per side); the two sides may be of any kinds. Capabilities are
+the intersection, less null and scaled views (they need a shared base) and exact divergences
+(they need both logit rows in one place). An error names the side that failed.
 """
 
 from __future__ import annotations
@@ -46,9 +47,19 @@ class TwoModelBackend:
         for side, backend in ((0, self.base), (1, self.ft)):
             idx = routed[side]
             if idx:
-                for i, res in zip(idx, backend.execute([requests[i] for i in idx]), strict=True):
+                try:
+                    answers = backend.execute([requests[i] for i in idx])
+                except BackendError as exc:
+                    name = "base" if side == 0 else "fine-tuned"
+                    raise BackendError(f"{name} side ({backend.kind}): {exc}") from exc
+                for i, res in zip(idx, answers, strict=True):
                     out[i] = res
         return [r for r in out if r is not None]
+
+    @property
+    def adapter(self) -> object:
+        """The fine-tuned side's adapter, where that backend knows it."""
+        return getattr(self.ft, "adapter", None)
 
     def counters(self) -> dict[str, float]:
         merged: dict[str, float] = {}

@@ -1,0 +1,707 @@
+"""OpenAI-compatible `/v1/completions` backend: one served model, scored through log-probs.
+
+What the endpoint can do is discovered at construction with a few small requests (top-k
+size cap, which log-prob request style it takes, prompt echo, seeds); only what works is
+declared as a capability, so probes needing the rest SKIP. Responses are parsed by their
+shape (OpenAI legacy, vLLM echo / prompt_logprobs, mlx-lm and chat-style `content` lists).
+One endpoint serves one model: a differential run composes two (`TwoModelBackend`).
+The API key comes from the environment and never appears in a message, log or repr.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from sway_engine.backends.base import CONTINUATION, GENERATE, NEXT_TOKEN, ROLLING
+from sway_engine.errors import BackendError
+from sway_engine.requests import (
+    ContinuationLogprob,
+    ContinuationResult,
+    Generate,
+    GenerationResult,
+    NextToken,
+    Request,
+    Result,
+    RollingLogprob,
+    RollingResult,
+    TokenDist,
+)
+from sway_engine.views import Base, Finetuned, View, canonical
+
+log = logging.getLogger(__name__)
+
+KEY_ENV = ("SWAY_API_KEY", "OPENAI_API_KEY")
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+PROBE_PROMPT = "The quick brown fox jumps over"
+TopStyle = Literal["legacy", "chat"]
+EchoStyle = Literal["echo", "prompt_logprobs"]
+
+
+# ---- response shapes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alt:
+    """One alternative at a position: decoded token text, id where the server gives it."""
+
+    token: str
+    id: int | None
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Position:
+    """One token of a response (prompt or generated) with its log-prob and top alternatives."""
+
+    token: str
+    id: int | None
+    logprob: float | None
+    offset: int | None = None
+    top: tuple[Alt, ...] = ()
+
+
+def parse_positions(choice: Mapping[str, Any]) -> list[Position]:
+    """Every position a completion choice reports, whatever shape the server uses.
+
+    - OpenAI legacy / vLLM: `logprobs = {tokens, token_logprobs, top_logprobs: [{tok: lp}],
+      text_offset}`; vLLM's `token_id:123` tokens carry ids.
+    - older mlx-lm: the same keys, but `tokens` are ids and top dicts are keyed by id.
+    - chat style (mlx-lm >= 0.2x, OpenAI chat, vLLM chat): `logprobs = {content: [{token,
+      id?, logprob, top_logprobs: [{token, id?, logprob}]}]}`.
+    - a bare list of numbers: per-token log-probs only.
+    - vLLM `prompt_logprobs` (echo of the prompt): read by `parse_prompt_logprobs`.
+    """
+    lp = choice.get("logprobs")
+    if lp is None:
+        return []
+    if isinstance(lp, list):
+        return [Position("", None, _num(v)) for v in lp]
+    if not isinstance(lp, Mapping):
+        raise ValueError(f"`logprobs` is a {type(lp).__name__}, not an object or list")
+    if isinstance(lp.get("content"), list):
+        return [_chat_position(entry) for entry in lp["content"]]
+    if "token_logprobs" in lp or "tokens" in lp:
+        return _legacy_positions(lp)
+    raise ValueError(f"`logprobs` has none of the known keys (got {sorted(lp)[:6]})")
+
+
+def _legacy_positions(lp: Mapping[str, Any]) -> list[Position]:
+    tokens = list(lp.get("tokens") or [])
+    values = list(lp.get("token_logprobs") or [])
+    tops = list(lp.get("top_logprobs") or [])
+    offsets = list(lp.get("text_offset") or [])
+    n = max(len(tokens), len(values))
+    if tokens and values and len(tokens) != len(values):
+        raise ValueError(f"{len(tokens)} tokens but {len(values)} token_logprobs")
+    ids_are_tokens = bool(tokens) and all(isinstance(t, int) for t in tokens)
+    out = []
+    for i in range(n):
+        raw = tokens[i] if i < len(tokens) else ""
+        text, tid = ("", int(raw)) if ids_are_tokens else _token_and_id(str(raw))
+        top = tops[i] if i < len(tops) else None
+        alts: tuple[Alt, ...] = ()
+        if isinstance(top, Mapping):
+            alts = tuple(_legacy_alt(k, v, ids_are_tokens) for k, v in top.items())
+        elif isinstance(top, list):
+            alts = tuple(_dict_alt(a) for a in top)
+        offset = offsets[i] if i < len(offsets) and isinstance(offsets[i], int) else None
+        out.append(Position(text, tid, _num(values[i]) if i < len(values) else None, offset, alts))
+    return out
+
+
+def _legacy_alt(key: str, value: Any, keys_are_ids: bool) -> Alt:
+    if keys_are_ids:
+        return Alt("", int(key), _required(value))
+    text, tid = _token_and_id(str(key))
+    return Alt(text, tid, _required(value))
+
+
+def _chat_position(entry: Any) -> Position:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"a `content` entry is a {type(entry).__name__}, not an object")
+    tops = entry.get("top_logprobs") or []
+    if isinstance(tops, Mapping):
+        alts = tuple(_legacy_alt(k, v, False) for k, v in tops.items())
+    else:
+        alts = tuple(_dict_alt(a) for a in tops)
+    text, tid = _token_and_id(str(entry.get("token", "")))
+    if entry.get("id") is not None:
+        tid = int(entry["id"])
+    return Position(text, tid, _num(entry.get("logprob")), None, alts)
+
+
+def _dict_alt(entry: Any) -> Alt:
+    if not isinstance(entry, Mapping) or "logprob" not in entry:
+        raise ValueError(f"a top_logprobs entry has no logprob: {str(entry)[:80]}")
+    text, tid = _token_and_id(str(entry.get("token", entry.get("decoded_token", ""))))
+    if entry.get("id") is not None:
+        tid = int(entry["id"])
+    return Alt(text, tid, _required(entry["logprob"]))
+
+
+def parse_prompt_logprobs(choice: Mapping[str, Any]) -> list[Position] | None:
+    """vLLM's `prompt_logprobs`: [None, {id: {logprob, rank, decoded_token}}, ...].
+
+    Each dict holds the prompt token and up to n alternatives; the prompt token is the one
+    named by `prompt_token_ids` when given, else the dict must hold exactly one entry.
+    """
+    plp = choice.get("prompt_logprobs")
+    if not isinstance(plp, list):
+        return None
+    ids = choice.get("prompt_token_ids")
+    out = []
+    for i, entry in enumerate(plp):
+        want = int(ids[i]) if isinstance(ids, list) and i < len(ids) else None
+        if entry is None:
+            out.append(Position("", want, None))
+            continue
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"prompt_logprobs[{i}] is not an object")
+        if want is None and len(entry) != 1:
+            return None  # cannot tell which entry is the prompt token
+        key = str(want) if want is not None else next(iter(entry))
+        info = entry.get(key)
+        if not isinstance(info, Mapping):
+            raise ValueError(f"prompt_logprobs[{i}] lacks the prompt token {key}")
+        text = str(info.get("decoded_token") or "")
+        out.append(Position(text, int(key), _num(info.get("logprob"))))
+    return out
+
+
+def _token_and_id(token: str) -> tuple[str, int | None]:
+    """vLLM `return_tokens_as_token_ids` spells a token `token_id:123`."""
+    if token.startswith("token_id:") and token[9:].isdigit():
+        return "", int(token[9:])
+    return token, None
+
+
+def _num(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    return float(value)
+
+
+def _required(value: Any) -> float:
+    number = _num(value)
+    if number is None:
+        raise ValueError(f"log-prob {value!r} is not a number")
+    return number
+
+
+def top_dist(position: Position, k: int, vocab_size: int = 0) -> TokenDist:
+    """The top-k alternatives of one position, sorted, as a truncated distribution.
+
+    Aligned downstream by id when every alternative has one (`tokens` left empty), else
+    by decoded text (ids are then -1: unknown, never rank positions).
+    """
+    alts = {(a.id if a.id is not None else a.token): a for a in position.top}
+    ranked = sorted(alts.values(), key=lambda a: -a.logprob)[:k]
+    if not ranked:
+        raise ValueError("the response has no top log-probs at this position")
+    lps = np.asarray([a.logprob for a in ranked], dtype=np.float64)
+    if not np.all(np.isfinite(lps)) or np.any(lps > 1e-6):
+        raise ValueError(f"top log-probs are not valid log-probabilities: {lps[:4].tolist()}")
+    by_id = all(a.id is not None for a in ranked)
+    ids = np.asarray([a.id if by_id else -1 for a in ranked], dtype=np.int64)
+    return TokenDist(
+        token_ids=ids,
+        logprobs=lps,
+        vocab_size=vocab_size,
+        tail_mass=float(min(1.0, max(0.0, 1.0 - np.exp(lps).sum()))),
+        tokens=() if by_id else tuple(a.token for a in ranked),
+    )
+
+
+# ---- the backend -------------------------------------------------------------------------
+
+
+class _Secret:
+    """Holds the API key; prints as a placeholder so it cannot leak through repr or logs."""
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+
+class _HTTPStatus(BackendError):
+    """A non-retried HTTP error answer (4xx); `status` lets discovery tell 'unsupported'."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def completions_url(endpoint: str) -> str:
+    """`http://host:port`, `.../v1` or the full `.../v1/completions` -> the completions URL."""
+    parts = urlsplit(endpoint.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BackendError(
+            f"api endpoint {endpoint!r} is not an http(s) URL; give e.g. http://127.0.0.1:8080"
+        )
+    if parts.username or parts.password:
+        raise BackendError(
+            "api endpoint must not embed credentials; put the key in SWAY_API_KEY instead"
+        )
+    base = endpoint.strip().rstrip("/")
+    if base.endswith("/v1/completions"):
+        return base
+    return base + ("/completions" if base.endswith("/v1") else "/v1/completions")
+
+
+class APIBackend:
+    """Scores one served model through an OpenAI-compatible completions endpoint.
+
+    Base and fine-tuned views both name the served model; scaled and null views need the
+    weights, so they are rejected. `features` records what discovery found.
+    """
+
+    kind = "api"
+
+    def __init__(
+        self,
+        endpoint: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        max_top_k: int = 256,
+        concurrency: int = 4,
+        vocab_size: int = 0,
+    ) -> None:
+        if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_top_k < 1:
+            raise BackendError(
+                "api backend needs timeout_s > 0, max_retries >= 0, backoff_s >= 0, max_top_k >= 1"
+            )
+        self.url = completions_url(endpoint)
+        self.model = model
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.concurrency = max(1, concurrency)
+        self.vocab_size = vocab_size
+        self._key = _Secret(api_key if api_key is not None else _key_from_env())
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._counters: dict[str, float] = {
+            "http_requests": 0,
+            "http_retries": 0,
+            "http_wall_s": 0.0,
+        }
+        self.top_style: TopStyle | None = None
+        self.top_k_cap = 0
+        self.echo_style: EchoStyle | None = None
+        self.seeds = False
+        self.unsupported: dict[str, str] = {}
+        self._discover(max_top_k)
+        caps = {GENERATE}
+        if self.top_style is not None:
+            caps.add(NEXT_TOKEN)
+        if self.echo_style is not None:
+            caps |= {ROLLING, CONTINUATION}
+        self.capabilities = frozenset(caps)
+        log.info(
+            "api backend %s (model %s): capabilities %s; top-k cap %d; unsupported %s",
+            self.url,
+            model,
+            sorted(self.capabilities),
+            self.top_k_cap,
+            self.unsupported or "none",
+        )
+
+    def __repr__(self) -> str:
+        return f"APIBackend(url={self.url!r}, model={self.model!r})"
+
+    @property
+    def features(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "model": self.model,
+            "top_logprobs_style": self.top_style,
+            "top_k_cap": self.top_k_cap,
+            "echo": self.echo_style,
+            "seed": self.seeds,
+        }
+
+    # ---- discovery ----
+
+    def _discover(self, max_top_k: int) -> None:
+        """Probe what the endpoint supports; a dead or unauthorised endpoint raises here."""
+        self._post({"prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0})
+        for style in ("legacy", "chat"):
+            cap = self._top_k_cap(style, max_top_k)
+            if cap:
+                self.top_style, self.top_k_cap = style, cap
+                break
+        if self.top_style is None:
+            self.unsupported[NEXT_TOKEN] = "the endpoint returns no top log-probs"
+        self.echo_style = self._echo_style()
+        if self.echo_style is None:
+            why = "the endpoint does not echo prompt log-probs (echo / prompt_logprobs)"
+            self.unsupported[ROLLING] = self.unsupported[CONTINUATION] = why
+        try:
+            self._post({"prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0, "seed": 0})
+            self.seeds = True
+        except _HTTPStatus:
+            self.seeds = False
+
+    def _top_k_cap(self, style: TopStyle, max_top_k: int) -> int:
+        """Largest top-k the endpoint answers in `style` (0: none), by bisection on 4xx."""
+
+        def returned(k: int) -> int:
+            try:
+                body = self._post(self._next_payload(PROBE_PROMPT, k, style))
+                positions = parse_positions(_choice(body, self.url))
+            except (_HTTPStatus, ValueError):
+                return 0
+            return min(k, len(positions[0].top)) if positions else 0
+
+        best = returned(max_top_k)
+        if best or max_top_k == 1:
+            return best
+        best = returned(1)
+        lo, hi = 1, max_top_k  # lo answers, hi does not
+        while best and hi - lo > 1:
+            mid = (lo + hi) // 2
+            got = returned(mid)
+            if got:
+                lo, best = mid, got
+            else:
+                hi = mid
+        return best
+
+    def _echo_style(self) -> EchoStyle | None:
+        styles: tuple[EchoStyle, ...] = ("echo", "prompt_logprobs")
+        for style in styles:
+            try:
+                prompt = self._prompt_positions(PROBE_PROMPT, style)
+            except (_HTTPStatus, ValueError):
+                continue
+            if len(prompt) >= 2 and any(p.logprob is not None for p in prompt):
+                return style
+        return None
+
+    # ---- request payloads ----
+
+    def _next_payload(self, prompt: str, k: int, style: TopStyle) -> dict[str, Any]:
+        payload: dict[str, Any] = {"prompt": prompt, "max_tokens": 1, "temperature": 0}
+        if style == "legacy":
+            payload["logprobs"] = k
+        else:
+            payload["logprobs"] = True
+            payload["top_logprobs"] = k
+        return payload
+
+    def _prompt_positions(self, text: str, style: EchoStyle) -> list[Position]:
+        """The positions of `text` itself (its tokens and their log-probs), echoed back."""
+        payload: dict[str, Any] = {"prompt": text, "max_tokens": 1, "temperature": 0}
+        if style == "echo":
+            payload["echo"] = True
+            if self.top_style == "chat":
+                payload["logprobs"] = True
+            else:
+                payload["logprobs"] = 0
+        else:
+            payload["prompt_logprobs"] = 0
+        body = self._post(payload)
+        choice = _choice(body, self.url)
+        if style == "prompt_logprobs":
+            positions = parse_prompt_logprobs(choice)
+            if positions is None:
+                raise ValueError("no usable prompt_logprobs in the response")
+            return positions
+        positions = parse_positions(choice)
+        usage = body.get("usage") if isinstance(body.get("usage"), Mapping) else {}
+        n_prompt = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
+        n_gen = usage.get("completion_tokens") if isinstance(usage, Mapping) else None
+        if isinstance(n_prompt, int) and isinstance(n_gen, int):
+            if len(positions) != n_prompt + n_gen:
+                raise ValueError(
+                    f"echo returned {len(positions)} positions for {n_prompt} prompt + "
+                    f"{n_gen} generated tokens: the prompt was not echoed"
+                )
+            return positions[:n_prompt]
+        inside = [p for p in positions if p.offset is not None and p.offset < len(text)]
+        if len(inside) < 2 or positions[0].logprob is not None:
+            raise ValueError("the response does not echo the prompt's log-probs")
+        return inside
+
+    # ---- execution ----
+
+    def execute(self, requests: Sequence[Request]) -> list[Result]:
+        jobs: list[Callable[[], Result]] = [self._job(req) for req in requests]
+        if len(jobs) <= 1 or self.concurrency == 1:
+            return [job() for job in jobs]
+        pool = self._executor()
+        futures = [pool.submit(job) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sway-api")
+            return self._pool
+
+    def _job(self, req: Request) -> Callable[[], Result]:
+        view = getattr(req, "view", None)
+        if view is None:
+            raise BackendError(
+                f"api backend at {self.url} cannot answer {type(req).__name__} "
+                "(no full-vocabulary logits over HTTP); use top-k divergences"
+            )
+        self._check_view(view)
+        if isinstance(req, NextToken):
+            return lambda: self._next_token(req)
+        if isinstance(req, RollingLogprob):
+            return lambda: self._rolling(req)
+        if isinstance(req, ContinuationLogprob):
+            return lambda: self._continuation(req)
+        if isinstance(req, Generate):
+            return lambda: self._generate(req)
+        raise BackendError(f"api backend at {self.url} cannot answer {type(req).__name__}")
+
+    def _check_view(self, view: View) -> None:
+        if not isinstance(canonical(view), Base | Finetuned):
+            raise BackendError(
+                f"api backend at {self.url} serves one fixed model; view {view.key} needs "
+                "the adapter weights (use an hf or mlx backend for null and scaled views)"
+            )
+
+    def _next_token(self, req: NextToken) -> TokenDist:
+        if self.top_style is None:
+            raise BackendError(f"{self.url}: {self.unsupported[NEXT_TOKEN]}")
+        k = max(1, min(req.top_k, self.top_k_cap))
+        body = self._post(self._next_payload(req.prompt, k, self.top_style))
+        try:
+            positions = parse_positions(_choice(body, self.url))
+            if not positions:
+                raise ValueError("the response has no log-probs")
+            return top_dist(positions[0], k, self.vocab_size)
+        except ValueError as exc:
+            raise BackendError(
+                f"{self.url}: unusable next-token answer for prompt {req.prompt[:40]!r}: {exc}"
+            ) from exc
+
+    def _scored(self, text: str, what: str) -> tuple[list[Position], list[tuple[int, int]]]:
+        if self.echo_style is None:
+            raise BackendError(f"{self.url}: {self.unsupported[ROLLING]}")
+        try:
+            positions = self._prompt_positions(text, self.echo_style)
+            spans = char_spans(positions, text)
+        except ValueError as exc:
+            raise BackendError(
+                f"{self.url}: unusable echo for {what} {text[:40]!r}: {exc}"
+            ) from exc
+        return positions, spans
+
+    def _rolling(self, req: RollingLogprob) -> RollingResult:
+        positions, _ = self._scored(req.text, "text")
+        lps = np.asarray([p.logprob for p in positions if p.logprob is not None], dtype=float)
+        _finite(lps, self.url, req.view, req.text)
+        ids = [p.id if p.id is not None else -1 for p in positions]
+        return RollingResult(token_ids=np.asarray(ids, dtype=np.int64), logprobs=lps)
+
+    def _continuation(self, req: ContinuationLogprob) -> ContinuationResult:
+        """Sum of log-probs of the tokens carrying completion characters.
+
+        Prompt and completion go as one text; a token straddling the boundary carries
+        completion characters and is counted with the completion.
+        """
+        if not req.completion:
+            raise BackendError(f"{self.url}: empty completion for prompt {req.prompt[:40]!r}")
+        text = req.prompt + req.completion
+        positions, spans = self._scored(text, "prompt")
+        boundary = len(req.prompt)
+        chosen = [
+            p.logprob
+            for p, (_, end) in zip(positions, spans, strict=True)
+            if end > boundary and p.logprob is not None
+        ]
+        if not chosen:
+            raise BackendError(
+                f"{self.url}: no scored token covers completion {req.completion[:40]!r}"
+            )
+        lps = np.asarray(chosen, dtype=float)
+        _finite(lps, self.url, req.view, req.prompt)
+        return ContinuationResult(logprob=float(lps.sum()), num_tokens=len(chosen))
+
+    def _generate(self, req: Generate) -> GenerationResult:
+        body = self._post(
+            {"prompt": req.prompt, "max_tokens": req.max_new_tokens, "temperature": 0}
+        )
+        text = _choice(body, self.url).get("text")
+        if not isinstance(text, str):
+            raise BackendError(f"{self.url}: the completion has no text field")
+        return GenerationResult(text=text)
+
+    # ---- HTTP ----
+
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST JSON with retries on 5xx / 429 / connection errors and exponential backoff."""
+        data = json.dumps({"model": self.model, **payload}).encode()
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._key:
+            headers["Authorization"] = "Bearer " + self._key.reveal()
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._count("http_retries", 1)
+                time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+            start = time.perf_counter()
+            try:
+                request = urllib.request.Request(self.url, data=data, headers=headers)
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                    raw = resp.read()
+            except urllib.error.HTTPError as exc:
+                body = self._scrub(_read_error(exc))
+                if exc.code in RETRY_STATUS:
+                    last = f"HTTP {exc.code}: {body}"
+                    continue
+                raise _HTTPStatus(self._status_message(exc.code, body), exc.code) from None
+            except (
+                urllib.error.URLError,
+                http.client.HTTPException,
+                ConnectionError,
+                TimeoutError,
+            ) as exc:
+                last = self._scrub(_transport_reason(exc))
+                continue
+            finally:
+                self._count("http_requests", 1)
+                self._count("http_wall_s", time.perf_counter() - start)
+            try:
+                body_json = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise BackendError(f"{self.url}: the answer is not JSON ({exc})") from None
+            if not isinstance(body_json, dict):
+                raise BackendError(f"{self.url}: the answer is not a JSON object")
+            return body_json
+        raise BackendError(f"{self.url}: no answer after {self.max_retries + 1} attempt(s): {last}")
+
+    def _status_message(self, status: int, body: str) -> str:
+        if status in (401, 403):
+            where = " or ".join(KEY_ENV)
+            sent = "a key was sent" if self._key else "no key was sent"
+            return (
+                f"{self.url}: HTTP {status} (authentication refused; {sent}): set a valid key "
+                f"in {where}. Server said: {body}"
+            )
+        return f"{self.url}: HTTP {status}: {body}"
+
+    def _scrub(self, text: str) -> str:
+        key = self._key.reveal()
+        return text.replace(key, "<redacted>") if key else text
+
+    def _count(self, name: str, value: float) -> None:
+        with self._lock:
+            self._counters[name] += value
+
+    def counters(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._counters)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def char_spans(positions: Sequence[Position], text: str) -> list[tuple[int, int]]:
+    """(start, end) character span of each position inside `text`.
+
+    From the server's `text_offset` when given, else by walking the decoded tokens; a
+    leading token that is not part of the text (a BOS like `<s>`) is zero-width.
+    """
+    if positions and all(p.offset is not None for p in positions):
+        starts = [int(p.offset or 0) for p in positions]
+        ends = [*starts[1:], len(text)]
+        return [(s, max(s, e)) for s, e in zip(starts, ends, strict=True)]
+    joined = "".join(p.token for p in positions)
+    skip = 0
+    if joined != text:
+        if positions and "".join(p.token for p in positions[1:]) == text:
+            skip = 1
+        else:
+            raise ValueError(
+                "the echoed tokens do not spell the text and the server gave no text_offset"
+            )
+    spans = [(0, 0)] * skip
+    at = 0
+    for p in positions[skip:]:
+        spans.append((at, at + len(p.token)))
+        at += len(p.token)
+    return spans
+
+
+def _choice(body: Mapping[str, Any], url: str) -> Mapping[str, Any]:
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        raise BackendError(f"{url}: the answer has no choices[0] (got keys {sorted(body)[:6]})")
+    return choices[0]
+
+
+def _finite(lps: np.ndarray, url: str, view: View, text: str) -> None:
+    if lps.size == 0 or not np.all(np.isfinite(lps)):
+        raise BackendError(
+            f"{url}: view {view.key} gave no or non-finite log-probs on {text[:40]!r}"
+        )
+
+
+def _read_error(exc: urllib.error.HTTPError) -> str:
+    try:
+        raw = exc.read().decode("utf-8", "replace")
+    except (OSError, http.client.HTTPException):
+        raw = ""
+    try:
+        parsed = json.loads(raw)
+        if isinstance(parsed, dict):
+            err = parsed.get("error", parsed)
+            raw = str(err.get("message", err) if isinstance(err, dict) else err)
+    except json.JSONDecodeError:
+        pass
+    return " ".join(raw.split())[:200] or exc.reason or "(no body)"
+
+
+def _transport_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return f"{type(exc).__name__}: {reason if reason is not None else exc}"
+
+
+def _key_from_env() -> str:
+    for name in KEY_ENV:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return ""

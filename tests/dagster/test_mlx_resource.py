@@ -1,0 +1,47 @@
+"""The MLXBackend resource: a suite with `kind: mlx` evaluates a partition on mlx-lm."""
+
+from __future__ import annotations
+
+import pytest
+
+from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.definitions import JOB_NAME, build_definitions
+from sway_dagster.resources import HFBackend, MLXBackend
+from sway_engine.backends.mlx import MLXBackend as Engine
+from sway_engine.store import ResultStore
+from tests.dagster.conftest import add_adapter
+
+
+def test_suite_kind_mlx_picks_the_mlx_resource_and_materializes(
+    home, instance, fx, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("SWAY_CACHE_DIR", str(tmp_path / "cache"))
+    home.suite.write_text(fx.suite.read_text().replace("kind: hf", "kind: mlx"))
+    defs = build_definitions(home)
+    resource = defs.resources["backend"]
+    assert isinstance(resource, MLXBackend) and resource.base == str(fx.base)
+    assert not resource.same_model(HFBackend(base=str(fx.base)))
+
+    add_adapter(home, fx.adapters["doc-strong"])
+    (cand,) = AdapterStore(root=str(home.adapters_dir), settle_seconds=0).scan()
+    assert cand.key is not None
+    instance.add_dynamic_partitions("adapters", [cand.key])
+    loads = Engine.base_loads
+    result = defs.resolve_job_def(JOB_NAME).execute_in_process(
+        partition_key=cand.key, instance=instance
+    )
+    assert result.success
+    assert Engine.base_loads - loads == 1  # one mlx-lm base load for the whole run
+    rows = {r["probe"]: r for r in ResultStore(home.database).probe_results(cand.key)}
+    assert rows["delta_kl_doc"]["verdict"] == "pass" and rows["delta_kl_doc"]["z"] >= 3
+    assert rows["null_baseline"]["verdict"] == "pass"  # nulls exist on mlx now
+    ((check,)) = result.get_asset_check_evaluations()
+    assert check.passed
+    assert any((tmp_path / "cache" / "mlx-adapters").glob("*/adapters.safetensors"))
+
+
+def test_mlx_resource_rejects_unknown_config(fx) -> None:  # type: ignore[no-untyped-def]
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="bogus"):
+        MLXBackend(base=str(fx.base), bogus=1)  # type: ignore[call-arg]
