@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(BIN)/mypy sway_engine
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run
 
 ui: $(STAMP)
 	@test -f $(SWAY_HOME)/sway.yaml || { echo "run 'make run' first"; exit 1; }

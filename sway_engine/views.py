@@ -2,12 +2,16 @@
 
 A view names which weights answer a request. The backend registers each as a named
 adapter on the base and evaluates rows of different views in one batch.
+
+Every non-base view derives from one trained adapter, named by its `adapter` field: ""
+(the default) is the primary adapter under test, so single-adapter code never spells it;
+a multi-adapter run (`runner.run_many`) binds the same views to each of its adapters.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 NullMode = Literal["matched", "fixed"]
@@ -22,13 +26,20 @@ class Base:
         return "base"
 
 
+def _of(adapter: str) -> str:
+    """Key suffix naming the trained adapter a view derives from (none for the primary)."""
+    return f"@{adapter}" if adapter else ""
+
+
 @dataclass(frozen=True)
 class Finetuned:
-    """The trained adapter under test."""
+    """The trained adapter under test (`adapter`: which one, "" = the primary)."""
+
+    adapter: str = ""
 
     @property
     def key(self) -> str:
-        return "ft"
+        return f"ft{_of(self.adapter)}"
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class Scaled:
     """The trained adapter's update (alpha/r)*B*A multiplied by `lam`."""
 
     lam: float
+    adapter: str = ""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.lam):
@@ -43,7 +55,7 @@ class Scaled:
 
     @property
     def key(self) -> str:
-        return f"scaled_{self.lam!r}"
+        return f"scaled_{self.lam!r}{_of(self.adapter)}"
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,7 @@ class Null:
     rank_scale: float = 1.0
     mode: NullMode = "matched"
     init_scale: float = 0.02
+    adapter: str = ""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.rank_scale) and self.rank_scale > 0):
@@ -67,7 +80,7 @@ class Null:
     @property
     def key(self) -> str:
         tail = f"_is{self.init_scale!r}" if self.mode == "fixed" else ""
-        return f"null_{self.mode}_{self.seed}_r{self.rank_scale!r}{tail}"
+        return f"null_{self.mode}_{self.seed}_r{self.rank_scale!r}{tail}{_of(self.adapter)}"
 
 
 View = Base | Finetuned | Scaled | Null
@@ -82,5 +95,12 @@ def canonical(view: View) -> View:
         if view.lam == 0.0:
             return BASE
         if view.lam == 1.0:
-            return FINETUNED
+            return Finetuned(view.adapter)
     return view
+
+
+def bind(view: View, adapter: str) -> View:
+    """The same view derived from trained adapter `adapter` (the base stays the base)."""
+    if isinstance(view, Base) or view.adapter == adapter:
+        return view
+    return replace(view, adapter=adapter)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,7 @@ class HFBackend:
         trust_remote_code: bool = False,
         batch_tokens: int = 4096,
         max_batch_rows: int = 64,
+        pad_tokens_per_pass: int | None = None,
         row_cache_bytes: int = 256 << 20,
     ) -> None:
         torch, transformers, _ = _import_stack()
@@ -92,6 +94,7 @@ class HFBackend:
         self.dtype = _pick_dtype(torch, dtype, self.device)
         self.batch_tokens = batch_tokens
         self.max_batch_rows = max_batch_rows
+        self._pad_tokens_per_pass = pad_tokens_per_pass
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
                 base, trust_remote_code=trust_remote_code
@@ -106,6 +109,15 @@ class HFBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._base_model = model.to(self.device).eval()
+        # One more forward pass costs about as much as this many more tokens on this model
+        # (fixed per-pass work over per-token work, measured on CPU): tiny models pay ~100s,
+        # a 135M model a few. `_batches` trades padding against passes with it.
+        params = sum(p.numel() for p in model.parameters())
+        self.pad_tokens_per_pass = (
+            pad_tokens_per_pass
+            if pad_tokens_per_pass is not None
+            else max(4, min(256, int(2e8 / max(params, 1))))
+        )
         HFBackend.base_loads += 1
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.vocab_size = int(model.config.vocab_size)
@@ -113,7 +125,17 @@ class HFBackend:
         self._ft_name = ""
         self._generation = 0
         self._names: dict[str, str] = {}
+        self._layer_list: list[Any] | None = None
+        self._views_made = 0
+        self._row_plan: list[tuple[str, int, int]] | None = None  # (adapter, rows s:e)
+        # Layers carrying sway's row hook, by id; the layer is kept so its id stays unique.
+        # A hook outlives adapter swaps (it reads the current plan), so it is added only once.
+        self._hooked: dict[int, Any] = {}
+        self._peft_active: bool | None = None  # PEFT's own LoRA path on (None: unknown)
+        self._row_lora: bool | None = None  # batched LoRA usable (None: not checked yet)
+        self._factors: dict[int, dict[str, tuple[Any, Any, float]]] = {}
         self.adapter: AdapterInfo | None = None
+        self.extra_adapters: dict[str, AdapterInfo] = {}
         self._row_cache: OrderedDict[tuple[str, tuple[int, ...]], Any] = OrderedDict()
         self._row_cache_bytes = row_cache_bytes
         self._row_cache_used = 0
@@ -153,11 +175,48 @@ class HFBackend:
             self._peft.delete_adapter(old)
         self._peft.eval()
         self._ft_name = name
-        self._names = {"ft": name}
+        self._names = {Finetuned().key: name}
+        self._layer_list = None
+        self._peft_active = None
+        self._row_lora = None
+        self._factors = {}
         self._row_cache.clear()
         self._row_cache_used = 0
         self.adapter = info
+        self.extra_adapters = {}
         self._counters["adapters_loaded"] += 1
+
+    def add_adapter(self, path: str | Path, label: str) -> str:
+        """Register another trained adapter of this base beside the primary one.
+
+        Views with `adapter=label` (`Finetuned(label)`, `Scaled(lam, label)`, `Null(...,
+        adapter=label)`) then derive from it, and their rows share batches (and base rows)
+        with every other adapter's. `load_adapter` drops all of them.
+        """
+        if not label:
+            raise BackendError("add_adapter needs a non-empty label; '' names the primary adapter")
+        if self._peft is None:
+            raise BackendError("load the primary adapter (load_adapter) before adding others")
+        key = Finetuned(label).key
+        if key in self._names:
+            raise BackendError(f"an adapter labelled {label!r} is already registered")
+        info = read_adapter(str(path))
+        name = f"ft{self._generation}_{len(self.extra_adapters) + 1}"
+        try:
+            self._peft.load_adapter(str(info.path), adapter_name=name, is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise AdapterError(
+                f"adapter {info.path} does not fit base {self.base_id!r}: {exc}"
+            ) from exc
+        self._peft.set_adapter(self._ft_name)
+        self._peft.eval()
+        self._names[key] = name
+        self._layer_list = None  # another adapter may target modules the primary does not
+        self._peft_active = None
+        self._row_lora = None
+        self.extra_adapters[label] = info
+        self._counters["adapters_loaded"] += 1
+        return label
 
     def _adapter_name(self, view: View) -> str:
         view = canonical(view)
@@ -168,7 +227,13 @@ class HFBackend:
         return self._names[view.key]
 
     def _ensure_views(self, views: Iterable[View]) -> None:
-        """Register every view not on the model yet, in one pass (one module scan)."""
+        """Register every view not on the model yet, in one pass.
+
+        New views are added as slots of the LoRA layers already on the model, not through
+        PEFT's `add_adapter`, whose module scan and per-adapter bookkeeping grow with the
+        number of adapters (100 views on the fixture: 51 s that way, 11 s through PEFT's
+        `update_layer`, well under a second as plain slots; see `_add_slot`).
+        """
         todo = list(
             dict.fromkeys(
                 v
@@ -180,23 +245,89 @@ class HFBackend:
             return
         if self._peft is None:
             raise BackendError(f"view {todo[0].key} needs a trained adapter; none is loaded")
-        ft_cfg = self._peft.peft_config[self._ft_name]
         for view in todo:
-            name = f"v{self._generation}_{len(self._names)}"
-            self._peft.add_adapter(name, _replace_cfg(ft_cfg, view))
+            if isinstance(view, Finetuned):
+                raise BackendError(
+                    f"no trained adapter labelled {view.adapter!r} is registered "
+                    "(HFBackend.add_adapter registers one)"
+                )
+            if Finetuned(view.adapter).key not in self._names:
+                raise BackendError(
+                    f"view {view.key} derives from adapter {view.adapter!r}, which is not "
+                    "registered (HFBackend.add_adapter registers one)"
+                )
+        fast = _layers_take_config(self._layers()) or _plain_linear(self._layers())
+        made: list[tuple[View, str, list[Any]]] = []
+        for view in todo:
+            src = self._names[Finetuned(view.adapter).key]
+            cfg = _replace_cfg(self._peft.peft_config[src], view)
+            self._views_made += 1
+            name = f"v{self._generation}_{self._views_made}"
+            if fast:
+                layers = self._register_view(src, name, cfg, view)
+            else:
+                self._peft.add_adapter(name, cfg)
+                self._layer_list = None
+                layers = [m for m in self._layers() if src in m.lora_A]
             self._names[view.key] = name
-        layers = self._lora_layers()
+            made.append((view, name, layers))
         with self._torch.no_grad():
-            for view in todo:
-                self._fill(layers, view, self._names[view.key])
-        self._peft.set_adapter(self._ft_name)
-        self._peft.eval()
+            for view, name, layers in made:
+                with self._deriving_from(self._names[Finetuned(view.adapter).key]):
+                    self._fill(layers, view, name)
+        if not fast:
+            self._peft.set_adapter(self._ft_name)
+            self._peft.eval()
         self._counters["views_registered"] += len(todo)
 
+    def _layers(self) -> list[Any]:
+        """Every LoRA layer of the model (scanned once per set of trained adapters)."""
+        if self._layer_list is None:
+            self._layer_list = self._lora_layers()
+        return self._layer_list
+
+    def _register_view(self, src: str, name: str, cfg: Any, view: View) -> list[Any]:
+        """Add adapter `name` to every layer trained adapter `src` adapts; return those layers.
+
+        Rank: the source's per-layer rank (a null's scaled by rank_scale), alpha the source's,
+        so scaling = alpha/r as PEFT would compute it from `cfg`'s rank and alpha patterns.
+        """
+        self._peft.peft_config[name] = cfg
+        layers = [m for m in self._layers() if src in m.lora_A]
+        plain = _plain_linear(layers, src)
+        for layer in layers:
+            r = int(layer.r[src])
+            if isinstance(view, Null):
+                r = max(1, round(r * view.rank_scale))
+            if plain:
+                _add_slot(self._torch, layer, src, name, r, bool(cfg.use_rslora))
+                continue
+            layer.update_layer(name, r, lora_alpha=layer.lora_alpha[src], config=cfg)
+            for part in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                part[name].train(False)  # new modules start in training mode (dropout)
+        return layers
+
+    @contextmanager
+    def _deriving_from(self, src: str) -> Iterator[None]:
+        """While filling a view's weights, `_fill` reads the trained adapter `src`."""
+        primary = self._ft_name
+        self._ft_name = src
+        try:
+            yield
+        finally:
+            self._ft_name = primary
+
     def _fill(self, layers: list[Any], view: View, name: str) -> None:
-        """Write a derived view's LoRA weights: scaled copy, or a seeded null."""
+        """Write a derived view's LoRA weights: scaled copy, or a seeded null.
+
+        Nulls come from `sway_engine.nulls` (seeded per module name), so every backend
+        draws the same null weights from the same trained adapter.
+        """
+        from sway_engine import nulls
+
         torch = self._torch
-        gen = torch.Generator().manual_seed(view.seed) if isinstance(view, Null) else None
+        names = {id(m): n for n, m in self._peft.named_modules()} if isinstance(view, Null) else {}
+        rslora = bool(getattr(self._peft.peft_config[self._ft_name], "use_rslora", False))
         for layer in layers:
             a_ft = layer.lora_A[self._ft_name].weight
             b_ft = layer.lora_B[self._ft_name].weight
@@ -206,22 +337,23 @@ class HFBackend:
                 a_new.copy_(a_ft)
                 b_new.copy_(b_ft * view.lam)
                 continue
-            assert isinstance(view, Null) and gen is not None
-            a = torch.randn(a_new.shape, generator=gen, dtype=torch.float32)
-            b = torch.randn(b_new.shape, generator=gen, dtype=torch.float32)
-            if view.mode == "fixed":
-                a, b = a * view.init_scale, b * view.init_scale
-            else:
-                target = float(
-                    torch.linalg.matrix_norm(
-                        layer.scaling[self._ft_name] * (b_ft.float() @ a_ft.float())
-                    )
+            assert isinstance(view, Null)
+            w = nulls.null_lora(
+                a_ft.detach().float().cpu().numpy(),
+                b_ft.detach().float().cpu().numpy(),
+                float(layer.scaling[self._ft_name]),
+                view,
+                names[id(layer)],
+                rslora=rslora,
+            )
+            if tuple(a_new.shape) != w.a.shape or tuple(b_new.shape) != w.b.shape:
+                raise BackendError(
+                    f"null {view.key} on {names[id(layer)]}: registered rank "
+                    f"{a_new.shape[0]} differs from the null's rank {w.a.shape[0]}"
                 )
-                have = float(torch.linalg.matrix_norm(layer.scaling[name] * (b @ a)))
-                c = math.sqrt(target / have) if have > 0 else 0.0
-                a, b = a * c, b * c
-            a_new.copy_(a.to(a_new.dtype))
-            b_new.copy_(b.to(b_new.dtype))
+            layer.scaling[name] = w.scaling
+            a_new.copy_(torch.from_numpy(w.a).to(a_new.dtype))
+            b_new.copy_(torch.from_numpy(w.b).to(b_new.dtype))
 
     def _lora_layers(self) -> list[Any]:
         from peft.tuners.lora import LoraLayer
@@ -301,12 +433,19 @@ class HFBackend:
         for last in (True, False):
             group = sorted((r for r in todo if r.last == last), key=lambda r: len(r.ids))
             for batch in self._batches(group):
+                batch.sort(key=lambda r: r.adapter)  # one contiguous block of rows per adapter
                 for row, value in zip(batch, self._forward(batch, last), strict=True):
                     rows[row] = value
                     if last:
                         self._remember(row, value)
 
     def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Pack rows (sorted by length) into batches within the token and row budgets.
+
+        A batch is also closed where widening it to the next row would add more padding
+        than `pad_tokens_per_pass` (the cost of one more forward pass, in tokens), so
+        the padding stays a few percent of the real tokens.
+        """
         batches: list[list[_Row]] = []
         current: list[_Row] = []
         for row in rows:
@@ -314,6 +453,7 @@ class HFBackend:
             if current and (
                 (len(current) + 1) * width > self.batch_tokens
                 or len(current) >= self.max_batch_rows
+                or (width - len(current[-1].ids)) * len(current) > self.pad_tokens_per_pass
             ):
                 batches.append(current)
                 current = []
@@ -340,7 +480,14 @@ class HFBackend:
         if last:
             kwargs["logits_to_keep"] = 1
         with torch.inference_mode():
-            if self._peft is not None:
+            if self._peft is not None and self._row_lora_ready():
+                self._row_plan = _segments([r.adapter for r in batch])
+                try:
+                    logits = self._base_model(**kwargs).logits
+                finally:
+                    self._row_plan = None
+            elif self._peft is not None:
+                self._peft_lora(True)
                 logits = self._peft(**kwargs, adapter_names=[r.adapter for r in batch]).logits
             else:
                 logits = self._base_model(**kwargs).logits
@@ -359,6 +506,46 @@ class HFBackend:
             nxt = torch.tensor(row.ids[1:], device=seq.device)
             out.append(seq.gather(-1, nxt[:, None])[:, 0].cpu().numpy().astype(np.float64))
         return out
+
+    # ---- batched LoRA for scoring forwards ----
+
+    def _row_lora_ready(self) -> bool:
+        """Switch scoring forwards to sway's batched LoRA; False where it cannot apply.
+
+        PEFT's mixed-batch forward loops over the adapters of a batch in every LoRA layer
+        (plus a module scan per call): with dozens of views per batch that loop costs more
+        than the model. Here PEFT's own LoRA path is switched off and a forward hook on
+        each LoRA layer adds each adapter's update to its block of rows (rows are sorted
+        by adapter, so a block is a slice: no gather, no scatter): two matmuls and one
+        in-place add per adapter, the same arithmetic as PEFT's. Plain linear LoRA only
+        (as `_add_slot`); anything else keeps PEFT's path.
+        """
+        layers = self._layers()
+        if self._row_lora is None:
+            self._row_lora = _plain_linear(layers)
+        if not self._row_lora:
+            return False
+        for layer in layers:
+            if id(layer) not in self._hooked:
+                layer.register_forward_hook(self._row_hook)
+                self._hooked[id(layer)] = layer
+        self._peft_lora(False)
+        return True
+
+    def _peft_lora(self, on: bool) -> None:
+        """Turn PEFT's own LoRA computation on or off in every layer (only when it changes)."""
+        if self._peft_active is on:
+            return
+        for layer in self._layers():
+            layer.enable_adapters(on)
+        self._peft_active = on
+
+    def _row_hook(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
+        plan = self._row_plan
+        if plan is None:
+            return None
+        table = self._factors.setdefault(id(layer), {})
+        return _add_row_updates(self._torch, layer, table, args[0], output, plan)
 
     def _remember(self, row: _Row, value: Any) -> None:
         size = int(value.numel()) * 4
@@ -420,6 +607,8 @@ class HFBackend:
         for req in dict.fromkeys(reqs):
             groups.setdefault((self._adapter_name(req.view), req.max_new_tokens), []).append(req)
         model = self._peft if self._peft is not None else self._base_model
+        if self._peft is not None and reqs:
+            self._peft_lora(True)
         for (adapter, max_new), group in groups.items():
             for start in range(0, len(group), self.max_batch_rows):
                 chunk = group[start : start + self.max_batch_rows]
@@ -452,6 +641,105 @@ class HFBackend:
         self._base_model = None
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
+
+
+def _plain_linear(layers: list[Any], src: str | None = None) -> bool:
+    """True when every layer's LoRA (of `src`, else of all adapters) is plain nn.Linear A, B.
+
+    Plain LoRA (no DoRA or other variant, no bias on B) is what `_add_slot` can register.
+    """
+    import torch
+
+    linear = torch.nn.Linear
+    for layer in layers:
+        names = [src] if src is not None else list(layer.lora_A)
+        for n in names:
+            if not (
+                isinstance(layer.lora_A[n], linear)
+                and isinstance(layer.lora_B[n], linear)
+                and layer.lora_B[n].bias is None
+                and n not in getattr(layer, "lora_variant", {})
+            ):
+                return False
+    return bool(layers)
+
+
+def _add_slot(torch: Any, layer: Any, src: str, name: str, r: int, rslora: bool) -> None:
+    """Register LoRA adapter `name` (rank r, src's alpha) on one layer, weights left unset.
+
+    Sets exactly what PEFT's mixed-batch forward and `delete_adapter` read: the A and B
+    modules (`_fill` overwrites their default init), a no-op dropout (inference),
+    r, alpha and scaling. O(1) per layer, where `update_layer` revisits every adapter.
+    """
+    nn = torch.nn
+    like = layer.lora_A[src].weight
+    kw = {"device": like.device, "dtype": like.dtype, "bias": False}
+    a = nn.Linear(layer.lora_A[src].in_features, r, **kw)  # (skip_init is 10x slower)
+    b = nn.Linear(r, layer.lora_B[src].out_features, **kw)
+    for module in (a, b):
+        module.train(False)
+        module.requires_grad_(False)
+    alpha = layer.lora_alpha[src]
+    layer.r[name] = r
+    layer.lora_alpha[name] = alpha
+    layer.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+    layer.lora_dropout[name] = nn.Identity()
+    layer.lora_A[name] = a
+    layer.lora_B[name] = b
+    for attr, value in (("use_rslora", rslora), ("use_dora", False), ("lora_bias", False)):
+        table = getattr(layer, attr, None)
+        if isinstance(table, dict):
+            table[name] = value
+
+
+def _segments(adapters: list[str]) -> list[tuple[str, int, int]]:
+    """Runs of equal adapter names: (name, start, end) over rows sorted by adapter."""
+    out: list[tuple[str, int, int]] = []
+    start = 0
+    for i in range(1, len(adapters) + 1):
+        if i == len(adapters) or adapters[i] != adapters[start]:
+            out.append((adapters[start], start, i))
+            start = i
+    return out
+
+
+def _add_row_updates(
+    torch: Any,
+    layer: Any,
+    table: dict[str, tuple[Any, Any, float]],
+    x: Any,
+    out: Any,
+    plan: list[tuple[str, int, int]],
+) -> Any:
+    """out[s:e] += scaling * B A x[s:e] for each adapter block this layer adapts.
+
+    Base rows and adapters that do not target this layer are left as they are. `table`
+    caches (A, B, scaling) per adapter name for this layer (names are never reused).
+    """
+    linear = torch.nn.functional.linear
+    for name, start, end in plan:
+        f = table.get(name)
+        if f is None:
+            if name not in layer.lora_A:
+                continue
+            f = table[name] = (
+                layer.lora_A[name].weight,
+                layer.lora_B[name].weight,
+                float(layer.scaling[name]),
+            )
+        a, b, scaling = f
+        d = linear(linear(x[start:end].to(a.dtype), a), b)
+        out[start:end].add_(d.to(out.dtype), alpha=scaling)
+    return out
+
+
+def _layers_take_config(layers: list[Any]) -> bool:
+    """True when this PEFT's LoraLayer.update_layer takes a LoraConfig (peft >= 0.18)."""
+    if not layers:
+        return False
+    import inspect
+
+    return "config" in inspect.signature(layers[0].update_layer).parameters
 
 
 def _replace_cfg(cfg: Any, view: View) -> Any:

@@ -12,14 +12,14 @@ import torch
 
 from sway_engine import stats
 from sway_engine.backends.hf import HFBackend
-from sway_engine.errors import AdapterError
+from sway_engine.errors import AdapterError, BackendError
 from sway_engine.requests import (
     ContinuationLogprob,
     Divergence,
     NextToken,
     RollingLogprob,
 )
-from sway_engine.views import BASE, FINETUNED, Null, Scaled
+from sway_engine.views import BASE, FINETUNED, Finetuned, Null, Scaled, bind
 from tests.conftest import scaled_adapter
 
 PROMPTS = ["The keeper of the lamp", "What is brewed on the island?", "Once upon a time"]
@@ -136,9 +136,84 @@ def test_swapping_adapters_rebuilds_derived_views(fx) -> None:  # type: ignore[n
     assert backend.counters()["adapters_loaded"] == 2
 
 
+def test_swapped_adapter_scores_like_a_fresh_load(fx) -> None:  # type: ignore[no-untyped-def]
+    """After load_adapter, FINETUNED is the new adapter alone: no update of the old one, and
+    the batched-LoRA hooks are not stacked (applying the update twice)."""
+    reqs = [
+        ContinuationLogprob(PROMPTS[0], " Tamsk", FINETUNED),
+        Divergence(PROMPTS[1], BASE, FINETUNED),
+    ]
+    fresh = {
+        name: HFBackend(str(fx.base), str(fx.adapters[name])).execute(reqs)
+        for name in ("doc-strong", "noise")
+    }
+    backend = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+    for name in ("doc-strong", "noise", "doc-strong", "noise"):
+        backend.load_adapter(str(fx.adapters[name]))
+        lp, div = backend.execute(reqs)
+        assert lp.logprob == pytest.approx(fresh[name][0].logprob, abs=1e-4), name
+        assert div.js == pytest.approx(fresh[name][1].js, abs=1e-6), name
+
+
 def test_long_text_is_scored_in_windows(hf: HFBackend) -> None:
     text = " ".join(["the lamp keeper walked along the shore"] * 80)
     (res,) = hf.execute([RollingLogprob(text, BASE)])
     n = len(hf.tokenizer(text)["input_ids"])
     assert n > hf.max_len and res.logprobs.size == n - 1
     assert math.isfinite(res.total)
+
+
+# ---- view registration as slots, and several trained adapters on one base ----
+
+
+def test_slot_registered_scaled_view_equals_a_peft_loaded_scaled_adapter(
+    fx,  # type: ignore[no-untyped-def]
+    hf: HFBackend,
+    tmp_path: Path,
+) -> None:
+    """Scaled(0.5) registered as a plain slot answers as PEFT's own load of a B*0.5 copy."""
+    half = scaled_adapter(fx.adapters["doc-strong"], tmp_path / "half", 0.5)
+    ref = HFBackend(str(fx.base), str(half))
+    for prompt in PROMPTS:
+        (got,) = hf.execute([NextToken(prompt, Scaled(0.5), 64)])
+        (want,) = ref.execute([NextToken(prompt, FINETUNED, 64)])
+        assert np.array_equal(got.token_ids, want.token_ids)
+        assert np.abs(got.logprobs - want.logprobs).max() < 1e-5
+
+
+def test_views_of_an_added_adapter_equal_the_same_views_when_it_is_primary(fx) -> None:  # type: ignore[no-untyped-def]
+    multi = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+    assert multi.add_adapter(fx.adapters["doc-weak"], "weak") == "weak"
+    alone = HFBackend(str(fx.base), str(fx.adapters["doc-weak"]))
+    views = [FINETUNED, Scaled(0.5), Null(4), Null(5, rank_scale=2.0), Null(6, mode="fixed")]
+    for view in views:
+        bound = bind(view, "weak")
+        got = multi.execute([Divergence(p, BASE, bound) for p in PROMPTS])
+        want = alone.execute([Divergence(p, BASE, view) for p in PROMPTS])
+        for g, w in zip(got, want, strict=True):
+            assert g.js == pytest.approx(w.js, abs=1e-6), view
+    # the primary adapter's views are untouched by the second one
+    (strong,) = multi.execute([Divergence(PROMPTS[0], BASE, FINETUNED)])
+    (weak,) = multi.execute([Divergence(PROMPTS[0], BASE, Finetuned("weak"))])
+    assert strong.js > 10 * weak.js
+
+
+def test_add_adapter_refuses_bad_labels_and_unknown_adapters(fx) -> None:  # type: ignore[no-untyped-def]
+    backend = HFBackend(str(fx.base))
+    with pytest.raises(BackendError, match="load the primary adapter"):
+        backend.add_adapter(fx.adapters["doc-weak"], "weak")
+    backend.load_adapter(str(fx.adapters["doc-strong"]))
+    with pytest.raises(BackendError, match="non-empty label"):
+        backend.add_adapter(fx.adapters["doc-weak"], "")
+    backend.add_adapter(fx.adapters["doc-weak"], "weak")
+    with pytest.raises(BackendError, match="already registered"):
+        backend.add_adapter(fx.adapters["noise"], "weak")
+    with pytest.raises(AdapterError, match="non-finite"):
+        backend.add_adapter(fx.adapters["nan"], "nan")
+    with pytest.raises(BackendError, match="labelled 'other' is registered"):
+        backend.execute([NextToken(PROMPTS[0], Finetuned("other"), 4)])
+    with pytest.raises(BackendError, match="derives from adapter 'other'"):
+        backend.execute([NextToken(PROMPTS[0], Null(1, adapter="other"), 4)])
+    backend.load_adapter(str(fx.adapters["noise"]))  # a new primary drops the added ones
+    with pytest.raises(BackendError, match="labelled 'weak'"):
+        backend.execute([NextToken(PROMPTS[0], Finetuned("weak"), 4)])

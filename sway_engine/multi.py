@@ -1,0 +1,134 @@
+"""Several trained adapters of one base in one run: their requests share batches.
+
+`runner.run_many` runs the same suite once per adapter, each in its own thread, over one
+loaded base. Every suite sees an ordinary single-adapter session (`BoundSession`): the views
+its probes name (`Finetuned()`, `Scaled(lam)`, `Null(seed)`) are bound to that adapter's
+label on the way to the backend, and the adapter's directory is `ctx.adapter_path`.
+
+The suites run in lockstep (`Lockstep`): each `execute` waits until every live suite has
+submitted its next request list, then one thread executes all of them as one list. The
+backend dedupes base rows across adapters and packs every adapter's rows into the same
+batches. A suite that ends (or fails) early leaves the lockstep, so the others never wait
+for it. Results equal those of running each adapter alone (a batch's composition changes
+only the rounding, well below 1e-6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sway_engine.backends.instrumentation import Instrumented
+from sway_engine.requests import Divergence, Request, Result
+from sway_engine.views import bind
+
+Execute = Callable[[Sequence[Request]], list[Result]]
+
+
+def bind_request(request: Request, adapter: str) -> Request:
+    """The same request with every view derived from trained adapter `adapter`."""
+    if isinstance(request, Divergence):
+        return dataclasses.replace(
+            request, view_a=bind(request.view_a, adapter), view_b=bind(request.view_b, adapter)
+        )
+    return dataclasses.replace(request, view=bind(request.view, adapter))
+
+
+class Lockstep:
+    """Collects one request list per live participant and executes them together.
+
+    `submit(slot, requests)` blocks until every participant still running has submitted
+    (or left); the last to arrive executes the concatenated list for all. If that combined
+    call raises (one adapter's rows are non-finite, say), each participant's list is
+    executed on its own, so the error reaches only the participant whose requests caused it.
+    """
+
+    def __init__(self, execute: Execute, participants: int) -> None:
+        if participants < 1:
+            raise ValueError(f"a lockstep needs at least one participant, got {participants}")
+        self._execute = execute
+        self._live = participants
+        self._cond = threading.Condition()
+        self._pending: dict[int, list[Request]] = {}
+        self._done: dict[int, list[Result] | BaseException] = {}
+        self.rounds = 0
+
+    def submit(self, slot: int, requests: Sequence[Request]) -> list[Result]:
+        with self._cond:
+            if slot in self._pending:
+                raise RuntimeError(f"participant {slot} submitted twice in one round")
+            self._pending[slot] = list(requests)
+            if len(self._pending) >= self._live:
+                self._flush()
+            while slot not in self._done:
+                self._cond.wait()
+            out = self._done.pop(slot)
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def leave(self) -> None:
+        """A participant finished: the others stop waiting for it."""
+        with self._cond:
+            self._live -= 1
+            if self._pending and len(self._pending) >= self._live:
+                self._flush()
+
+    def _flush(self) -> None:
+        """Execute every pending list (the lock is held; waiting threads are idle anyway)."""
+        pending, self._pending = self._pending, {}
+        self.rounds += 1
+        flat = [r for reqs in pending.values() for r in reqs]
+        try:
+            results = self._execute(flat)
+        except Exception:  # noqa: BLE001 - isolate the failing participant, below
+            for slot, reqs in pending.items():
+                try:
+                    self._done[slot] = self._execute(reqs)
+                except Exception as exc:  # noqa: BLE001 - re-raised in the submitting thread
+                    self._done[slot] = exc
+        else:
+            at = 0
+            for slot, reqs in pending.items():
+                self._done[slot] = results[at : at + len(reqs)]
+                at += len(reqs)
+        self._cond.notify_all()
+
+
+class BoundSession(Instrumented):
+    """One adapter's session over a shared one: views bound to `label`, requests gathered.
+
+    `label` "" is the backend's primary adapter. Counters are the shared session's (the
+    whole multi-adapter run); `stats` counts this adapter's own requests.
+    """
+
+    def __init__(
+        self, shared: Instrumented, lockstep: Lockstep, slot: int, label: str, path: str | Path
+    ) -> None:
+        super().__init__(shared.inner)
+        self.shared = shared
+        self.lockstep = lockstep
+        self.slot = slot
+        self.adapter_label = label
+        self._path = str(path)
+
+    def execute(self, requests: Sequence[Request]) -> list[Result]:
+        self.stats["requests"] += len(requests)
+        self.stats["executes"] += 1
+        bound = [bind_request(r, self.adapter_label) for r in requests]
+        return self.lockstep.submit(self.slot, bound)
+
+    @property
+    def adapter_path(self) -> str | None:
+        return self._path
+
+    def reset(self) -> None:
+        self.shared.reset()
+
+    def counters(self) -> dict[str, float]:
+        return self.shared.counters()
+
+    def close(self) -> None:
+        """The shared session owns the backend; closing one adapter's view of it is a no-op."""
