@@ -20,13 +20,13 @@ import yaml
 from sway_engine import __version__
 from sway_engine.dlm import Document, load_dlm
 from sway_engine.errors import ProbeSkip, SpecError, SwayError
+from sway_engine.probes.document_inputs import paraphrase_cases, prose_prompts, questions
 from sway_engine.spec import parse_spec
 
 KL_PROMPTS = 16
 MIN_KL_PROMPTS = 8
 ABLATION_PROMPTS = 6
 CLUSTER_MIN_PROMPTS = 20
-PROSE_PROMPT_WORDS = 6
 LOSS_LOGS = ("logs/train-*.jsonl", "train-*.jsonl", "trainer_state.json")
 TRAINING_STATE = "training_state.pt"
 
@@ -158,46 +158,13 @@ def resolve_adapter(opts: Options, doc: Document) -> str:
 def kl_prompts(doc: Document, template: str) -> tuple[list[str], int]:
     """Held-out (`!probe`) questions first, padded with the other questions (never answers),
     else prose openings; and how many of them are held out."""
-    held = [template.format(question=q.question) for q in doc.qa if q.probe]
-    rest = [template.format(question=q.question) for q in doc.qa if not q.probe]
+    held, rest = questions(doc, template)
     prompts = held[:KL_PROMPTS]
     if len(prompts) < MIN_KL_PROMPTS:
         prompts += rest[: KL_PROMPTS - len(prompts)]
     if not prompts:
         prompts = prose_prompts(doc)[:KL_PROMPTS]
     return prompts, min(len(held), len(prompts))
-
-
-def prose_prompts(doc: Document) -> list[str]:
-    """The first words of each prose paragraph (headings skipped): mid-sentence openings."""
-    out = []
-    for section in doc.of("prose"):
-        for para in section.paragraphs:
-            words = para.split()
-            if para.startswith("#") or len(words) <= PROSE_PROMPT_WORDS:
-                continue
-            out.append(" ".join(words[:PROSE_PROMPT_WORDS]))
-    return out
-
-
-def paraphrase_cases(doc: Document, template: str) -> list[dict[str, Any]]:
-    """Questions the document answers identically: the first is the case, the rest its
-    paraphrases (real rewordings written by the author, not templates)."""
-    by_answer: dict[str, list[str]] = {}
-    for qa in doc.qa:
-        by_answer.setdefault(qa.answer.strip(), []).append(qa.question)
-    cases = []
-    for answer, questions in by_answer.items():
-        distinct = list(dict.fromkeys(questions))
-        if len(distinct) >= 2:
-            cases.append(
-                {
-                    "prompt": template.format(question=distinct[0]),
-                    "gold": " " + answer,
-                    "paraphrases": [template.format(question=q) for q in distinct[1:]],
-                }
-            )
-    return cases
 
 
 def training_files(adapter: Path) -> tuple[bool, bool]:

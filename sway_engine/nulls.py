@@ -88,11 +88,17 @@ def null_lora(
     if view.mode == "fixed":
         c = view.init_scale
     else:
-        target = float(np.linalg.norm(scaling * (b.astype(np.float64) @ a.astype(np.float64))))
-        have = float(np.linalg.norm(s_new * (b_new @ a_new)))
+        target = abs(float(scaling)) * update_norm(a.astype(np.float64), b.astype(np.float64))
+        have = abs(s_new) * update_norm(a_new, b_new)
         c = math.sqrt(target / have) if have > 0 else 0.0
     return LoraWeights(
         a=(a_new * c).astype(np.float32),
         b=(b_new * c).astype(np.float32),
         scaling=s_new,
     )
+
+
+def update_norm(a: np.ndarray, b: np.ndarray) -> float:
+    """||B A||_F without forming B A: sqrt(trace((B^T B)(A A^T))), two r x r products."""
+    value = float(np.einsum("ij,ji->", b.T @ b, a @ a.T))
+    return math.sqrt(max(value, 0.0))

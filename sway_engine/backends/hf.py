@@ -126,6 +126,7 @@ class HFBackend:
         self._generation = 0
         self._names: dict[str, str] = {}
         self._layer_list: list[Any] | None = None
+        self._names_cache: tuple[list[Any], dict[int, str]] | None = None
         self._views_made = 0
         self._row_plan: list[tuple[str, int, int]] | None = None  # (adapter, rows s:e)
         # Layers carrying sway's row hook, by id; the layer is kept so its id stays unique.
@@ -257,7 +258,7 @@ class HFBackend:
                     "registered (HFBackend.add_adapter registers one)"
                 )
         fast = _layers_take_config(self._layers()) or _plain_linear(self._layers())
-        made: list[tuple[View, str, list[Any]]] = []
+        made: list[tuple[Finetuned | Scaled | Null, str, list[Any]]] = []
         for view in todo:
             src = self._names[Finetuned(view.adapter).key]
             cfg = _replace_cfg(self._peft.peft_config[src], view)
@@ -307,6 +308,13 @@ class HFBackend:
                 part[name].train(False)  # new modules start in training mode (dropout)
         return layers
 
+    def _layer_names(self) -> dict[int, str]:
+        """Module name by id of every module, scanned once per LoRA layer list (not per view)."""
+        layers = self._layers()
+        if self._names_cache is None or self._names_cache[0] is not layers:
+            self._names_cache = (layers, {id(m): n for n, m in self._peft.named_modules()})
+        return self._names_cache[1]
+
     @contextmanager
     def _deriving_from(self, src: str) -> Iterator[None]:
         """While filling a view's weights, `_fill` reads the trained adapter `src`."""
@@ -326,7 +334,7 @@ class HFBackend:
         from sway_engine import nulls
 
         torch = self._torch
-        names = {id(m): n for n, m in self._peft.named_modules()} if isinstance(view, Null) else {}
+        names = self._layer_names() if isinstance(view, Null) else {}
         rslora = bool(getattr(self._peft.peft_config[self._ft_name], "use_rslora", False))
         for layer in layers:
             a_ft = layer.lora_A[self._ft_name].weight

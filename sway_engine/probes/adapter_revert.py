@@ -20,6 +20,7 @@ from sway_engine import embeddings, stats
 from sway_engine.backends.base import GENERATE
 from sway_engine.errors import ProbeError, ProbeSkip
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.document_inputs import cases_or_document
 from sway_engine.probes.guard_rail import harm_score
 from sway_engine.probes.multi_turn import answer_of
 from sway_engine.requests import Generate, GenerationResult
@@ -63,10 +64,8 @@ class AdapterRevert(Probe):
     def measure(
         self, spec: AdapterRevertSpec, ctx: Context, treatments: Sequence[View]
     ) -> list[Measurement]:
-        if not spec.cases:
-            raise ProbeError(
-                spec.name, "no cases: give adapter_revert `cases` of {prompt, gold, paraphrases}"
-            )
+        cases = cases_or_document(spec.name, self.kind, spec.cases, RevertCase, ctx)
+        spec = spec.model_copy(update={"cases": cases})
         pairs = [(c, q) for c in spec.cases for q in c.paraphrases]
         views = [BASE, *treatments]
         res = ctx.execute([Generate(q, v, spec.max_new_tokens) for v in views for _, q in pairs])

@@ -21,6 +21,7 @@ from sway_engine.backends.base import NEXT_TOKEN
 from sway_engine.errors import ProbeError, ProbeSkip
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
 from sway_engine.probes.divergence import divergences
+from sway_engine.probes.document_inputs import prompts_or_document
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View
 
@@ -133,9 +134,7 @@ class ClusterKL(Probe):
     def measure(
         self, spec: ClusterKLSpec, ctx: Context, treatments: Sequence[View]
     ) -> list[Measurement]:
-        prompts = spec.prompts
-        if not prompts:
-            raise ProbeError(spec.name, "no prompts: give cluster_kl a non-empty `prompts` list")
+        prompts = prompts_or_document(spec.name, self.kind, spec.prompts, ctx)
         need = max(spec.min_prompts, 2 * spec.num_clusters)
         if len(prompts) < need:
             raise ProbeSkip(

@@ -21,6 +21,7 @@ from sway_engine.backends.base import DIVERGENCE, GENERATE, NEXT_TOKEN
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
 from sway_engine.probes.divergence import _topk
+from sway_engine.probes.document_inputs import prompts_or_document
 from sway_engine.probes.prompt_collapse import (
     fit_evidence,
     half_life,
@@ -113,9 +114,9 @@ class MultiTurn(Probe):
     def measure(
         self, spec: MultiTurnSpec, ctx: Context, treatments: Sequence[View]
     ) -> list[Measurement]:
-        if not spec.prompts:
-            raise ProbeError(spec.name, "no prompts: give the probe first user messages")
-        prompts, turns = spec.prompts, spec.max_turns
+        prompts = prompts_or_document(spec.name, self.kind, spec.prompts, ctx)
+        spec = spec.model_copy(update={"prompts": prompts})
+        turns = spec.max_turns
         history = {
             (t, i): spec.turn_template.format(message=p)
             for t in range(len(treatments))

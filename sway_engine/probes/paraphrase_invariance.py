@@ -28,6 +28,7 @@ from sway_engine.backends.base import CONTINUATION
 from sway_engine.dlm import Document
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.document_inputs import cases_or_document
 from sway_engine.requests import ContinuationLogprob, ContinuationResult
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View
@@ -101,12 +102,8 @@ class ParaphraseInvariance(Probe):
     def measure(
         self, spec: ParaphraseSpec, ctx: Context, treatments: Sequence[View]
     ) -> list[Measurement]:
-        if not spec.cases:
-            raise ProbeError(
-                spec.name,
-                "no cases: give `cases` as {prompt, gold, paraphrases}, with paraphrases the "
-                "adapter was not trained on (sway does not invent paraphrases)",
-            )
+        cases = cases_or_document(spec.name, self.kind, spec.cases, Case, ctx)
+        spec = spec.model_copy(update={"cases": cases})
         prompts = [(c, x) for c in spec.cases for x in (c.prompt, *c.paraphrases)]
         views = [BASE, *treatments]
         reqs = [ContinuationLogprob(x, c.gold, v) for v in views for c, x in prompts]

@@ -23,6 +23,7 @@ from sway_engine.backends.base import NEXT_TOKEN, ROLLING
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
 from sway_engine.probes.divergence import divergences
+from sway_engine.probes.document_inputs import prompts_or_document
 from sway_engine.probes.external_perplexity import load_corpus
 from sway_engine.requests import RollingLogprob, RollingResult
 from sway_engine.result import NullStats, Verdict
@@ -162,8 +163,8 @@ class PromptCollapse(Probe):
     def measure(
         self, spec: PromptCollapseSpec, ctx: Context, treatments: Sequence[View]
     ) -> list[Measurement]:
-        if not spec.prompts:
-            raise ProbeError(spec.name, "no prompts: give prompt_collapse a `prompts` list")
+        prompts = prompts_or_document(spec.name, self.kind, spec.prompts, ctx)
+        spec = spec.model_copy(update={"prompts": prompts})
         fillers = self._fillers(spec, ctx)
         contexts = [f + SEPARATOR + p if f else p for f in fillers for p in spec.prompts]
         # Measured context length: tokens of (filler + prompt) minus tokens of the prompt alone.
