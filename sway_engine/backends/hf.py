@@ -609,35 +609,58 @@ class HFBackend:
         )
 
     def _generate_all(self, reqs: list[Generate]) -> dict[Generate, GenerationResult]:
-        torch = self._torch
+        """Greedy generation. With batched LoRA available, rows of every view share one
+        generate call (the row hook applies each row's adapter at every decode step);
+        otherwise one PEFT generate per view."""
         out: dict[Generate, GenerationResult] = {}
+        mixed = self._peft is not None and bool(reqs) and self._row_lora_ready()
         groups: dict[tuple[str, int], list[Generate]] = {}
         for req in dict.fromkeys(reqs):
-            groups.setdefault((self._adapter_name(req.view), req.max_new_tokens), []).append(req)
-        model = self._peft if self._peft is not None else self._base_model
-        if self._peft is not None and reqs:
+            name = self._adapter_name(req.view)
+            groups.setdefault(("" if mixed else name, req.max_new_tokens), []).append(req)
+        if self._peft is not None and reqs and not mixed:
             self._peft_lora(True)
-        for (adapter, max_new), group in groups.items():
+        for (_, max_new), group in groups.items():
+            # rows of one adapter contiguous: the row hook adds each adapter to its block
+            group.sort(key=lambda g: self._adapter_name(g.view))
             for start in range(0, len(group), self.max_batch_rows):
                 chunk = group[start : start + self.max_batch_rows]
-                enc = self.tokenizer([g.prompt for g in chunk], return_tensors="pt", padding=True)
-                kwargs: dict[str, Any] = {}
-                if self._peft is not None:
-                    kwargs["adapter_names"] = [adapter] * len(chunk)
-                with torch.inference_mode():
-                    gen = model.generate(
-                        input_ids=enc["input_ids"].to(self.device),
-                        attention_mask=enc["attention_mask"].to(self.device),
-                        max_new_tokens=max_new,
-                        do_sample=False,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        **kwargs,
-                    )
-                self._counters["forward_passes"] += max_new
-                new = gen[:, enc["input_ids"].shape[1] :].cpu()
-                for req, ids in zip(chunk, new, strict=True):
-                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    out[req] = GenerationResult(text=text, token_ids=tuple(int(i) for i in ids))
+                out.update(self._generate_chunk(chunk, max_new, mixed))
+        return out
+
+    def _generate_chunk(
+        self, chunk: list[Generate], max_new: int, mixed: bool
+    ) -> dict[Generate, GenerationResult]:
+        torch = self._torch
+        enc = self.tokenizer([g.prompt for g in chunk], return_tensors="pt", padding=True)
+        names = [self._adapter_name(g.view) for g in chunk]
+        kwargs: dict[str, Any] = {}
+        model = self._base_model
+        if self._peft is not None and not mixed:
+            model = self._peft
+            kwargs["adapter_names"] = names
+        with torch.inference_mode():
+            self._row_plan = _segments(names) if mixed else None
+            try:
+                gen = model.generate(
+                    input_ids=enc["input_ids"].to(self.device),
+                    attention_mask=enc["attention_mask"].to(self.device),
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    **kwargs,
+                )
+            finally:
+                self._row_plan = None
+        self._counters["forward_passes"] += max_new
+        eos = self.tokenizer.eos_token_id
+        out: dict[Generate, GenerationResult] = {}
+        for req, row in zip(chunk, gen[:, enc["input_ids"].shape[1] :].cpu(), strict=True):
+            ids = [int(i) for i in row]
+            if eos in ids:  # a row that ended early is padded to the batch's length: cut it
+                ids = ids[: ids.index(eos) + 1]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            out[req] = GenerationResult(text=text, token_ids=tuple(ids))
         return out
 
     def counters(self) -> dict[str, float]:

@@ -6,6 +6,8 @@ gold (cos > base_gold_similarity_cap) says nothing and is dropped. A kept pair r
 cos(T, base) > cos(T, gold). raw = reverts / kept pairs, lower is better (z uses sign -1),
 z-scored against the null adapters on the same paraphrases. PASS needs z >= assert_z_gte and
 raw < assert_revert_rate_lt; without a usable null, the rate alone.
+Without `cases`, the suite's `.dlm` document supplies them: questions it asks more than once
+with the same answer (see document_inputs.py); a document without any SKIPs.
 """
 
 from __future__ import annotations

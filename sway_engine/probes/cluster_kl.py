@@ -6,6 +6,8 @@ the divergence variance explained by topic. Under exchangeable labels E[eta^2] =
 (~0.2 for 5 clusters of 4), where upstream assumed 0.5 and gated its unweighted ratio at 0.6.
 Calibrated against the null adapters on the same prompts and clusters; without a usable null,
 a permutation test over cluster labels. Either way the most-moved topic must move >= min_effect.
+Without `prompts`, the suite's `.dlm` document supplies them (its questions, `!probe` ones
+first, else prose openings; see document_inputs.py).
 """
 
 from __future__ import annotations

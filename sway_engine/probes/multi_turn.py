@@ -7,6 +7,8 @@ turn t, on the treatment's history (the base reads the same history; it never ge
 raw = D(N), the effect left at the last turn, z-scored against the null adapters (each with
 its own dialogue from the same prompts and follow-ups); persistence = D(N) / D(1) must reach
 a threshold (default: what an exponential of half-life `assert_half_life_turns` keeps).
+Without `prompts`, the suite's `.dlm` document supplies them (its questions, `!probe` ones
+first, else prose openings; see document_inputs.py).
 """
 
 from __future__ import annotations

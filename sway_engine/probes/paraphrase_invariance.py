@@ -12,6 +12,9 @@ raw (z-scored against the null adapters on the same cases) is what the intent cl
 P for `generalize`/`both` (the adapter lifts prompts it was not trained on, beyond random),
 V for `memorize`. PASS needs z >= assert_z_gte, V >= min_verbatim_lift, and the ratio gate
 (>= min_generalization_ratio, or <= max_generalization_ratio_if_memorize).
+Without `cases`, the suite's `.dlm` document supplies them: questions it asks more than once
+with the same answer (see document_inputs.py); a document without any SKIPs. Such rewordings
+are training text, hence not held out: the result warns that the ratio measures memorisation.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ backend's tokenizer. raw = m(L_max), the effect left at the longest context, z-s
 the null adapters on the same contexts; persistence = m(L_max) / m(L_min) must reach a
 threshold (default: what an exponential with half-life `assert_half_life_tokens` keeps).
 Upstream fitted a half-life and FAILed when the effect did not decay; no decay is healthy.
+Without `prompts`, the suite's `.dlm` document supplies them (its questions, `!probe` ones
+first, else prose openings; see document_inputs.py).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from sway_engine.errors import AdapterError, BackendError
 from sway_engine.requests import (
     ContinuationLogprob,
     Divergence,
+    Generate,
     NextToken,
     RollingLogprob,
 )
@@ -153,6 +154,16 @@ def test_swapped_adapter_scores_like_a_fresh_load(fx) -> None:  # type: ignore[n
         lp, div = backend.execute(reqs)
         assert lp.logprob == pytest.approx(fresh[name][0].logprob, abs=1e-4), name
         assert div.js == pytest.approx(fresh[name][1].js, abs=1e-6), name
+
+
+def test_generation_of_many_views_in_one_batch_equals_each_view_alone(fx) -> None:  # type: ignore[no-untyped-def]
+    views = [BASE, FINETUNED, Null(3), Scaled(0.5)]
+    reqs = [Generate(p, v, 12) for p in PROMPTS[:3] for v in views]
+    together = HFBackend(str(fx.base), str(fx.adapters["doc-strong"])).execute(reqs)
+    alone = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+    for req, got in zip(reqs, together, strict=True):
+        (want,) = alone.execute([req])
+        assert got.token_ids == want.token_ids, req
 
 
 def test_long_text_is_scored_in_windows(hf: HFBackend) -> None:
