@@ -13,7 +13,10 @@ import numpy as np
 from sway_engine.result import NullStats
 
 LN2 = math.log(2.0)
-MIN_STD = 1e-9
+# Raw metrics are nats (or fractions) computed from fp32 log-probabilities, whose rounding
+# noise is ~1e-7: a null spread below 1e-6 is rounding, not a distribution (a zero adapter's
+# nulls gave std ~1e-9 and z = -178 on float noise under the old 1e-9 floor).
+MIN_STD = 1e-6
 # A null whose spread is below this fraction of its mean magnitude cannot calibrate.
 DEGENERATE_REL_STD = 1e-6
 

@@ -78,3 +78,11 @@ def test_score_from_z() -> None:
     assert stats.score_from_z(0.0) == 0.5
     assert stats.score_from_z(3.0) == pytest.approx(0.731, abs=1e-3)
     assert stats.score_from_z(None) is None
+
+
+def test_rounding_noise_is_a_degenerate_null() -> None:
+    """A zero adapter's nulls differ only by fp32 rounding: no z-score from that spread."""
+    noise = [3e-7, -2e-7, 1e-7, -4e-7, 2e-7, 0.0, -1e-7, 3e-7]
+    null = stats.null_stats(noise)
+    assert null.degenerate and stats.z_score(-3.6e-7, null) is None
+    assert not stats.null_stats([0.010, 0.012, 0.011, 0.013]).degenerate
