@@ -56,8 +56,8 @@ class ModelBackend(_Strict):
         return Path(self.trace_dir) / "trace.jsonl" if self.trace_dir else None
 
 
-class HFBackend(ModelBackend):
-    """torch/transformers/peft: the base loads once per run; adapters swap in place."""
+class _LocalModel(ModelBackend):
+    """A base model loaded in this process once per run; adapters swap in place."""
 
     base: str
     dtype: str = "auto"
@@ -68,88 +68,23 @@ class HFBackend(ModelBackend):
     _session: Instrumented | None = PrivateAttr(default=None)
     _adapter: str | None = PrivateAttr(default=None)
 
-    def model_id(self) -> str:
-        return self.base
-
-    def same_model(self, other: ModelBackend) -> bool:
-        keys = ("base", "dtype", "device", "trust_remote_code")
-        return isinstance(other, HFBackend) and all(
-            getattr(self, k) == getattr(other, k) for k in keys
-        )
-
-    def engine(self) -> Any:
-        """The loaded engine backend (loads the base on first use)."""
-        if self._backend is None:
-            from sway_engine.backends.hf import HFBackend as Engine
-
-            self._backend = Engine(
-                self.base,
-                dtype=self.dtype,
-                device=self.device,
-                trust_remote_code=self.trust_remote_code,
-                batch_tokens=self.batch_tokens,
-            )
-        return self._backend
-
-    def session(self, adapter_path: str) -> Instrumented:
-        engine = self.engine()
-        if self._session is None:
-            trace = Path(self.trace_dir) / "trace.jsonl" if self.trace_dir else None
-            self._session = Instrumented(engine, trace_path=trace)
-        if self._adapter != adapter_path:
-            self._adapter = None
-            engine.load_adapter(adapter_path)
-            self._session.reset()
-            self._adapter = adapter_path
-        return self._session
-
-    def counters(self) -> dict[str, float]:
-        return self._session.counters() if self._session is not None else {}
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._backend is not None:
-            self._backend.close()
-        self._backend = None
-        self._session = None
-        self._adapter = None
-
-
-class MLXBackend(ModelBackend):
-    """mlx-lm (Apple silicon, or Linux CPU through mlx[cpu]): the base loads once per run;
-    views and adapters swap LoRA weights in place; PEFT adapters are converted (cached)."""
-
-    base: str
-    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    batch_tokens: int = 4096
-    cache_dir: str = ""
-    _backend: Any = PrivateAttr(default=None)
-    _session: Instrumented | None = PrivateAttr(default=None)
-    _adapter: str | None = PrivateAttr(default=None)
+    def _load(self) -> Any:
+        """Construct the engine backend (heavy imports happen here)."""
+        raise NotImplementedError
 
     def model_id(self) -> str:
         return self.base
 
     def same_model(self, other: ModelBackend) -> bool:
         keys = ("base", "dtype", "device", "trust_remote_code")
-        return isinstance(other, MLXBackend) and all(
+        return type(other) is type(self) and all(
             getattr(self, k) == getattr(other, k) for k in keys
         )
 
     def engine(self) -> Any:
         """The loaded engine backend (loads the base on first use)."""
         if self._backend is None:
-            from sway_engine.backends.mlx import MLXBackend as Engine
-
-            self._backend = Engine(
-                self.base,
-                dtype=self.dtype,
-                device=self.device,
-                trust_remote_code=self.trust_remote_code,
-                batch_tokens=self.batch_tokens,
-                cache_dir=self.cache_dir or None,
-            )
+            self._backend = self._load()
         return self._backend
 
     def session(self, adapter_path: str) -> Instrumented:
@@ -172,6 +107,41 @@ class MLXBackend(ModelBackend):
         self._backend = None
         self._session = None
         self._adapter = None
+
+
+class HFBackend(_LocalModel):
+    """torch/transformers/peft: the base loads once per run; adapters swap in place."""
+
+    def _load(self) -> Any:
+        from sway_engine.backends.hf import HFBackend as Engine
+
+        return Engine(
+            self.base,
+            dtype=self.dtype,
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+            batch_tokens=self.batch_tokens,
+        )
+
+
+class MLXBackend(_LocalModel):
+    """mlx-lm (Apple silicon, or Linux CPU through mlx[cpu]): the base loads once per run;
+    views and adapters swap LoRA weights in place; PEFT adapters are converted (cached)."""
+
+    dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+    cache_dir: str = ""
+
+    def _load(self) -> Any:
+        from sway_engine.backends.mlx import MLXBackend as Engine
+
+        return Engine(
+            self.base,
+            dtype=self.dtype,
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+            batch_tokens=self.batch_tokens,
+            cache_dir=self.cache_dir or None,
+        )
 
 
 class TwoModelBackend(ModelBackend):

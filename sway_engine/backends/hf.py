@@ -8,10 +8,8 @@ exactly over the full vocabulary from fp32 log-softmax inside the batch.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +17,19 @@ import numpy as np
 
 from sway_engine.adapters import AdapterInfo, read_adapter
 from sway_engine.backends.base import ALL_CAPABILITIES
+from sway_engine.backends.rows import (
+    Plan,
+    Row,
+    RowCache,
+    answer,
+    collect,
+    logprob_result,
+    token_dist,
+)
+from sway_engine.backends.rows import plan as plan_rows
 from sway_engine.errors import AdapterError, BackendError
 from sway_engine.requests import (
     ContinuationLogprob,
-    ContinuationResult,
     Divergence,
     DivergenceResult,
     Generate,
@@ -31,8 +38,6 @@ from sway_engine.requests import (
     Request,
     Result,
     RollingLogprob,
-    RollingResult,
-    TokenDist,
     views_of,
 )
 from sway_engine.views import Base, Finetuned, Null, Scaled, View, canonical
@@ -42,15 +47,6 @@ if TYPE_CHECKING:
 
 BASE_NAME = "__base__"
 LN2 = math.log(2.0)
-
-
-@dataclass(frozen=True)
-class _Row:
-    """One sequence to forward under one adapter. `last`: keep only the final position."""
-
-    adapter: str
-    ids: tuple[int, ...]
-    last: bool
 
 
 def _import_stack() -> tuple[Any, Any, Any]:
@@ -137,9 +133,7 @@ class HFBackend:
         self._factors: dict[int, dict[str, tuple[Any, Any, float]]] = {}
         self.adapter: AdapterInfo | None = None
         self.extra_adapters: dict[str, AdapterInfo] = {}
-        self._row_cache: OrderedDict[tuple[str, tuple[int, ...]], Any] = OrderedDict()
-        self._row_cache_bytes = row_cache_bytes
-        self._row_cache_used = 0
+        self._row_cache = RowCache(row_cache_bytes, lambda v: int(v.numel()) * 4)
         self._counters: dict[str, float] = {
             "forward_passes": 0,
             "rows_forwarded": 0,
@@ -182,7 +176,6 @@ class HFBackend:
         self._row_lora = None
         self._factors = {}
         self._row_cache.clear()
-        self._row_cache_used = 0
         self.adapter = info
         self.extra_adapters = {}
         self._counters["adapters_loaded"] += 1
@@ -376,68 +369,17 @@ class HFBackend:
 
     def execute(self, requests: Sequence[Request]) -> list[Result]:
         self._ensure_views(v for req in requests for v in views_of(req))
-        rows: dict[_Row, Any] = {}
-        plans: list[Any] = []
-        for req in requests:
-            plan = self._plan(req)
-            plans.append(plan)
-            for row in plan[1]:
-                rows.setdefault(row, None)
+        rows, plans = collect(requests, self._plan)
         self._forward_all(rows)
         gens = self._generate_all([r for r in requests if isinstance(r, Generate)])
-        out: list[Result] = []
-        for req, plan in zip(requests, plans, strict=True):
-            if isinstance(req, Generate):
-                out.append(gens[req])
-            else:
-                out.append(self._assemble(req, plan, rows))
-        return out
+        return answer(requests, plans, rows, gens, self._assemble)
 
-    def _ids(self, text: str, *, special: bool = True) -> list[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
-        if special and not ids:
-            fallback = self.tokenizer.bos_token_id
-            ids = [fallback if fallback is not None else self.tokenizer.eos_token_id]
-        return ids
+    def _plan(self, req: Request) -> Plan:
+        return plan_rows(req, self.tokenizer, self.max_len, self._adapter_name)
 
-    def _plan(self, req: Request) -> tuple[Any, list[_Row]]:
-        if isinstance(req, NextToken):
-            ids = tuple(self._ids(req.prompt)[-self.max_len :])
-            return ids, [_Row(self._adapter_name(req.view), ids, True)]
-        if isinstance(req, Divergence):
-            ids = tuple(self._ids(req.prompt)[-self.max_len :])
-            return ids, [
-                _Row(self._adapter_name(req.view_a), ids, True),
-                _Row(self._adapter_name(req.view_b), ids, True),
-            ]
-        if isinstance(req, RollingLogprob):
-            text_ids = self._ids(req.text)
-            windows = _windows(text_ids, self.max_len)
-            name = self._adapter_name(req.view)
-            keeps = [keep for _, keep in windows]
-            return (text_ids, keeps), [_Row(name, w, False) for w, _ in windows]
-        if isinstance(req, ContinuationLogprob):
-            p_ids = self._ids(req.prompt)
-            c_ids = self._ids(req.completion, special=False)
-            if not c_ids:
-                raise BackendError(f"completion {req.completion!r} tokenizes to zero tokens")
-            seq = tuple((p_ids + c_ids)[-self.max_len :])
-            n_c = min(len(c_ids), len(seq) - 1)
-            return (seq, n_c), [_Row(self._adapter_name(req.view), seq, False)]
-        if isinstance(req, Generate):
-            return None, []
-        raise BackendError(f"hf backend cannot answer {type(req).__name__}")
-
-    def _forward_all(self, rows: dict[_Row, Any]) -> None:
-        todo: list[_Row] = []
-        for row in rows:
-            hit = self._row_cache.get((row.adapter, row.ids)) if row.last else None
-            if hit is not None:
-                rows[row] = hit
-                self._row_cache.move_to_end((row.adapter, row.ids))
-                self._counters["row_cache_hits"] += 1
-            else:
-                todo.append(row)
+    def _forward_all(self, rows: dict[Row, Any]) -> None:
+        todo, hits = self._row_cache.fill(rows)
+        self._counters["row_cache_hits"] += hits
         for last in (True, False):
             group = sorted((r for r in todo if r.last == last), key=lambda r: len(r.ids))
             for batch in self._batches(group):
@@ -445,17 +387,17 @@ class HFBackend:
                 for row, value in zip(batch, self._forward(batch, last), strict=True):
                     rows[row] = value
                     if last:
-                        self._remember(row, value)
+                        self._row_cache.put(row, value)
 
-    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
+    def _batches(self, rows: list[Row]) -> list[list[Row]]:
         """Pack rows (sorted by length) into batches within the token and row budgets.
 
         A batch is also closed where widening it to the next row would add more padding
         than `pad_tokens_per_pass` (the cost of one more forward pass, in tokens), so
         the padding stays a few percent of the real tokens.
         """
-        batches: list[list[_Row]] = []
-        current: list[_Row] = []
+        batches: list[list[Row]] = []
+        current: list[Row] = []
         for row in rows:
             width = len(row.ids)
             if current and (
@@ -470,7 +412,7 @@ class HFBackend:
             batches.append(current)
         return batches
 
-    def _forward(self, batch: list[_Row], last: bool) -> list[Any]:
+    def _forward(self, batch: list[Row], last: bool) -> list[Any]:
         torch = self._torch
         width = max(len(r.ids) for r in batch)
         pad = int(self.tokenizer.pad_token_id)
@@ -555,19 +497,7 @@ class HFBackend:
         table = self._factors.setdefault(id(layer), {})
         return _add_row_updates(self._torch, layer, table, args[0], output, plan)
 
-    def _remember(self, row: _Row, value: Any) -> None:
-        size = int(value.numel()) * 4
-        if size > self._row_cache_bytes:
-            return
-        self._row_cache[(row.adapter, row.ids)] = value
-        self._row_cache_used += size
-        while self._row_cache_used > self._row_cache_bytes:
-            _, old = self._row_cache.popitem(last=False)
-            self._row_cache_used -= int(old.numel()) * 4
-
-    def _assemble(
-        self, req: Request, plan: tuple[Any, list[_Row]], rows: dict[_Row, Any]
-    ) -> Result:
+    def _assemble(self, req: Request, plan: tuple[Any, list[Row]], rows: dict[Row, Any]) -> Result:
         torch = self._torch
         meta, needed = plan
         values = [rows[r] for r in needed]
@@ -575,30 +505,15 @@ class HFBackend:
             logp = _finite_or_raise(values[0], req.view, req.prompt)
             k = min(req.top_k, logp.shape[-1])
             top = torch.topk(logp, k)
-            ids = top.indices.numpy()
-            lps = top.values.numpy().astype(np.float64)
-            return TokenDist(
-                token_ids=ids,
-                logprobs=lps,
-                vocab_size=int(logp.shape[-1]),
-                tail_mass=float(max(0.0, 1.0 - np.exp(lps).sum())),
-                tokens=tuple(self.tokenizer.convert_ids_to_tokens(ids.tolist())),
+            return token_dist(
+                self.tokenizer, top.indices.numpy(), top.values.numpy(), int(logp.shape[-1])
             )
         if isinstance(req, Divergence):
             la = _finite_or_raise(values[0], req.view_a, req.prompt)
             lb = _finite_or_raise(values[1], req.view_b, req.prompt)
             return _exact_divergence(torch, la, lb, req.evidence_k, self._decode_top)
-        if isinstance(req, RollingLogprob):
-            ids, keeps = meta
-            parts = [v[len(v) - keep :] for v, keep in zip(values, keeps, strict=True)]
-            lps = np.concatenate(parts) if parts else np.zeros(0)
-            _finite_or_raise_np(lps, req.view, req.text)
-            return RollingResult(token_ids=np.asarray(ids, dtype=np.int64), logprobs=lps)
-        if isinstance(req, ContinuationLogprob):
-            _, n_c = meta
-            lps = values[0][-n_c:]
-            _finite_or_raise_np(lps, req.view, req.prompt)
-            return ContinuationResult(logprob=float(lps.sum()), num_tokens=int(n_c))
+        if isinstance(req, RollingLogprob | ContinuationLogprob):
+            return logprob_result(req, meta, values)
         raise BackendError(f"hf backend cannot answer {type(req).__name__}")
 
     def _decode_top(self, logp: Any, k: int) -> tuple[tuple[str, float], ...]:
@@ -789,25 +704,6 @@ def _replace_cfg(cfg: Any, view: View) -> Any:
     return new
 
 
-def _windows(ids: list[int], max_len: int) -> list[tuple[tuple[int, ...], int]]:
-    """(window, how many trailing positions it newly scores) covering a long text.
-
-    Each later window advances by max_len // 2 and keeps at least half a window of context.
-    """
-    if len(ids) < 2:
-        return []
-    if len(ids) <= max_len:
-        return [(tuple(ids), len(ids) - 1)]
-    stride = max_len // 2
-    out = [(tuple(ids[:max_len]), max_len - 1)]
-    end = max_len
-    while end < len(ids):
-        new_end = min(end + stride, len(ids))
-        out.append((tuple(ids[new_end - max_len : new_end]), new_end - end))
-        end = new_end
-    return out
-
-
 def _finite_or_raise(logp: Any, view: View, prompt: str) -> Any:
     import torch
 
@@ -817,14 +713,6 @@ def _finite_or_raise(logp: Any, view: View, prompt: str) -> Any:
             "the adapter or model is corrupt"
         )
     return logp
-
-
-def _finite_or_raise_np(lps: np.ndarray, view: View, text: str) -> None:
-    if not np.all(np.isfinite(lps)):
-        raise BackendError(
-            f"view {view.key} produced non-finite log-probs on {text[:40]!r}; "
-            "the adapter or model is corrupt"
-        )
 
 
 def _exact_divergence(torch: Any, la: Any, lb: Any, k: int, decode: Any) -> DivergenceResult:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,22 @@ import numpy as np
 from sway_engine import nulls, stats
 from sway_engine.adapters import AdapterInfo
 from sway_engine.backends.base import ALL_CAPABILITIES
-from sway_engine.backends.hf import _finite_or_raise_np, _windows
+from sway_engine.backends.rows import (
+    Plan,
+    Row,
+    RowCache,
+    answer,
+    collect,
+    finite_or_raise,
+    logprob_result,
+    token_dist,
+    token_ids,
+)
+from sway_engine.backends.rows import plan as plan_rows
 from sway_engine.convert import MLX_CONFIG, MLX_WEIGHTS, converted, is_mlx_adapter
 from sway_engine.errors import AdapterError, BackendError
 from sway_engine.requests import (
     ContinuationLogprob,
-    ContinuationResult,
     Divergence,
     DivergenceResult,
     Generate,
@@ -37,22 +46,11 @@ from sway_engine.requests import (
     Request,
     Result,
     RollingLogprob,
-    RollingResult,
-    TokenDist,
     views_of,
 )
 from sway_engine.views import Base, Finetuned, Null, Scaled, View, canonical
 
 BASE_KEY = Base().key
-
-
-@dataclass(frozen=True)
-class _Row:
-    """One sequence to forward under one view. `last`: keep only the final position."""
-
-    view: str
-    ids: tuple[int, ...]
-    last: bool
 
 
 @dataclass(frozen=True)
@@ -133,9 +131,7 @@ class MLXBackend:
         self._lora: dict[str, Any] = {}
         self._views: dict[str, dict[str, tuple[Any, Any, float]]] = {}
         self._active = BASE_KEY
-        self._row_cache: OrderedDict[tuple[str, tuple[int, ...]], np.ndarray] = OrderedDict()
-        self._row_cache_bytes = row_cache_bytes
-        self._row_cache_used = 0
+        self._row_cache = RowCache(row_cache_bytes, lambda v: int(v.nbytes))
         self._counters: dict[str, float] = {
             "forward_passes": 0,
             "rows_forwarded": 0,
@@ -164,7 +160,6 @@ class MLXBackend:
         self._register("", info, trained)
         self.adapter = info
         self._row_cache.clear()
-        self._row_cache_used = 0
 
     def add_adapter(self, path: str | Path, label: str) -> str:
         """Register another trained adapter of this base beside the primary one.
@@ -361,85 +356,33 @@ class MLXBackend:
 
     def execute(self, requests: Sequence[Request]) -> list[Result]:
         self._ensure_views(v for req in requests for v in views_of(req))
-        rows: dict[_Row, Any] = {}
-        plans: list[Any] = []
-        for req in requests:
-            plan = self._plan(req)
-            plans.append(plan)
-            for row in plan[1]:
-                rows.setdefault(row, None)
+        rows, plans = collect(requests, self._plan)
         with self._mx.stream(self._device):
             self._forward_all(rows)
             gens = self._generate_all([r for r in requests if isinstance(r, Generate)])
-        out: list[Result] = []
-        for req, plan in zip(requests, plans, strict=True):
-            if isinstance(req, Generate):
-                out.append(gens[req])
-            else:
-                out.append(self._assemble(req, plan, rows))
-        return out
+        return answer(requests, plans, rows, gens, self._assemble)
 
-    def _ids(self, text: str, *, special: bool = True) -> list[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
-        if special and not ids:
-            fallback = self.tokenizer.bos_token_id
-            ids = [fallback if fallback is not None else self.tokenizer.eos_token_id]
-        return ids
+    def _plan(self, req: Request) -> Plan:
+        return plan_rows(req, self.tokenizer, self.max_len, self._view_key)
 
-    def _plan(self, req: Request) -> tuple[Any, list[_Row]]:
-        if isinstance(req, NextToken):
-            ids = tuple(self._ids(req.prompt)[-self.max_len :])
-            return ids, [_Row(self._view_key(req.view), ids, True)]
-        if isinstance(req, Divergence):
-            ids = tuple(self._ids(req.prompt)[-self.max_len :])
-            return ids, [
-                _Row(self._view_key(req.view_a), ids, True),
-                _Row(self._view_key(req.view_b), ids, True),
-            ]
-        if isinstance(req, RollingLogprob):
-            text_ids = self._ids(req.text)
-            windows = _windows(text_ids, self.max_len)
-            key = self._view_key(req.view)
-            keeps = [keep for _, keep in windows]
-            return (text_ids, keeps), [_Row(key, w, False) for w, _ in windows]
-        if isinstance(req, ContinuationLogprob):
-            p_ids = self._ids(req.prompt)
-            c_ids = self._ids(req.completion, special=False)
-            if not c_ids:
-                raise BackendError(f"completion {req.completion!r} tokenizes to zero tokens")
-            seq = tuple((p_ids + c_ids)[-self.max_len :])
-            n_c = min(len(c_ids), len(seq) - 1)
-            return (seq, n_c), [_Row(self._view_key(req.view), seq, False)]
-        if isinstance(req, Generate):
-            self._view_key(req.view)
-            return None, []
-        raise BackendError(f"mlx backend cannot answer {type(req).__name__}")
-
-    def _forward_all(self, rows: dict[_Row, Any]) -> None:
-        todo: list[_Row] = []
-        for row in rows:
-            hit = self._row_cache.get((row.view, row.ids)) if row.last else None
-            if hit is not None:
-                rows[row] = hit
-                self._row_cache.move_to_end((row.view, row.ids))
-                self._counters["row_cache_hits"] += 1
-            else:
-                todo.append(row)
+    def _forward_all(self, rows: dict[Row, Any]) -> None:
+        todo, hits = self._row_cache.fill(rows)
+        self._counters["row_cache_hits"] += hits
         # The active view first: a run of requests on one view never switches weights.
-        groups: dict[tuple[str, bool], list[_Row]] = {}
-        for row in sorted(todo, key=lambda r: (r.view != self._active, r.view, len(r.ids))):
-            groups.setdefault((row.view, row.last), []).append(row)
+        groups: dict[tuple[str, bool], list[Row]] = {}
+        for row in sorted(todo, key=lambda r: (r.adapter != self._active, r.adapter, len(r.ids))):
+            groups.setdefault((row.adapter, row.last), []).append(row)
         for (view, last), group in groups.items():
             self._use(view)
             for batch in self._batches(group):
                 for row, value in zip(batch, self._forward(batch, last), strict=True):
                     rows[row] = value
                     if last:
-                        self._remember(row, value)
+                        self._row_cache.put(row, value)
 
-    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
-        batches: list[list[_Row]] = []
-        current: list[_Row] = []
+    def _batches(self, rows: list[Row]) -> list[list[Row]]:
+        batches: list[list[Row]] = []
+        current: list[Row] = []
         for row in rows:
             width = len(row.ids)
             if current and (
@@ -453,7 +396,7 @@ class MLXBackend:
             batches.append(current)
         return batches
 
-    def _forward(self, batch: list[_Row], last: bool) -> list[np.ndarray]:
+    def _forward(self, batch: list[Row], last: bool) -> list[np.ndarray]:
         """Log-probs of a right-padded batch: causal attention never sees the padding."""
         mx = self._mx
         width = max(len(r.ids) for r in batch)
@@ -476,35 +419,17 @@ class MLXBackend:
         values = np.array(_log_softmax(mx, logits, picked)[..., 0])
         return [values[i, : len(row.ids) - 1] for i, row in enumerate(batch)]
 
-    def _remember(self, row: _Row, value: np.ndarray) -> None:
-        if value.nbytes > self._row_cache_bytes:
-            return
-        self._row_cache[(row.view, row.ids)] = value
-        self._row_cache_used += value.nbytes
-        while self._row_cache_used > self._row_cache_bytes:
-            _, old = self._row_cache.popitem(last=False)
-            self._row_cache_used -= old.nbytes
-
-    def _assemble(
-        self, req: Request, plan: tuple[Any, list[_Row]], rows: dict[_Row, Any]
-    ) -> Result:
+    def _assemble(self, req: Request, plan: tuple[Any, list[Row]], rows: dict[Row, Any]) -> Result:
         meta, needed = plan
         values = [rows[r] for r in needed]
         if isinstance(req, NextToken):
             logp = values[0]
-            _finite_or_raise_np(logp, req.view, req.prompt)
+            finite_or_raise(logp, req.view, req.prompt)
             ids = _top(logp, req.top_k)
-            lps = logp[ids].astype(np.float64)
-            return TokenDist(
-                token_ids=ids,
-                logprobs=lps,
-                vocab_size=int(logp.shape[-1]),
-                tail_mass=float(max(0.0, 1.0 - np.exp(lps).sum())),
-                tokens=tuple(self.tokenizer.convert_ids_to_tokens(ids.tolist())),
-            )
+            return token_dist(self.tokenizer, ids, logp[ids], int(logp.shape[-1]))
         if isinstance(req, Divergence):
-            _finite_or_raise_np(values[0], req.view_a, req.prompt)
-            _finite_or_raise_np(values[1], req.view_b, req.prompt)
+            finite_or_raise(values[0], req.view_a, req.prompt)
+            finite_or_raise(values[1], req.view_b, req.prompt)
             la, lb = values[0].astype(np.float64), values[1].astype(np.float64)
             return DivergenceResult(
                 js=stats.js(la, lb),
@@ -514,17 +439,8 @@ class MLXBackend:
                 top_a=self._decode_top(la, req.evidence_k),
                 top_b=self._decode_top(lb, req.evidence_k),
             )
-        if isinstance(req, RollingLogprob):
-            ids, keeps = meta
-            parts = [v[len(v) - keep :] for v, keep in zip(values, keeps, strict=True)]
-            lps = np.concatenate(parts) if parts else np.zeros(0)
-            _finite_or_raise_np(lps, req.view, req.text)
-            return RollingResult(token_ids=np.asarray(ids, dtype=np.int64), logprobs=lps)
-        if isinstance(req, ContinuationLogprob):
-            _, n_c = meta
-            lps = values[0][-n_c:]
-            _finite_or_raise_np(lps, req.view, req.prompt)
-            return ContinuationResult(logprob=float(lps.sum()), num_tokens=int(n_c))
+        if isinstance(req, RollingLogprob | ContinuationLogprob):
+            return logprob_result(req, meta, values)
         raise BackendError(f"mlx backend cannot answer {type(req).__name__}")
 
     def _decode_top(self, logp: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
@@ -540,7 +456,7 @@ class MLXBackend:
         out: dict[Generate, GenerationResult] = {}
         groups: dict[tuple[str, int, int], list[tuple[Generate, list[int]]]] = {}
         for req in dict.fromkeys(reqs):
-            ids = self._ids(req.prompt)
+            ids = token_ids(self.tokenizer, req.prompt)
             key = (self._view_key(req.view), req.max_new_tokens, len(ids))
             groups.setdefault(key, []).append((req, ids))
         for (view, max_new, _), group in groups.items():

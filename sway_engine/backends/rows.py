@@ -1,0 +1,206 @@
+"""Request planning shared by the backends that hold a model (hf, mlx).
+
+A request becomes rows: token sequences under one view. Each backend forwards every
+distinct row once, then assembles each request's result from its rows' log-probs. The
+tokenisation rules live here, so every backend scores exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sway_engine.errors import BackendError
+from sway_engine.requests import (
+    ContinuationLogprob,
+    ContinuationResult,
+    Divergence,
+    Generate,
+    NextToken,
+    Request,
+    RollingLogprob,
+    RollingResult,
+    TokenDist,
+)
+from sway_engine.views import View
+
+Plan = tuple[Any, list["Row"]]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence to forward under one view (`adapter`: the backend's name for it).
+    `last`: keep only the final position's distribution."""
+
+    adapter: str
+    ids: tuple[int, ...]
+    last: bool
+
+
+def token_ids(tokenizer: Any, text: str, *, special: bool = True) -> list[int]:
+    """Token ids of `text`; with special tokens, never empty (BOS, else EOS, for "")."""
+    ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    if special and not ids:
+        fallback = tokenizer.bos_token_id
+        ids = [fallback if fallback is not None else tokenizer.eos_token_id]
+    return ids
+
+
+def plan(req: Request, tokenizer: Any, max_len: int, name: Callable[[View], str]) -> Plan:
+    """(meta, rows) for one request; `name` maps a view to the backend's row name.
+
+    ContinuationLogprob tokenises prompt and completion separately (no BPE merge across
+    the boundary); RollingLogprob entry i scores token i+1, in half-overlapping windows of
+    `max_len`; prompts longer than the window keep their last `max_len` tokens.
+    """
+    if isinstance(req, NextToken):
+        ids = tuple(token_ids(tokenizer, req.prompt)[-max_len:])
+        return ids, [Row(name(req.view), ids, True)]
+    if isinstance(req, Divergence):
+        ids = tuple(token_ids(tokenizer, req.prompt)[-max_len:])
+        return ids, [Row(name(req.view_a), ids, True), Row(name(req.view_b), ids, True)]
+    if isinstance(req, RollingLogprob):
+        text_ids = token_ids(tokenizer, req.text)
+        spans = windows(text_ids, max_len)
+        key = name(req.view)
+        return (text_ids, [keep for _, keep in spans]), [Row(key, w, False) for w, _ in spans]
+    if isinstance(req, ContinuationLogprob):
+        p_ids = token_ids(tokenizer, req.prompt)
+        c_ids = token_ids(tokenizer, req.completion, special=False)
+        if not c_ids:
+            raise BackendError(f"completion {req.completion!r} tokenizes to zero tokens")
+        seq = tuple((p_ids + c_ids)[-max_len:])
+        n_c = min(len(c_ids), len(seq) - 1)
+        return (seq, n_c), [Row(name(req.view), seq, False)]
+    if isinstance(req, Generate):
+        name(req.view)  # registers the view before generation
+        return None, []
+    raise BackendError(f"no backend plan for {type(req).__name__}")
+
+
+def windows(ids: list[int], max_len: int) -> list[tuple[tuple[int, ...], int]]:
+    """(window, how many trailing positions it newly scores) covering a long text.
+
+    Each later window advances by max_len // 2 and keeps at least half a window of context.
+    """
+    if len(ids) < 2:
+        return []
+    if len(ids) <= max_len:
+        return [(tuple(ids), len(ids) - 1)]
+    stride = max_len // 2
+    out = [(tuple(ids[:max_len]), max_len - 1)]
+    end = max_len
+    while end < len(ids):
+        new_end = min(end + stride, len(ids))
+        out.append((tuple(ids[new_end - max_len : new_end]), new_end - end))
+        end = new_end
+    return out
+
+
+def finite_or_raise(lps: np.ndarray, view: View, text: str) -> None:
+    if not np.all(np.isfinite(lps)):
+        raise BackendError(
+            f"view {view.key} produced non-finite log-probs on {text[:40]!r}; "
+            "the adapter or model is corrupt"
+        )
+
+
+def token_dist(tokenizer: Any, ids: np.ndarray, lps: np.ndarray, vocab_size: int) -> TokenDist:
+    """A top-k distribution (ids by descending probability) with its tail mass."""
+    lps = lps.astype(np.float64)
+    return TokenDist(
+        token_ids=ids,
+        logprobs=lps,
+        vocab_size=vocab_size,
+        tail_mass=float(max(0.0, 1.0 - np.exp(lps).sum())),
+        tokens=tuple(tokenizer.convert_ids_to_tokens(ids.tolist())),
+    )
+
+
+def logprob_result(
+    req: RollingLogprob | ContinuationLogprob, meta: Any, values: Sequence[np.ndarray]
+) -> RollingResult | ContinuationResult:
+    """Rolling or continuation log-probs from the per-token log-probs of the plan's rows."""
+    if isinstance(req, RollingLogprob):
+        ids, keeps = meta
+        parts = [v[len(v) - keep :] for v, keep in zip(values, keeps, strict=True)]
+        lps = np.concatenate(parts) if parts else np.zeros(0)
+        finite_or_raise(lps, req.view, req.text)
+        return RollingResult(token_ids=np.asarray(ids, dtype=np.int64), logprobs=lps)
+    _, n_c = meta
+    lps = values[0][-n_c:]
+    finite_or_raise(lps, req.view, req.prompt)
+    return ContinuationResult(logprob=float(lps.sum()), num_tokens=int(n_c))
+
+
+class RowCache:
+    """LRU of last-position log-prob rows by (view name, token ids), bounded in bytes.
+
+    Only `last` rows are cached: they are what repeats across probes (the same prompt under
+    the base view). `nbytes` gives a value's size (a torch tensor or a numpy array).
+    """
+
+    def __init__(self, capacity_bytes: int, nbytes: Callable[[Any], int]) -> None:
+        self.capacity = capacity_bytes
+        self._nbytes = nbytes
+        self._items: OrderedDict[tuple[str, tuple[int, ...]], Any] = OrderedDict()
+        self._used = 0
+
+    def fill(self, rows: dict[Row, Any]) -> tuple[list[Row], int]:
+        """Fill cached rows in place; return the rows still to forward and the hit count."""
+        todo: list[Row] = []
+        hits = 0
+        for row in rows:
+            key = (row.adapter, row.ids)
+            hit = self._items.get(key) if row.last else None
+            if hit is None:
+                todo.append(row)
+                continue
+            rows[row] = hit
+            self._items.move_to_end(key)
+            hits += 1
+        return todo, hits
+
+    def put(self, row: Row, value: Any) -> None:
+        size = self._nbytes(value)
+        if not row.last or size > self.capacity:
+            return
+        self._items[(row.adapter, row.ids)] = value
+        self._used += size
+        while self._used > self.capacity:
+            _, old = self._items.popitem(last=False)
+            self._used -= self._nbytes(old)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._used = 0
+
+
+def collect(
+    requests: Sequence[Request], plan_of: Callable[[Request], Plan]
+) -> tuple[dict[Row, Any], list[Plan]]:
+    """Every request's plan, and the distinct rows they need (values filled in later)."""
+    rows: dict[Row, Any] = {}
+    plans = [plan_of(req) for req in requests]
+    for _, needed in plans:
+        for row in needed:
+            rows.setdefault(row, None)
+    return rows, plans
+
+
+def answer(
+    requests: Sequence[Request],
+    plans: list[Plan],
+    rows: dict[Row, Any],
+    generated: dict[Generate, Any],
+    assemble: Callable[[Request, Plan, dict[Row, Any]], Any],
+) -> list[Any]:
+    """Results in request order: generations as generated, the rest assembled from rows."""
+    return [
+        generated[req] if isinstance(req, Generate) else assemble(req, plan, rows)
+        for req, plan in zip(requests, plans, strict=True)
+    ]
