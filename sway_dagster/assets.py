@@ -15,17 +15,19 @@ from dagster import AssetExecutionContext
 
 from sway_dagster.adapter_store import AdapterStore
 from sway_dagster.evaluation import (
+    Session,
     Suite,
     matrix_from_store,
     mlflow_run,
     num,
-    open_session,
+    per_adapter,
     png_markdown,
 )
 from sway_dagster.partitions import adapters
 from sway_dagster.resources import MlflowTracker, ModelBackend, ResultStore
 from sway_engine import __version__
 from sway_engine import score as scoring
+from sway_engine.calibration import NullMatrix
 from sway_engine.errors import AdapterError
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
@@ -48,6 +50,23 @@ adapter_files = dg.AssetSpec(
 )
 
 
+# Model assets take every partition of a backfill in one run (one base load, shared batches);
+# sway_score runs one partition per run because its gate check is per partition.
+MODEL_BACKFILL = dg.BackfillPolicy.single_run()
+SCORE_BACKFILL = dg.BackfillPolicy.multi_run(1)
+
+
+def publish(
+    context: AssetExecutionContext, per_key: dict[str, dict[str, Any]]
+) -> dg.MaterializeResult:
+    """Each partition's own metadata on its materialization (a ranged run has one per key)."""
+    for key, metadata in per_key.items():
+        context.add_asset_metadata(metadata, partition_key=key)
+    if len(per_key) == 1:
+        return dg.MaterializeResult()
+    return dg.MaterializeResult(metadata={"adapters_in_run": len(per_key)})
+
+
 @dg.asset(
     deps=[adapter_files],
     partitions_def=adapters,
@@ -55,12 +74,23 @@ adapter_files = dg.AssetSpec(
     kinds={"duckdb"},
     owners=OWNERS,
     code_version=CODE_VERSIONS["adapter_manifest"],
+    backfill_policy=MODEL_BACKFILL,
 )
 def adapter_manifest(
     context: AssetExecutionContext, adapter_store: AdapterStore, results: ResultStore
 ) -> dg.MaterializeResult:
     """Config, rank, alpha, targets, weights hash and a finiteness preflight of the adapter."""
-    key = context.partition_key
+    store = results.store()
+    return publish(context, {k: _manifest(context, k, adapter_store, store) for k in keys(context)})
+
+
+def keys(context: AssetExecutionContext) -> list[str]:
+    return list(context.partition_keys)
+
+
+def _manifest(
+    context: AssetExecutionContext, key: str, adapter_store: AdapterStore, store: Any
+) -> dict[str, Any]:
     try:
         info = adapter_store.verify(key)
         record = AdapterRecord(
@@ -81,18 +111,16 @@ def adapter_manifest(
         record = AdapterRecord(
             adapter_id=key, name=key, path="", preflight_ok=False, preflight_message=str(exc)
         )
-    results.store().upsert_adapter(record)
-    return dg.MaterializeResult(
-        metadata={
-            "preflight_ok": bool(record.preflight_ok),
-            "preflight": record.preflight_message or "",
-            "rank": record.rank or 0,
-            "alpha": float(record.alpha or 0),
-            "target_modules": ", ".join(record.target_modules),
-            "sha256": record.sha256 or "",
-            "base_model": record.base_model or "",
-        }
-    )
+    store.upsert_adapter(record)
+    return {
+        "preflight_ok": bool(record.preflight_ok),
+        "preflight": record.preflight_message or "",
+        "rank": record.rank or 0,
+        "alpha": float(record.alpha or 0),
+        "target_modules": ", ".join(record.target_modules),
+        "sha256": record.sha256 or "",
+        "base_model": record.base_model or "",
+    }
 
 
 def build_assets(suite: Suite) -> list[Any]:
@@ -115,6 +143,7 @@ def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefin
         owners=OWNERS,
         code_version=CODE_VERSIONS["null_calibration"],
         pool="model",
+        backfill_policy=MODEL_BACKFILL,
     )
     def null_calibration(
         context: AssetExecutionContext,
@@ -123,59 +152,76 @@ def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefin
         results: ResultStore,
     ) -> dg.MaterializeResult:
         """Each calibrated probe's raw metric under each null adapter (probe x seed x rank)."""
-        key = context.partition_key
         store = results.store()
-        if null_entry is None:
-            store.write_null_calibration(key, suite.spec_hash, [])
-            return dg.MaterializeResult(
-                metadata={"calibrated_probes": 0, "note": "no null_adapter entry"}
+        run_id = context.run.run_id
+
+        def compute(session: Session) -> NullMatrix | None:
+            if session.error is not None or null_entry is None:
+                return None
+            assert session.backend is not None
+            session.backend.label = null_entry.spec.name
+            return calibrate_suite(suite.spec, list(suite.entries), session.context(suite))
+
+        per_key: dict[str, dict[str, Any]] = {}
+        for session, matrix in per_adapter(keys(context), backend, adapter_store, compute):
+            per_key[session.key] = _store_calibration(
+                context, store, suite, null_entry, session, matrix, run_id
             )
-        session = open_session(key, backend, adapter_store)
-        if session.error is not None:
-            store.write_null_calibration(key, suite.spec_hash, [])
-            (row,) = error_results([null_entry], session.error)
-            store.write_probe_result(key, suite.spec_hash, row, context.run.run_id)
-            context.log.error(session.error)
-            return dg.MaterializeResult(metadata={"calibrated_probes": 0, "error": session.error})
-        assert session.backend is not None
-        session.backend.label = null_entry.spec.name
-        matrix = calibrate_suite(suite.spec, list(suite.entries), session.context(suite))
-        if matrix is None:
-            store.write_null_calibration(key, suite.spec_hash, [])
-            skip = null_result(null_entry, None, 0.0)
-            store.write_probe_result(key, suite.spec_hash, skip, context.run.run_id)
-            return dg.MaterializeResult(metadata={"calibrated_probes": 0, "note": skip.message})
-        rows = [NullRow(c.probe, c.kind, c.seed, c.rank_scale, c.raw) for c in matrix.cells]
-        written = store.write_null_calibration(key, suite.spec_hash, rows)
-        result = null_result(null_entry, matrix, 0.0)
-        store.write_probe_result(key, suite.spec_hash, result, context.run.run_id)
-        table = [
-            dg.TableRecord({"probe": p, "mean": num(s.mean), "std": num(s.std), "n": s.n})
-            for p in matrix.probes()
-            if (s := matrix.stats(p)) is not None
-        ]
-        return dg.MaterializeResult(
-            metadata={
-                "calibrated_probes": len(matrix.probes()),
-                "seeds": len(matrix.plan.seeds),
-                "mode": matrix.plan.mode,
-                "rows_written": written,
-                "null_stats": dg.MetadataValue.table(
-                    table,
-                    schema=dg.TableSchema(
-                        columns=[
-                            dg.TableColumn("probe", "string"),
-                            dg.TableColumn("mean", "float"),
-                            dg.TableColumn("std", "float"),
-                            dg.TableColumn("n", "int"),
-                        ]
-                    ),
-                ),
-                "skipped": json.dumps([list(s) for s in matrix.skipped]),
-            }
-        )
+        return publish(context, per_key)
 
     return null_calibration
+
+
+def _store_calibration(
+    context: AssetExecutionContext,
+    store: Any,
+    suite: Suite,
+    null_entry: Entry | None,
+    session: Session,
+    matrix: NullMatrix | None,
+    run_id: str,
+) -> dict[str, Any]:
+    key = session.key
+    if null_entry is None:
+        store.write_null_calibration(key, suite.spec_hash, [])
+        return {"calibrated_probes": 0, "note": "no null_adapter entry"}
+    if session.error is not None:
+        store.write_null_calibration(key, suite.spec_hash, [])
+        (row,) = error_results([null_entry], session.error)
+        store.write_probe_result(key, suite.spec_hash, row, run_id)
+        context.log.error(session.error)
+        return {"calibrated_probes": 0, "error": session.error}
+    if matrix is None:
+        store.write_null_calibration(key, suite.spec_hash, [])
+        skip = null_result(null_entry, None, 0.0)
+        store.write_probe_result(key, suite.spec_hash, skip, run_id)
+        return {"calibrated_probes": 0, "note": skip.message}
+    rows = [NullRow(c.probe, c.kind, c.seed, c.rank_scale, c.raw) for c in matrix.cells]
+    written = store.write_null_calibration(key, suite.spec_hash, rows)
+    store.write_probe_result(key, suite.spec_hash, null_result(null_entry, matrix, 0.0), run_id)
+    table = [
+        dg.TableRecord({"probe": p, "mean": num(s.mean), "std": num(s.std), "n": s.n})
+        for p in matrix.probes()
+        if (s := matrix.stats(p)) is not None
+    ]
+    return {
+        "calibrated_probes": len(matrix.probes()),
+        "seeds": len(matrix.plan.seeds),
+        "mode": matrix.plan.mode,
+        "rows_written": written,
+        "null_stats": dg.MetadataValue.table(
+            table,
+            schema=dg.TableSchema(
+                columns=[
+                    dg.TableColumn("probe", "string"),
+                    dg.TableColumn("mean", "float"),
+                    dg.TableColumn("std", "float"),
+                    dg.TableColumn("n", "int"),
+                ]
+            ),
+        ),
+        "skipped": json.dumps([list(s) for s in matrix.skipped]),
+    }
 
 
 def asset_name(probe_name: str) -> str:
@@ -198,6 +244,7 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
         code_version=entry.probe.version if entry.probe is not None else "0",
         pool="model",
         description=f"{kind} probe `{entry.spec.name}` (docs/PROBES.md).",
+        backfill_policy=MODEL_BACKFILL,
     )
     def probe(
         context: AssetExecutionContext,
@@ -206,41 +253,59 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
         results: ResultStore,
         mlflow: MlflowTracker,
     ) -> dg.MaterializeResult:
-        key = context.partition_key
         store = results.store()
-        session = open_session(key, backend, adapter_store)
-        if session.error is not None:
-            (result,) = error_results([entry], session.error)
-            context.log.error(session.error)
-        else:
+
+        def compute(session: Session) -> ProbeResult:
+            if session.error is not None:
+                (failed,) = error_results([entry], session.error)
+                return failed
             assert session.backend is not None
             session.backend.label = entry.spec.name
-            matrix = matrix_from_store(store, key, suite)
-            result = run_entry(entry, session.context(suite), matrix)
-        written = store.write_probe_result(key, suite.spec_hash, result, context.run.run_id)
-        tracking, run_id = mlflow_run(mlflow, context, session.info)
-        tracking.log_probe(run_id, result)
-        metadata: dict[str, Any] = {
-            "verdict": result.verdict.value,
-            "raw": num(result.raw),
-            "z": num(result.z),
-            "p": num(result.p),
-            "score": num(result.score),
-            "message": result.message,
-            "rows_written": written,
+            matrix = matrix_from_store(store, session.key, suite)
+            return run_entry(entry, session.context(suite), matrix)
+
+        per_key = {
+            session.key: _store_probe(context, store, mlflow, session, result, suite)
+            for session, result in per_adapter(keys(context), backend, adapter_store, compute)
         }
-        if result.items:
-            metadata["items"] = _items_table(result)
-        png = _plot(result)
-        if png is not None:
-            metadata["plot"] = png_markdown(png, result.name)
-            tracking.log_figure_png(run_id, png, f"plots/{result.name}.png")
-        url = tracking.run_url(run_id)
-        if url:
-            metadata["mlflow_run"] = dg.MetadataValue.url(url)
-        return dg.MaterializeResult(metadata=metadata)
+        return publish(context, per_key)
 
     return probe
+
+
+def _store_probe(
+    context: AssetExecutionContext,
+    store: Any,
+    mlflow: MlflowTracker,
+    session: Session,
+    result: ProbeResult,
+    suite: Suite,
+) -> dict[str, Any]:
+    key, run_id = session.key, context.run.run_id
+    if session.error is not None:
+        context.log.error(f"{key}: {session.error}")
+    written = store.write_probe_result(key, suite.spec_hash, result, run_id)
+    tracking, mlflow_id = mlflow_run(mlflow, key, run_id, session.info)
+    tracking.log_probe(mlflow_id, result)
+    metadata: dict[str, Any] = {
+        "verdict": result.verdict.value,
+        "raw": num(result.raw),
+        "z": num(result.z),
+        "p": num(result.p),
+        "score": num(result.score),
+        "message": result.message,
+        "rows_written": written,
+    }
+    if result.items:
+        metadata["items"] = _items_table(result)
+    png = _plot(result)
+    if png is not None:
+        metadata["plot"] = png_markdown(png, result.name)
+        tracking.log_figure_png(mlflow_id, png, f"plots/{result.name}.png")
+    url = tracking.run_url(mlflow_id)
+    if url:
+        metadata["mlflow_run"] = dg.MetadataValue.url(url)
+    return metadata
 
 
 def _items_table(result: ProbeResult) -> dg.MetadataValue:
@@ -278,6 +343,7 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
         kinds={"duckdb", "mlflow"},
         owners=OWNERS,
         code_version=CODE_VERSIONS["sway_score"],
+        backfill_policy=SCORE_BACKFILL,
         check_specs=[
             dg.AssetCheckSpec(
                 "gate",
@@ -295,16 +361,30 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
         mlflow: MlflowTracker,
     ) -> dg.MaterializeResult:
         """Composite score and band from the stored probe rows; the gate decision as a check."""
+        if len(context.partition_keys) != 1:
+            raise dg.Failure(
+                f"sway_score scores one adapter per run (its gate check is per partition), "
+                f"but this run covers {len(context.partition_keys)}: launch it as a backfill, "
+                "which runs the model assets together and sway_score once per adapter"
+            )
         key = context.partition_key
         store = results.store()
         rows = [r for r in store.probe_results(key) if r["spec_hash"] == suite.spec_hash]
+        # The MLflow run is the one the probes logged to: the Dagster run that evaluated most
+        # of them (this run, or the multi-partition run of a backfill).
         probe_results = tuple(_from_row(r, suite) for r in rows)
         order = {e.spec.name: i for i, e in enumerate(suite.entries)}
         probe_results = tuple(sorted(probe_results, key=lambda r: order.get(r.name, len(order))))
         composite = scoring.compute(probe_results, suite.spec.weights())
         passed, why = scoring.gate(probe_results, composite, suite.spec.defaults.coverage_threshold)
         store.write_score(key, suite.spec_hash, composite, passed, context.run.run_id)
-        tracking, run_id = mlflow_run(mlflow, context, None)
+        probe_runs = {r["dagster_run_id"] for r in rows if r["dagster_run_id"]}
+        evaluated_in = context.run.run_id
+        if probe_runs:
+            evaluated_in = max(
+                probe_runs, key=lambda r: sum(x["dagster_run_id"] == r for x in rows)
+            )
+        tracking, run_id = mlflow_run(mlflow, key, evaluated_in, None)
         suite_result = SuiteResult(
             spec_path=str(suite.path),
             spec_hash=suite.spec_hash,

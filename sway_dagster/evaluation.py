@@ -3,12 +3,12 @@ the MLflow run. Assets talk to each other through DuckDB, never through process 
 """
 
 import base64
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
-from dagster import AssetExecutionContext
 
 from sway_dagster.adapter_store import AdapterStore
 from sway_dagster.resources import MlflowTracker, ModelBackend
@@ -17,12 +17,15 @@ from sway_engine.adapters import AdapterInfo
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.calibration import NullCell, NullMatrix, NullPlan, plan_for
 from sway_engine.errors import SwayError
+from sway_engine.multi import each_adapter
 from sway_engine.probes.base import Context
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
 from sway_engine.runner import context_for, document_of, null_entry, preflight
 from sway_engine.spec import SuiteSpec, load_spec
 from sway_engine.store import ResultStore as DuckStore
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,16 +71,74 @@ class Session:
         return context_for(suite.spec, self.backend)
 
 
+def per_adapter(
+    keys: Sequence[str],
+    backend: ModelBackend,
+    adapters: AdapterStore,
+    compute: Callable[[Session], T],
+) -> list[tuple[Session, T]]:
+    """compute(session) for every partition of the run, in key order.
+
+    One key (the usual sensor run) takes `open_session`. Several keys (a multi-partition run
+    from a single-run backfill) register every verified adapter on the one loaded base and run
+    `compute` for each in its own thread, their requests in shared batches (multi.py); a
+    backend that holds one adapter at a time runs them one after another. A session that
+    could not open reaches `compute` with its `error` set. An exception in `compute` is
+    raised here once every adapter is done; nothing is written from a compute thread, so the
+    caller writes results in this thread.
+    """
+    if len(keys) == 1 or not backend.holds_many():
+        return [(s, compute(s)) for s in (open_session(k, backend, adapters) for k in keys)]
+    sessions = [_verified(key, adapters) for key in keys]
+    ok = [i for i, s in enumerate(sessions) if s.error is None]
+    out: dict[int, T] = {}
+    if ok:
+        paths = [str(sessions[i].info.path) for i in ok if sessions[i].info is not None]
+        shared, registration = backend.many(paths)
+        live: list[int] = []
+        for i, label, error in zip(ok, registration.labels, registration.errors, strict=True):
+            if label is None:
+                sessions[i] = replace(sessions[i], error=error)
+            else:
+                live.append(i)
+        labels = [registration.labels[ok.index(i)] or "" for i in live]
+
+        def one(slot: int, session: Instrumented) -> T:
+            opened = sessions[live[slot]]
+            try:
+                preflight(session)
+            except SwayError as exc:
+                return compute(replace(opened, error=f"preflight failed: {exc}"))
+            return compute(replace(opened, backend=session))
+
+        done = each_adapter(shared, labels, [paths[ok.index(i)] for i in live], one)
+        failures = [r for r in done if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
+        out.update({i: r for i, r in zip(live, done, strict=True)})  # type: ignore[misc]
+    for i, session in enumerate(sessions):
+        if i not in out:
+            out[i] = compute(session)
+    return [(sessions[i], out[i]) for i in range(len(keys))]
+
+
+def _verified(key: str, adapters: AdapterStore) -> Session:
+    try:
+        return Session(key, adapters.verify(key, check_finite=False), None, None)
+    except SwayError as exc:
+        return Session(key, None, None, str(exc))
+
+
 def open_session(key: str, backend: ModelBackend, adapters: AdapterStore) -> Session:
     """Verify the partition's weights and load them onto the (already loaded) base.
 
     Only the hash is checked here: the tensors' finiteness is checked once, by the manifest
     and by the backend when it loads the adapter, not again in every asset.
     """
-    try:
-        info = adapters.verify(key, check_finite=False)
-    except SwayError as exc:
-        return Session(key, None, None, str(exc))
+    verified = _verified(key, adapters)
+    if verified.info is None:
+        return verified
+    info = verified.info
     try:
         session = backend.session(str(info.path))
         preflight(session)
@@ -100,15 +161,14 @@ def matrix_from_store(store: DuckStore, key: str, suite: Suite) -> NullMatrix | 
 
 
 def mlflow_run(
-    tracker: MlflowTracker, context: AssetExecutionContext, info: AdapterInfo | None
+    tracker: MlflowTracker, key: str, dagster_run_id: str, info: AdapterInfo | None
 ) -> tuple[Any, str]:
     """The MLflow run of this (adapter, Dagster run), created once, found again on retry."""
     tracking = tracker.tracking()
-    key = context.partition_key
     tags = {"dagster.partition": key, "sway.engine_version": __version__}
     if info is not None:
         tags["sway.adapter_sha"] = info.sha256
-    return tracking, tracking.run_for(key, context.run.run_id, tags)
+    return tracking, tracking.run_for(key, dagster_run_id, tags)
 
 
 def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:

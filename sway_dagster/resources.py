@@ -7,6 +7,7 @@ that a TwoModelBackend dedupes, never loads one) and frees it in teardown.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ import dagster as dg
 from pydantic import ConfigDict, PrivateAttr, model_validator
 
 from sway_engine.backends.instrumentation import Instrumented
+from sway_engine.multi import Registration, register
 from sway_engine.spec import ModelSpec, SuiteSpec
 from sway_engine.store import ResultStore as DuckStore
 from sway_engine.tracking import MlflowTracking
@@ -30,6 +32,14 @@ class ModelBackend(_Strict):
 
     def session(self, adapter_path: str) -> Instrumented:
         raise NotImplementedError
+
+    def holds_many(self) -> bool:
+        """Whether `many()` can register several adapters on one loaded base."""
+        return False
+
+    def many(self, adapter_paths: Sequence[str]) -> tuple[Instrumented, Registration]:
+        """Several adapters on one loaded base, their rows in shared batches (multi.py)."""
+        raise NotImplementedError(f"{type(self).__name__} holds one adapter at a time")
 
     def model_id(self) -> str:
         raise NotImplementedError
@@ -67,6 +77,7 @@ class _LocalModel(ModelBackend):
     _backend: Any = PrivateAttr(default=None)
     _session: Instrumented | None = PrivateAttr(default=None)
     _adapter: str | None = PrivateAttr(default=None)
+    _registered: tuple[tuple[str, ...], Registration] | None = PrivateAttr(default=None)
 
     def _load(self) -> Any:
         """Construct the engine backend (heavy imports happen here)."""
@@ -87,16 +98,34 @@ class _LocalModel(ModelBackend):
             self._backend = self._load()
         return self._backend
 
-    def session(self, adapter_path: str) -> Instrumented:
-        engine = self.engine()
+    def _shared(self) -> Instrumented:
         if self._session is None:
-            self._session = Instrumented(engine, trace_path=self._trace())
-        if self._adapter != adapter_path:
-            self._adapter = None
-            engine.load_adapter(adapter_path)
-            self._session.reset()
-            self._adapter = adapter_path
+            self._session = Instrumented(self.engine(), trace_path=self._trace())
         return self._session
+
+    def session(self, adapter_path: str) -> Instrumented:
+        session = self._shared()
+        if self._adapter != adapter_path:
+            self._adapter, self._registered = None, None
+            session.inner.load_adapter(adapter_path)
+            session.reset()
+            self._adapter = adapter_path
+        return session
+
+    def holds_many(self) -> bool:
+        return True  # hf and mlx register adapters beside the primary (add_adapter)
+
+    def many(self, adapter_paths: Sequence[str]) -> tuple[Instrumented, Registration]:
+        """Register `adapter_paths` on the loaded base; the same list again (the next asset of
+        a multi-partition run) reuses the registration, its derived views and row cache."""
+        session = self._shared()
+        paths = tuple(adapter_paths)
+        if self._registered is None or self._registered[0] != paths:
+            self._adapter, self._registered = None, None
+            registration = register(session.inner, paths)
+            session.reset()
+            self._registered = (paths, registration)
+        return session, self._registered[1]
 
     def counters(self) -> dict[str, float]:
         return self._session.counters() if self._session is not None else {}
@@ -107,6 +136,7 @@ class _LocalModel(ModelBackend):
         self._backend = None
         self._session = None
         self._adapter = None
+        self._registered = None
 
 
 class HFBackend(_LocalModel):

@@ -26,6 +26,7 @@ from sway_engine.spec import parse_spec
 KL_PROMPTS = 16
 MIN_KL_PROMPTS = 8
 ABLATION_PROMPTS = 6
+MULTI_TURN_PROMPTS = 4  # each dialogue generates every turn under every view
 CLUSTER_MIN_PROMPTS = 20
 LOSS_LOGS = ("logs/train-*.jsonl", "train-*.jsonl", "trainer_state.json")
 TRAINING_STATE = "training_state.pt"
@@ -273,13 +274,26 @@ def plan_suite(doc: Document, adapter: Path, template: str) -> Plan:
         )
     else:
         plan.skip("gradient_ghost", f"no {TRAINING_STATE} in {adapter}")
+    plan.add(
+        "guard rail: tool calls still parse and name the right tool (built-in pack of "
+        "8 tools; put your own under `cases`)",
+        {"name": "tool_use", "kind": "tool_use_fidelity"},
+    )
     if prompts:
+        plan.add(
+            "does the effect last as a dialogue goes on? (questions open the dialogues)",
+            {
+                "name": "multi_turn",
+                "kind": "multi_turn_coherence_decay",
+                "prompts": prompts[:MULTI_TURN_PROMPTS],
+            },
+        )
         plan.add(
             "does the effect scale smoothly with the adapter's strength? (most expensive)",
             {"name": "ablation", "kind": "adapter_ablation", "prompts": prompts[:ABLATION_PROMPTS]},
         )
-    plan.skip("tool_use_fidelity", "the .dlm format has no tool cases")
-    plan.skip("multi_turn_coherence_decay", "the .dlm format has no conversations")
+    else:
+        plan.skip("multi_turn_coherence_decay", "no questions or prose to open a dialogue")
     return plan
 
 

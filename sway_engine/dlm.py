@@ -70,6 +70,20 @@ class Document:
         """Every section's content joined by blank lines (upstream's doc_text)."""
         return "\n\n".join(s.content for s in self.sections)
 
+    @property
+    def training_text(self) -> str:
+        """What a trainer sees: prose, Q/A pairs other than held-out `!probe` ones (evaluation
+        items), and preference triples, joined by blank lines."""
+        parts: list[str] = []
+        for s in self.sections:
+            if s.kind == "instruction":
+                parts += [f"{q.question}\n{q.answer}" for q in s.qa if not q.probe]
+            elif s.kind == "preference":
+                parts += [f"{p.prompt}\n{p.chosen}\n{p.rejected}" for p in s.preferences]
+            else:
+                parts.append(s.content)
+        return "\n\n".join(parts)
+
     def of(self, kind: SectionKind) -> tuple[Section, ...]:
         return tuple(s for s in self.sections if s.kind == kind)
 

@@ -19,12 +19,14 @@ import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.requests import Divergence, Request, Result
 from sway_engine.views import bind
 
 Execute = Callable[[Sequence[Request]], list[Result]]
+T = TypeVar("T")
 
 
 def bind_request(request: Request, adapter: str) -> Request:
@@ -132,3 +134,82 @@ class BoundSession(Instrumented):
 
     def close(self) -> None:
         """The shared session owns the backend; closing one adapter's view of it is a no-op."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """Adapters registered on one loaded base: `labels[i]` is adapter i's view label ("" for
+    the primary), or None when it failed to load, with the reason in `errors[i]`."""
+
+    labels: tuple[str | None, ...]
+    errors: tuple[str | None, ...]
+
+    @property
+    def loaded(self) -> list[int]:
+        return [i for i, label in enumerate(self.labels) if label is not None]
+
+
+def can_hold_many(engine: object) -> bool:
+    return hasattr(engine, "load_adapter") and hasattr(engine, "add_adapter")
+
+
+def register(engine: Any, paths: Sequence[str | Path]) -> Registration:
+    """Load the first adapter that fits as the primary and add every other one beside it.
+
+    An adapter that fails (bad weights, another base) is reported, not raised: the others
+    still run. `engine` must hold several adapters (`can_hold_many`).
+    """
+    from sway_engine.errors import SwayError
+
+    labels: list[str | None] = []
+    errors: list[str | None] = []
+    primary = False
+    for i, path in enumerate(paths):
+        try:
+            if not primary:
+                engine.load_adapter(str(path))
+                labels.append("")
+                primary = True
+            else:
+                labels.append(engine.add_adapter(str(path), f"a{i}"))
+            errors.append(None)
+        except SwayError as exc:
+            labels.append(None)
+            errors.append(f"preflight failed: {exc}")
+    return Registration(tuple(labels), tuple(errors))
+
+
+def each_adapter(
+    shared: Instrumented,
+    labels: Sequence[str],
+    paths: Sequence[str | Path],
+    fn: Callable[[int, Instrumented], T],
+) -> list[T | BaseException]:
+    """fn(i, session_i) for every registered adapter, each in its own thread, their requests
+    executed together round by round (`Lockstep`). session_i is adapter i's ordinary
+    single-adapter view of `shared`. A call that raises gives its exception in its slot; the
+    others run on. One adapter runs in this thread on `shared` itself when it is the primary.
+    """
+    if len(labels) == 1 and labels[0] == "":
+        try:
+            return [fn(0, shared)]
+        except Exception as exc:  # noqa: BLE001 - reported in the slot, as the threaded path does
+            return [exc]
+    lockstep = Lockstep(shared.execute, len(labels))
+    out: dict[int, T | BaseException] = {}
+
+    def one(slot: int) -> None:
+        session = BoundSession(shared, lockstep, slot, labels[slot], paths[slot])
+        try:
+            out[slot] = fn(slot, session)
+        except Exception as exc:  # noqa: BLE001 - a thread must never die silently
+            out[slot] = exc
+        finally:
+            lockstep.leave()
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(labels))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [out[i] for i in range(len(labels))]

@@ -7,7 +7,6 @@ The CLI and the Dagster assets call the same pieces: `calibrate_suite`, `run_ent
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -400,10 +399,9 @@ def run_many(
     fails to load gets ERROR rows (as `evaluate` gives), the others still run. Results come
     back in the order of `adapters` and equal running each adapter alone.
     """
-    from sway_engine.multi import BoundSession, Lockstep
+    from sway_engine.multi import can_hold_many, each_adapter, register
 
-    inner = backend.inner
-    if not (hasattr(inner, "load_adapter") and hasattr(inner, "add_adapter")):
+    if not can_hold_many(backend.inner):
         raise SwayError(
             f"the {backend.kind} backend holds one adapter at a time; "
             "evaluate the adapters one by one (evaluate) instead"
@@ -412,44 +410,36 @@ def run_many(
     backend.reset()
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    labels: dict[int, str] = {}
-    failed: dict[int, str] = {}
-    for i, path in enumerate(adapters):
-        try:
-            if not labels:
-                inner.load_adapter(str(path))
-                labels[i] = ""
-            else:
-                labels[i] = inner.add_adapter(str(path), f"a{i}")
-        except SwayError as exc:
-            failed[i] = f"preflight failed: {exc}"
-    say(f"{len(labels)} adapter(s) registered on one base; {len(failed)} failed to load")
+    reg = register(backend.inner, adapters)
+    loaded = reg.loaded
+    say(f"{len(loaded)} adapter(s) registered on one base; {len(adapters) - len(loaded)} failed")
     out: dict[int, SuiteResult] = {
         i: _suite(spec, spec_path, str(adapters[i]), started, t0, error_results(entries, msg), None)
-        for i, msg in failed.items()
+        for i, msg in enumerate(reg.errors)
+        if msg is not None
     }
-    if labels:
-        lockstep = Lockstep(backend.execute, len(labels))
+    if loaded:
 
-        def one(slot: int) -> None:
-            session = BoundSession(backend, lockstep, slot, labels[slot], adapters[slot])
-            try:
-                out[slot] = run_suite(
-                    spec, entries, session, spec_path=spec_path, adapter=str(adapters[slot])
+        def one(_slot: int, session: Instrumented) -> SuiteResult:
+            path = str(session.adapter_path)
+            return run_suite(spec, entries, session, spec_path=spec_path, adapter=path)
+
+        labels = [reg.labels[i] or "" for i in loaded]
+        done = each_adapter(backend, labels, [adapters[i] for i in loaded], one)
+        for i, result in zip(loaded, done, strict=True):
+            if isinstance(result, BaseException):
+                msg = f"{type(result).__name__}: {result}"
+                result = _suite(
+                    spec,
+                    spec_path,
+                    str(adapters[i]),
+                    started,
+                    t0,
+                    error_results(entries, msg),
+                    None,
                 )
-            except Exception as exc:  # noqa: BLE001 - a thread must never die silently
-                msg = f"{type(exc).__name__}: {exc}"
-                results = error_results(entries, msg)
-                out[slot] = _suite(spec, spec_path, str(adapters[slot]), started, t0, results, None)
-            finally:
-                lockstep.leave()
-
-        threads = [threading.Thread(target=one, args=(slot,), daemon=True) for slot in labels]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        say(f"{len(labels)} suite(s) done in {lockstep.rounds} shared rounds")
+            out[i] = result
+        say(f"{len(loaded)} suite(s) done")
     return [out[i] for i in range(len(adapters))]
 
 

@@ -1,7 +1,8 @@
 """delta_kl: does the adapter move the next-token distribution, beyond a random adapter?
 
 raw = mean over prompts of JS(base, treatment) (or KL(treatment || base)), in nats.
-PASS needs significance (z >= assert_z_gte against the null) and size (raw >= assert_mean_gte).
+PASS needs significance (z >= assert_z_gte against the null, on log(raw): the divergence of a
+random direction is right-skewed) and size (raw >= assert_mean_gte).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class DeltaKL(Probe):
 
     def judge(self, spec: DeltaKLSpec, m: Measurement, null: NullStats | None) -> Judgement:
         unit = math.log(2) if spec.divergence == "js" else 1.0
-        z = stats.z_score(m.raw, null)
+        z = stats.log_z_score(m.raw, null)  # mean divergence is right-skewed: log scale
         p = stats.empirical_p(m.raw, null)
         big = m.raw >= spec.assert_mean_gte
         size = f"mean {spec.divergence} {m.raw:.4f} (min {spec.assert_mean_gte})"
@@ -73,9 +74,12 @@ class DeltaKL(Probe):
         score = stats.score_from_z(z)
         assert score is not None
         if significant and big:
-            return Judgement(Verdict.PASS, f"{size}; z={z:+.2f} vs null", score, z, p)
+            return Judgement(Verdict.PASS, f"{size}; z={z:+.2f} (log scale) vs null", score, z, p)
         if significant:
-            msg = f"significant but too small: {size}; z={z:+.2f}"
+            msg = f"significant but too small: {size}; z={z:+.2f} (log scale)"
             return Judgement(Verdict.FAIL, msg, score * effect, z, p)
-        msg = f"indistinguishable from a random adapter: z={z:+.2f} < {spec.assert_z_gte}; {size}"
+        msg = (
+            f"indistinguishable from a random adapter: z={z:+.2f} (log scale) < "
+            f"{spec.assert_z_gte}; {size}"
+        )
         return Judgement(Verdict.FAIL, msg, score * effect, z, p)

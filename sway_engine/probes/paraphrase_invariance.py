@@ -93,7 +93,8 @@ def held_out(paraphrase: str, prompt: str, document_core: str | None) -> tuple[b
 
 
 def core_text(document: Document) -> str:
-    return " " + _core(document.text) + " "
+    """The words the adapter trained on (held-out `!probe` questions excluded)."""
+    return " " + _core(document.training_text) + " "
 
 
 class ParaphraseInvariance(Probe):

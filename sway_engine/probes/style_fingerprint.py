@@ -142,17 +142,22 @@ class StyleFingerprint(Probe):
         if all(b is None for b in base):
             raise ProbeError(spec.name, "every base generation is blank: nothing to compare")
         out = []
-        for k, view in enumerate(treatments, start=1):
+        for k in range(1, len(views)):
             treated = prints[k * n : (k + 1) * n]
-            if all(t is None for t in treated):
-                raise ProbeError(spec.name, f"every generation under view {view.key} is blank")
+            # A view with no scorable prompt (it stops at once) measured a fact, not a fault:
+            # its values are empty, raw 0 (no shift toward the document), and judge FAILs it.
             values = shifts(base, treated, doc)
-            if values.size == 0:
-                raise ProbeError(spec.name, f"no prompt has words under both base and {view.key}")
             out.append(_measurement(spec, texts[k * n : (k + 1) * n], base, treated, doc, values))
         return out
 
     def judge(self, spec: StyleSpec, m: Measurement, null: NullStats | None) -> Judgement:
+        if m.evidence["prompts_scored"] == 0:
+            msg = (
+                f"no text to fingerprint: {m.evidence['blank_outputs']} of {len(spec.prompts)} "
+                "outputs are blank and no prompt has words under both base and the adapter "
+                "(the adapter stops at once on open prompts)"
+            )
+            return Judgement(Verdict.FAIL, msg, 0.0)
         size = f"projection shift {m.raw:+.3f} toward the document (min {spec.assert_shift_gte:g})"
         big = m.raw >= spec.assert_shift_gte
         z = stats.z_score(m.raw, null)
@@ -186,6 +191,8 @@ def _measurement(
 ) -> Measurement:
     def mean_of(prints: Sequence[np.ndarray | None]) -> dict[str, float]:
         present = np.asarray([f for f in prints if f is not None])
+        if not len(present):
+            return {}
         return dict(zip(DIMS, (float(x) for x in present.mean(axis=0)), strict=True))
 
     rows = tuple(
@@ -193,7 +200,7 @@ def _measurement(
         for p, t, f in zip(spec.prompts, texts, treated, strict=True)
     )
     return Measurement(
-        raw=float(values.mean()),
+        raw=float(values.mean()) if values.size else 0.0,
         values=tuple(float(v) for v in values),
         items=rows,
         evidence={

@@ -14,12 +14,18 @@ against the null adapters' raw on the same cases. A guard rail (one-sided, see g
 FAIL only when significantly worse than the nulls and beyond tolerance (validity drop below
 `assert_validity_delta_gte`, or hallucinated names above `assert_hallucination_lte` more than
 the base). A model too small to call tools (the 1.3M fixture) gives 0 everywhere: PASS, "no harm".
+
+Without `cases` the probe checks a built-in pack of eight everyday tools (data/tool_cases.json:
+web search, file read, Python, shell, HTTP fetch, SQL, calendar, calculator), written for this
+project; upstream SKIPped. `pack: none` restores the SKIP.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any, Literal
 
 import numpy as np
@@ -109,6 +115,7 @@ class ToolCase(BaseModel):
 class ToolUseSpec(ProbeSpec):
     kind: Literal["tool_use_fidelity"] = "tool_use_fidelity"
     cases: tuple[ToolCase, ...] = ()
+    pack: Literal["builtin", "none"] = "builtin"  # what runs when `cases` is empty
     allowed_tools: tuple[str, ...] | None = None
     assert_validity_delta_gte: float = Field(-0.05, ge=-1, le=0)
     assert_hallucination_lte: float = Field(0.10, ge=0, le=1)
@@ -254,6 +261,25 @@ def disagreement(a: dict[str, Any], b: dict[str, Any]) -> float:
     return sum(la.get(p, _ABSENT) != lb.get(p, _ABSENT) for p in union) / len(union)
 
 
+PACK_FILE = "tool_cases.json"
+
+
+@functools.cache
+def builtin_cases() -> tuple[ToolCase, ...]:
+    """The packaged tool cases, validated."""
+    ref = resources.files("sway_engine.probes").joinpath("data", PACK_FILE)
+    return tuple(ToolCase.model_validate(c) for c in json.loads(ref.read_text(encoding="utf-8")))
+
+
+def cases_of(spec: ToolUseSpec) -> tuple[ToolCase, ...]:
+    """The spec's cases, else the built-in pack (unless `pack: none`); SKIP without either."""
+    if spec.cases:
+        return spec.cases
+    if spec.pack == "builtin":
+        return builtin_cases()
+    raise ProbeSkip(spec.name, "no cases: give tool_use_fidelity `cases`, or drop `pack: none`")
+
+
 # ---- the probe ----
 
 
@@ -266,23 +292,22 @@ class ToolUseFidelity(Probe):
     def measure(
         self, spec: ToolUseSpec, ctx: Context, treatments: Sequence[View]
     ) -> list[Measurement]:
-        if not spec.cases:
-            raise ProbeSkip(spec.name, "no cases: give tool_use_fidelity `cases` to check")
-        prompts = [render(spec, c) for c in spec.cases]
+        cases = cases_of(spec)
+        prompts = [render(spec, c) for c in cases]
         views = [BASE, *treatments]
         reqs = [
             Generate(p, v, c.max_new_tokens)
             for v in views
-            for p, c in zip(prompts, spec.cases, strict=True)
+            for p, c in zip(prompts, cases, strict=True)
         ]
         texts = [r.text if isinstance(r, GenerationResult) else "" for r in ctx.execute(reqs)]
-        n = len(spec.cases)
-        base = [_grade(spec, c, t) for c, t in zip(spec.cases, texts[:n], strict=True)]
+        n = len(cases)
+        base = [_grade(spec, c, t) for c, t in zip(cases, texts[:n], strict=True)]
         out = []
         for k in range(1, len(views)):
             rows = texts[k * n : (k + 1) * n]
-            treated = [_grade(spec, c, t) for c, t in zip(spec.cases, rows, strict=True)]
-            out.append(_measurement(spec, base, treated, rows))
+            treated = [_grade(spec, c, t) for c, t in zip(cases, rows, strict=True)]
+            out.append(_measurement(cases, base, treated, rows))
         return out
 
     def judge(self, spec: ToolUseSpec, m: Measurement, null: NullStats | None) -> Judgement:
@@ -334,7 +359,7 @@ def _rates(grades: Sequence[Grade]) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def _measurement(
-    spec: ToolUseSpec, base: Sequence[Grade], treated: Sequence[Grade], texts: Sequence[str]
+    cases: Sequence[ToolCase], base: Sequence[Grade], treated: Sequence[Grade], texts: Sequence[str]
 ) -> Measurement:
     valid_b, correct_b, halluc_b = _rates(base)
     valid, correct, halluc = _rates(treated)
@@ -354,7 +379,7 @@ def _measurement(
             "correct": bool(c),
             "correct_base": bool(cb),
         }
-        for case, text, t, c, cb in zip(spec.cases, texts, treated, correct, correct_b, strict=True)
+        for case, text, t, c, cb in zip(cases, texts, treated, correct, correct_b, strict=True)
     )
     delta = correct.astype(float) - correct_b.astype(float)
     return Measurement(
@@ -362,7 +387,7 @@ def _measurement(
         values=tuple(float(d) for d in delta),
         items=rows,
         evidence={
-            "cases": len(spec.cases),
+            "cases": len(cases),
             "correct_rate": float(correct.mean()),
             "correct_rate_base": float(correct_b.mean()),
             "valid_rate": float(valid.mean()),

@@ -836,7 +836,7 @@ FIXTURE_ENTRIES = [
         "kind": "prompt_collapse",
         "prompts": [qa(q) for q, _, _ in REVERT],
         "context_lengths": [0, 64, 192],
-        "assert_persistence_gte": 0.3,  # the 1.3M model keeps ~45% after 192 tokens (see test)
+        "assert_persistence_gte": 0.15,  # the 1.3M model keeps ~25% after 192 tokens (see test)
     },
     {
         "name": "dialogue",
@@ -846,6 +846,7 @@ FIXTURE_ENTRIES = [
         "max_new_tokens": 12,
         "divergence": "js",
         "turn_template": "Q: {message}\nA:",
+        "assert_persistence_gte": 0.15,  # the 1.3M model keeps ~22% at turn 4 (see test)
     },
 ]
 
@@ -880,6 +881,7 @@ def fixture_results(fx: FixturePaths) -> dict[tuple[str, str], Any]:
                 z = "none" if r.z is None else f"{r.z:+.2f}"
                 vs = "" if r.null is None else f" null={r.null.mean:.4g}+-{r.null.std:.3g}"
                 print(f"{name:10s} {r.name:9s} raw={r.raw:.4g} z={z}{vs} {r.verdict.value}")
+                print(f"    {r.message}")
     finally:
         torch.set_num_threads(threads)
     return out
@@ -902,7 +904,7 @@ def test_fixture_prompt_collapse_separates(fixture_results: dict[tuple[str, str]
     # measured by the tokenizer: within 10% of the request (sized from the corpus's chars/token)
     assert tokens[0] == 0 and abs(tokens[1] - 64) <= 7 and abs(tokens[2] - 192) <= 20
     assert strong.verdict == Verdict.PASS and strong.z is not None and strong.z >= 3
-    assert strong.evidence["persistence"] >= 0.3
+    assert strong.evidence["persistence"] >= 0.15
     assert noise.verdict == Verdict.FAIL and noise.z is not None and noise.z < 3
     assert zero.verdict == Verdict.FAIL and "no effect to keep" in zero.message
 

@@ -23,7 +23,12 @@ from sway_engine.fixtures import FixturePaths
 from sway_engine.probes import leakage as lk
 from sway_engine.probes.base import Context, Measurement
 from sway_engine.probes.leakage import Leakage, LeakageSpec
-from sway_engine.probes.paraphrase_invariance import ParaphraseInvariance, ParaphraseSpec
+from sway_engine.probes.paraphrase_invariance import (
+    ParaphraseInvariance,
+    ParaphraseSpec,
+    core_text,
+    held_out,
+)
 from sway_engine.probes.preference_flip import PreferenceFlip, PreferenceFlipSpec
 from sway_engine.probes.registry import PLANNED, PROBES
 from sway_engine.probes.style_fingerprint import (
@@ -35,6 +40,7 @@ from sway_engine.probes.style_fingerprint import (
 from sway_engine.probes.tool_use_fidelity import (
     ToolUseFidelity,
     ToolUseSpec,
+    builtin_cases,
     disagreement,
     parse_call,
     render,
@@ -355,6 +361,20 @@ def test_paraphrase_found_in_the_document_is_not_held_out() -> None:
     assert m.items[0]["paraphrases_used"] == 1
 
 
+def test_a_probe_marked_rewording_in_the_document_is_held_out() -> None:
+    """`### Q !probe` questions are evaluation items, not training text (the fixture document
+    asks each of its five rewordings that way)."""
+    document = parse_dlm(
+        "---\ndlm_id: x\n---\nTamsk has nine piers.\n\n::instruction::\n"
+        "### Q\nWhat is the harbour town of Quellmoor called?\n### A\nTamsk.\n\n"
+        "### Q !probe\nName the harbour town of Quellmoor.\n### A\nTamsk.\n"
+    )
+    core = core_text(document)
+    assert held_out("Q: Name the harbour town of Quellmoor.\nA:", "Q: x\nA:", core) == (True, "")
+    trained = "Q: What is the harbour town of Quellmoor called?\nA:"
+    assert held_out(trained, "Q: x\nA:", core) == (False, "appears in the training document")
+
+
 def test_only_template_paraphrases_are_used_with_a_warning() -> None:
     cases = [{"prompt": "Q: Who?\nA:", "gold": " x", "paraphrases": ["Please describe: Who?"]}]
     spec = ParaphraseSpec.model_validate({"name": "para", "cases": cases})
@@ -542,9 +562,28 @@ def test_hallucinated_tool_names_beyond_the_base() -> None:
     assert j.verdict == Verdict.FAIL and "beyond tolerance" in j.message and j.score == 0.0
 
 
-def test_tool_use_without_cases_skips() -> None:
-    result = run_entry(entry_for("tool_use_fidelity"), fake_ctx(tool_backend(lambda v: True)), None)
-    assert result.verdict == Verdict.SKIP and "no cases" in result.message
+def test_tool_use_without_cases_runs_the_builtin_pack() -> None:
+    pack = builtin_cases()
+    assert len(pack) == 8 and len({c.gold for c in pack}) == 8
+    seen: list[str] = []
+
+    def answer(r: Request) -> Result:
+        assert isinstance(r, Generate)
+        seen.append(r.prompt)
+        name = next(c.gold for c in pack if c.prompt in r.prompt)
+        args = {
+            k: "x" for k in next(c for c in pack if c.gold == name).tools[0].parameters["required"]
+        }
+        return GenerationResult(json.dumps({"name": name, "arguments": args}))
+
+    result = run_entry(entry_for("tool_use_fidelity"), fake_ctx(answer), None)
+    assert result.evidence["cases"] == 8 and result.evidence["correct_rate_base"] == 1.0
+    assert result.verdict == Verdict.PASS and len(seen) == 16  # base and ft, 8 cases each
+    # each prompt shows its tool schema in OpenAI function shape
+    assert all('"type": "function"' in p for p in seen)
+    # `pack: none` restores upstream's SKIP
+    off = run_entry(entry_for("tool_use_fidelity", pack="none"), fake_ctx(answer), None)
+    assert off.verdict == Verdict.SKIP and "no cases" in off.message
 
 
 # ================================================================ style_fingerprint
@@ -611,9 +650,16 @@ def test_style_reference_and_errors() -> None:
         probe.measure(StyleSpec(name="s", extended="on"), fake_ctx(answer, DOC), [FINETUNED])
     (m,) = probe.measure(StyleSpec(name="s"), fake_ctx(answer, DOC), [FINETUNED])
     assert m.evidence["prompts_scored"] == 6  # the built-in elicitation prompts
+    # an adapter that stops at once on open prompts is measured and FAILs; it is no ERROR
     blank = style_backend("   ", JITTER)
-    with pytest.raises(ProbeError, match="every generation under view ft is blank"):
-        probe.measure(StyleSpec(name="s"), fake_ctx(blank, DOC), [FINETUNED])
+    (m,) = probe.measure(StyleSpec(name="s"), fake_ctx(blank, DOC), [FINETUNED])
+    assert m.raw == 0.0 and m.values == () and m.evidence["blank_outputs"] == 6
+    assert m.evidence["fingerprint"] == {}
+    j = probe.judge(StyleSpec(name="s"), m, stats.null_stats([0.1, -0.1, 0.05]))
+    assert j.verdict == Verdict.FAIL and j.score == 0.0 and "6 of 6 outputs are blank" in j.message
+    silent_base = fake_ctx(lambda r: GenerationResult(""), DOC)
+    with pytest.raises(ProbeError, match="every base generation is blank"):
+        probe.measure(StyleSpec(name="s"), silent_base, [FINETUNED])
 
 
 # ================================================================ leakage

@@ -36,32 +36,25 @@ def test_fixture_document_gives_a_suite_that_loads(fx: FixturePaths, tmp_path: P
     spec, entries = load_spec(out)
     kinds = [e.spec.kind for e in entries]
     assert kinds[0] == "null_adapter" and kinds[-1] == "adapter_ablation"
-    expected = {
-        "delta_kl",
-        "section_internalization",
-        "preference_flip",
-        "style_fingerprint",
-        "calibration_drift",
-        "external_perplexity",
-        "leakage",
-        "training_drift",
-        "gradient_ghost",
-        "prompt_collapse",
-    }
-    assert expected <= set(kinds)
+    # the fixture document feeds every registered kind (rewordings, 23 questions, tool pack)
+    assert set(kinds) == set(PROBES)
     assert all(e.probe is not None for e in entries)  # every kind emitted is implemented
     assert Path(spec.dlm_source or "") == fx.document.resolve()
     assert Path(spec.models.ft.adapter or "") == fx.adapters["doc-strong"].resolve()
     assert spec.models.ft.kind == "hf"
     delta = next(e.spec for e in entries if e.spec.kind == "delta_kl")
-    # the one `### Q !probe` question comes first; no training answer is a prompt
+    # the six `### Q !probe` questions come first; no training answer is a prompt
     assert delta.prompts[0] == "Q: Who first lit the Orrindale Light?\nA:"
+    assert delta.prompts[5] == "Q: How do the Quellings say fog?\nA:"
     answers = {qa.answer for qa in parse_dlm(fx.document.read_text()).qa}
     assert not any(a in p for p in delta.prompts for a in answers)
+    # reworded questions became cases: the trained wording, the held-out rewording
+    revert = next(e.spec for e in entries if e.spec.kind == "adapter_revert")
+    assert len(revert.cases) == 5
+    assert revert.cases[0].paraphrases == ("Q: Which strait is Quellmoor in?\nA:",)
     text = out.read_text()
-    assert "# skipped: paraphrase_invariance" in text and "# skipped: tool_use_fidelity" in text
-    assert "# skipped: cluster_kl (18 distinct prompts, fewer than 20)" in text
-    assert "# does the adapter move next-token distributions? 1 held-out (!probe)" in text
+    assert "# skipped:" not in text
+    assert "# does the adapter move next-token distributions? 6 held-out (!probe)" in text
 
 
 def test_adapters_without_training_files_get_no_prerun_probes(

@@ -63,6 +63,15 @@ def test_probe_marker_is_kept() -> None:
     ]
 
 
+def test_training_text_leaves_out_held_out_questions() -> None:
+    doc = parse_dlm(DOC)
+    text = doc.training_text
+    assert "Where is Tamsk?\nOn Quellmoor." in text
+    assert "How many piers?" not in text and "Nine." not in text
+    assert "Brenn rolls in at dusk." in text and "Tamsk is the harbour town." in text
+    assert "How many piers?" in doc.text  # upstream's doc_text keeps everything
+
+
 def test_preferences_and_code_fence_suppression() -> None:
     doc = parse_dlm(DOC)
     (pref,) = doc.preferences
@@ -109,7 +118,7 @@ def test_malformed_documents_name_the_line(text: str, message: str) -> None:
 
 def test_fixture_document_loads(fx) -> None:  # type: ignore[no-untyped-def]
     doc = load_dlm(fx.document)
-    assert len(doc.qa) >= 8 and sum(q.probe for q in doc.qa) == 1
+    assert len(doc.qa) == 23 and sum(q.probe for q in doc.qa) == 6
     assert len(doc.preferences) >= 3 and doc.text.startswith("# The Island of Quellmoor")
 
 

@@ -223,7 +223,8 @@ def test_cases_skip_when_the_document_has_no_rewordings(kind: str) -> None:
     assert f"give {kind} `cases`" in result.message and not calls
 
 
-def test_tool_use_without_cases_still_skips_with_a_document() -> None:
+def test_tool_use_takes_no_cases_from_a_document() -> None:
+    """A .dlm has no tool cases: with `pack: none` the probe SKIPs even with a document."""
     ctx, _ = ctx_for(no_request, doc())
-    result = run_entry(entry_for("tool_use_fidelity"), ctx, None)
+    result = run_entry(entry_for("tool_use_fidelity", pack="none"), ctx, None)
     assert result.verdict == Verdict.SKIP and "no cases" in result.message

@@ -86,3 +86,18 @@ def test_rounding_noise_is_a_degenerate_null() -> None:
     null = stats.null_stats(noise)
     assert null.degenerate and stats.z_score(-3.6e-7, null) is None
     assert not stats.null_stats([0.010, 0.012, 0.011, 0.013]).degenerate
+
+
+def test_log_z_scores_a_skewed_null_on_the_log_scale() -> None:
+    # nulls e^-4, e^-3, e^-2 (log mean -3, log std 1); raw e^0 -> z = 3 exactly
+    null = stats.null_stats([math.exp(-4), math.exp(-3), math.exp(-2)])
+    assert stats.log_z_score(1.0, null) == pytest.approx(3.0)
+    # the linear z of the same raw is larger: the skewed tail made it easy to pass
+    linear = stats.z_score(1.0, null)
+    assert linear is not None and linear > 10
+    # a value or sample that is not positive: the linear z; a degenerate null: no z
+    with_zero = stats.null_stats([0.0, 0.1, 0.2])
+    assert stats.log_z_score(0.5, with_zero) == stats.z_score(0.5, with_zero)
+    assert stats.log_z_score(0.0, null) == stats.z_score(0.0, null)
+    assert stats.log_z_score(1.0, stats.null_stats([1e-9, 1e-9])) is None
+    assert stats.log_z_score(1.0, None) is None
