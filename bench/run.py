@@ -14,7 +14,9 @@ Everything is a ratio measured in one run, with the tools alternating (machines 
    machine's matmul peak measured in the same run;
 5. cost versus null seeds (1, 3, 8, 16) and versus adapters evaluated together (1, 2, 4, 8);
 6. rolling log-likelihood throughput against lm-eval's HF model on the same texts;
-7. the same on CUDA (bf16) where a GPU is present.
+7. the same on CUDA (bf16) where a GPU is present;
+8. start-up: `import sway_dagster`, the code location (`sway_dagster.definitions` plus
+   `build_definitions` on the fixture suite) and `import dagster` alone, fresh processes.
 Writes bench/results/<utc>.json and .md. `python bench/run.py --quick` is a smaller run.
 """
 
@@ -497,6 +499,36 @@ def adapters_sweep(fx: Any, repeats: int, threads: int, log: Log) -> dict[str, A
     return out
 
 
+STARTUP = {
+    "import dagster": "import dagster",
+    "import sway_dagster": "import sway_dagster",
+    "code location": (
+        "import os, sys; from sway_dagster.definitions import build_definitions; "
+        "from sway_dagster.settings import Settings; "
+        "build_definitions(Settings.from_env({'SWAY_HOME': sys.argv[1]}))"
+    ),
+}
+
+
+def startup(fx: Any, repeats: int, log: Log) -> dict[str, Any]:
+    """Seconds to run each STARTUP snippet in a fresh interpreter (median of `repeats`)."""
+    import shutil
+
+    home = WORK / "startup-home"
+    (home / "adapters").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(fx.suite, home / "sway.yaml")
+    log(f"start-up times, x{repeats}")
+    times: dict[str, list[float]] = {k: [] for k in STARTUP}
+    for _ in range(repeats):
+        for name, code in STARTUP.items():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code, str(home)], check=True, cwd=ROOT)
+            times[name].append(time.perf_counter() - t0)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["code_location_over_dagster"] = out["code location"] / out["import dagster"]
+    return out
+
+
 def rolling_texts(fx: Any, n: int) -> list[str]:
     """Document sections and corpus paragraphs: what sway's rolling probes score."""
     from sway_engine.dlm import load_dlm
@@ -700,6 +732,17 @@ def markdown(r: dict[str, Any]) -> str:
             )
         elif lr.get("lm_eval", {}).get("errors"):
             lines.append(f"- lm-eval: failed: {lr['lm_eval']['errors'][0][:300]}")
+    st = r.get("startup")
+    if st:
+        lines += [
+            "",
+            "## Start-up (fresh interpreter, median)",
+            "",
+            f"`import sway_dagster` {st['import sway_dagster']:.2f}s; the code location "
+            f"(import + `build_definitions` on the fixture suite) {st['code location']:.2f}s, "
+            f"{st['code_location_over_dagster']:.2f}x `import dagster` alone "
+            f"({st['import dagster']:.2f}s).",
+        ]
     b = r.get("suite_b")
     if b:
         lines += [
@@ -811,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["seeds"] = seeds_sweep(fx, repeats, threads, log)
     report["adapters"] = adapters_sweep(fx, repeats, threads, log)
+    report["startup"] = startup(fx, repeats, log)
     log(f"elapsed so far {time.perf_counter() - started:.0f}s")
     texts = rolling_texts(fx, 24 if args.quick else 48)
     report["rolling"] = rolling(bench.base, texts, up, max(1, repeats - 1), threads, log)

@@ -6,6 +6,9 @@ adapter_files -> adapter_manifest -> null_calibration -> sway/<probe> (one per e
 
 import json
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,17 @@ adapter_files = dg.AssetSpec(
 )
 
 
+@contextmanager
+def pinned_preview_apis() -> Iterator[None]:
+    """Silence Dagster's beta/preview notices for the two APIs we rely on, pinned at 1.13.27:
+    `backfill_policy` and partitioned asset checks (docs/DESIGN.md). One notice per asset
+    would otherwise flood every code-location load."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Parameter `backfill_policy`")
+        warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheck")
+        yield
+
+
 # Model assets take every partition of a backfill in one run (one base load, shared batches);
 # sway_score runs one partition per run because its gate check is per partition.
 MODEL_BACKFILL = dg.BackfillPolicy.single_run()
@@ -67,21 +81,27 @@ def publish(
     return dg.MaterializeResult(metadata={"adapters_in_run": len(per_key)})
 
 
-@dg.asset(
-    deps=[adapter_files],
-    partitions_def=adapters,
-    group_name="adapters",
-    kinds={"duckdb"},
-    owners=OWNERS,
-    code_version=CODE_VERSIONS["adapter_manifest"],
-    backfill_policy=MODEL_BACKFILL,
-)
-def adapter_manifest(
-    context: AssetExecutionContext, adapter_store: AdapterStore, results: ResultStore
-) -> dg.MaterializeResult:
-    """Config, rank, alpha, targets, weights hash and a finiteness preflight of the adapter."""
-    store = results.store()
-    return publish(context, {k: _manifest(context, k, adapter_store, store) for k in keys(context)})
+def _manifest_asset() -> dg.AssetsDefinition:
+    @dg.asset(
+        name="adapter_manifest",
+        deps=[adapter_files],
+        partitions_def=adapters,
+        group_name="adapters",
+        kinds={"duckdb"},
+        owners=OWNERS,
+        code_version=CODE_VERSIONS["adapter_manifest"],
+        backfill_policy=MODEL_BACKFILL,
+    )
+    def adapter_manifest(
+        context: AssetExecutionContext, adapter_store: AdapterStore, results: ResultStore
+    ) -> dg.MaterializeResult:
+        """Config, rank, alpha, targets, weights hash and a finiteness preflight."""
+        store = results.store()
+        return publish(
+            context, {k: _manifest(context, k, adapter_store, store) for k in keys(context)}
+        )
+
+    return adapter_manifest
 
 
 def keys(context: AssetExecutionContext) -> list[str]:
@@ -127,16 +147,18 @@ def build_assets(suite: Suite) -> list[Any]:
     """Every asset of the graph for this suite (probe assets come from its entries)."""
     null_entry = next((e for e in suite.entries if isinstance(e.spec, NullAdapterSpec)), None)
     probe_entries = [e for e in suite.entries if not isinstance(e.spec, NullAdapterSpec)]
-    calibration = _calibration_asset(suite, null_entry)
-    probes = [_probe_asset(suite, e) for e in probe_entries]
-    score_asset = _score_asset(suite, [p.key for p in probes])
-    return [adapter_files, adapter_manifest, calibration, *probes, score_asset, leaderboard]
+    with pinned_preview_apis():
+        manifest = _manifest_asset()
+        calibration = _calibration_asset(suite, null_entry)
+        probes = [_probe_asset(suite, e) for e in probe_entries]
+        score_asset = _score_asset(suite, [p.key for p in probes])
+    return [adapter_files, manifest, calibration, *probes, score_asset, leaderboard]
 
 
 def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefinition:
     @dg.asset(
         name="null_calibration",
-        deps=[adapter_manifest],
+        deps=["adapter_manifest"],
         partitions_def=adapters,
         group_name="calibration",
         kinds={"pytorch", "duckdb"},

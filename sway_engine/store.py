@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
-
-import duckdb
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sway_engine.errors import SwayError
 from sway_engine.result import ProbeResult, SuiteResult, SwayScore, finite, json_safe
+
+if TYPE_CHECKING:
+    import duckdb  # imported when a connection opens: `import sway_dagster` stays light
 
 T = TypeVar("T")
 
@@ -481,6 +482,8 @@ class ResultStore:
                 delay = min(delay * 2, self.retry_max_s)
 
     def _attempt(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        import duckdb
+
         con = self._connect()
         try:
             con.begin()
@@ -501,6 +504,8 @@ class ResultStore:
             con.close()
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
+        import duckdb
+
         self._refuse_foreign_file()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
