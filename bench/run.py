@@ -173,20 +173,11 @@ def suite_specs(fixture_suite: Path, base: Path, adapter: Path, out: Path) -> di
     }
 
 
-def full_suite_spec(fixture_suite: Path, document: Path, out: Path) -> Path:
-    """Suite (b): the fixture suite plus every other probe sway has, at their defaults."""
-    data = _load_yaml(fixture_suite)
-    data["dlm_source"] = str(document)
-    data["suite"] = [
-        *data["suite"],
-        {"name": "sections", "kind": "section_internalization"},
-        {"name": "perplexity", "kind": "external_perplexity"},
-        {"name": "drift", "kind": "calibration_drift"},
-    ]
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "b-full.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+def full_suite_spec(fx: Any, out: Path) -> Path:
+    """Suite (b): the fixture battery, `sway autogen` of the fixture document (every probe)."""
+    from sway_engine.fixtures.battery import write_battery
+
+    return write_battery(fx, out / "b-full.yaml")
 
 
 def seeds_spec(fixture_suite: Path, seeds: int, out: Path) -> Path:
@@ -843,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         fl[model] = flops(run, peak)
     report["work"], report["flops"] = work, fl
     report["flops_note"] = flops_note(fl)
-    b_spec = full_suite_spec(fx.suite, fx.document, WORK / "specs" / "fixture")
+    b_spec = full_suite_spec(fx, WORK / "specs" / "fixture")
     b = ours({"tool": "sway", "spec": str(b_spec), "threads": threads})
     report["suite_b"] = {
         "suite_s": b["suite_s"],

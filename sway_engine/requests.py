@@ -6,6 +6,7 @@ returns one result per request, in order. Log-probabilities are natural-log (nat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +75,9 @@ class TokenDist:
 
     `tail_mass` is the probability outside the listed ids (0 <= tail_mass <= 1).
     `tokens` holds decoded strings where the backend knows them (used to align by text).
+    `vocabulary` names the tokenizer the ids come from ("" when unknown): two distributions
+    with the same non-empty vocabulary align by id. `decode` turns ids into token strings on
+    demand (`texts()`), so a local backend does not decode every top-k list it returns.
     """
 
     token_ids: np.ndarray
@@ -81,6 +85,14 @@ class TokenDist:
     vocab_size: int
     tail_mass: float
     tokens: tuple[str, ...] = ()
+    vocabulary: str = ""
+    decode: Callable[[list[int]], list[str]] | None = field(default=None, compare=False, repr=False)
+
+    def texts(self) -> tuple[str, ...]:
+        """Decoded token strings: `tokens`, else `decode(token_ids)`, else ()."""
+        if self.tokens or self.decode is None:
+            return self.tokens
+        return tuple(self.decode([int(i) for i in self.token_ids]))
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,10 @@ def js(logp: np.ndarray, logq: np.ndarray) -> float:
 
 
 def topk_tail_js(
-    ids_a: Sequence[object], logp_a: np.ndarray, ids_b: Sequence[object], logp_b: np.ndarray
+    ids_a: Sequence[object] | np.ndarray,
+    logp_a: np.ndarray,
+    ids_b: Sequence[object] | np.ndarray,
+    logp_b: np.ndarray,
 ) -> float:
     """JS between two top-k slices, aligned by token identity (id or text, never rank).
 
@@ -54,7 +57,10 @@ def topk_tail_js(
 
 
 def topk_tail_kl(
-    ids_a: Sequence[object], logp_a: np.ndarray, ids_b: Sequence[object], logp_b: np.ndarray
+    ids_a: Sequence[object] | np.ndarray,
+    logp_a: np.ndarray,
+    ids_b: Sequence[object] | np.ndarray,
+    logp_b: np.ndarray,
 ) -> float:
     """KL(b || a) on aligned top-k slices (q floored at 1e-12 as upstream)."""
     p, q = _aligned(ids_a, logp_a, ids_b, logp_b)
@@ -62,15 +68,20 @@ def topk_tail_kl(
 
 
 def _aligned(
-    ids_a: Sequence[object], logp_a: np.ndarray, ids_b: Sequence[object], logp_b: np.ndarray
+    ids_a: Sequence[object] | np.ndarray,
+    logp_a: np.ndarray,
+    ids_b: Sequence[object] | np.ndarray,
+    logp_b: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     for side, lp in (("a", logp_a), ("b", logp_b)):
         if not np.all(np.isfinite(lp)):
             raise ValueError(f"non-finite log-prob in top-k slice {side}")
+    if isinstance(ids_a, np.ndarray) and isinstance(ids_b, np.ndarray):
+        return _aligned_ids(ids_a, logp_a, ids_b, logp_b)
     support = list(dict.fromkeys([*ids_a, *ids_b]))
     index = {tok: i for i, tok in enumerate(support)}
 
-    def place(ids: Sequence[object], lp: np.ndarray) -> np.ndarray:
+    def place(ids: Sequence[object] | np.ndarray, lp: np.ndarray) -> np.ndarray:
         vec = np.zeros(len(support))
         known = np.zeros(len(support), dtype=bool)
         for tok, v in zip(ids, lp, strict=True):
@@ -85,6 +96,28 @@ def _aligned(
         return vec / total
 
     return place(ids_a, logp_a), place(ids_b, logp_b)
+
+
+def _aligned_ids(
+    ids_a: np.ndarray, logp_a: np.ndarray, ids_b: np.ndarray, logp_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_aligned` for integer id arrays, vectorised (the same vectors, in sorted-id order)."""
+    support, inverse = np.unique(np.concatenate([ids_a, ids_b]), return_inverse=True)
+    where_a, where_b = inverse[: len(ids_a)], inverse[len(ids_a) :]
+
+    def place(where: np.ndarray, lp: np.ndarray) -> np.ndarray:
+        vec = np.zeros(len(support))
+        vec[where] = np.exp(lp.astype(np.float64))
+        known = np.zeros(len(support), dtype=bool)
+        known[where] = True
+        if (~known).any():
+            vec[~known] = max(0.0, 1.0 - float(vec.sum())) / int((~known).sum())
+        total = float(vec.sum())
+        if not (math.isfinite(total) and total > 0):
+            raise ValueError("top-k slice has no probability mass")
+        return vec / total
+
+    return place(where_a, logp_a), place(where_b, logp_b)
 
 
 # ---- calibration against the null ----

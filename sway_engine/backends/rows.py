@@ -110,15 +110,29 @@ def finite_or_raise(lps: np.ndarray, view: View, text: str) -> None:
 
 
 def token_dist(tokenizer: Any, ids: np.ndarray, lps: np.ndarray, vocab_size: int) -> TokenDist:
-    """A top-k distribution (ids by descending probability) with its tail mass."""
+    """A top-k distribution (ids by descending probability) with its tail mass.
+
+    Token strings are decoded only on demand (`TokenDist.texts`): two distributions from this
+    tokenizer align by id, which the `vocabulary` tag (path and size) lets consumers see.
+    """
     lps = lps.astype(np.float64)
     return TokenDist(
         token_ids=ids,
         logprobs=lps,
         vocab_size=vocab_size,
         tail_mass=float(max(0.0, 1.0 - np.exp(lps).sum())),
-        tokens=tuple(tokenizer.convert_ids_to_tokens(ids.tolist())),
+        vocabulary=vocabulary_tag(tokenizer),
+        decode=tokenizer.convert_ids_to_tokens,
     )
+
+
+def vocabulary_tag(tokenizer: Any) -> str:
+    """Which vocabulary ids come from: the tokenizer's path and its size."""
+    try:
+        size = len(tokenizer)
+    except TypeError:  # mlx-lm's TokenizerWrapper forwards attributes, not len()
+        size = getattr(tokenizer, "vocab_size", 0)
+    return f"{getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}:{size}"
 
 
 def logprob_result(

@@ -47,9 +47,15 @@ def divergences(
 
 
 def _topk(ref: TokenDist, out: TokenDist, kind: Kind) -> float:
-    # Align by decoded token text when the backend gives it (API servers), else by id.
-    ids_a: tuple[object, ...] = ref.tokens or tuple(int(i) for i in ref.token_ids)
-    ids_b: tuple[object, ...] = out.tokens or tuple(int(i) for i in out.token_ids)
+    # One vocabulary (both views of a local model): align by id. Otherwise by decoded token
+    # text (API servers, two models with different tokenizers), else by id.
+    ids_a: Sequence[object] | np.ndarray
+    ids_b: Sequence[object] | np.ndarray
+    if ref.vocabulary and ref.vocabulary == out.vocabulary:
+        ids_a, ids_b = ref.token_ids, out.token_ids
+    else:
+        ids_a = ref.texts() or tuple(int(i) for i in ref.token_ids)
+        ids_b = out.texts() or tuple(int(i) for i in out.token_ids)
     if kind == "js":
         return stats.topk_tail_js(ids_a, ref.logprobs, ids_b, out.logprobs)
     return stats.topk_tail_kl(ids_a, ref.logprobs, ids_b, out.logprobs)

@@ -7,11 +7,26 @@ SIGTERM to the server's process group and fails if anything survives it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
 from mlflow import MlflowClient
 
+from sway_dagster.definitions import build_definitions
+from sway_engine.adapters import read_adapter
 from sway_engine.store import ResultStore
-from tests.dagster.conftest import REPOSITORIES, DagsterDev, Evaluation
+from tests.dagster.conftest import (
+    ADD_PARTITION,
+    REPOSITORIES,
+    DagsterDev,
+    Evaluation,
+    add_adapter,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -76,3 +91,68 @@ def test_the_run_logs_one_mlflow_run_tagged_with_the_dagster_run(
     assert run.data.metrics["delta_kl_doc.z"] == pytest.approx(dkl["z"])
     ledger = next(r for r in store.runs() if r["dagster_run_id"] == doc_strong_run.run_id)
     assert ledger["mlflow_run_id"] == run.info.run_id
+
+
+LAUNCH_BACKFILL = """mutation Launch($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+  } }"""
+
+BACKFILL = """query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill { status runs { runId status tags { key value } } }
+    ... on PythonError { message }
+  } }"""
+
+
+def test_a_backfill_runs_the_model_assets_of_all_adapters_in_one_run(
+    dagster_dev: DagsterDev, doc_strong_run: Evaluation, fx
+) -> None:  # type: ignore[no-untyped-def]
+    """The daemon applies the backfill policies: one ranged run for the model assets of both
+    adapters (one base load), then one sway_score run per adapter (its gate check)."""
+    selector = {"repositoryLocationName": "sway", "repositoryName": "__repository__"}
+    keys = []
+    for name in ("noise", "zero"):
+        key = f"{name}-{read_adapter(fx.adapters[name]).sha8}"
+        dagster_dev.graphql(ADD_PARTITION, selector=selector, name="adapters", key=key)
+        add_adapter(dagster_dev.settings, fx.adapters[name])  # known first: the sensor stays out
+        keys.append(key)
+    graph = build_definitions(dagster_dev.settings).resolve_asset_graph()
+    selection = [
+        {"path": list(k.path)}
+        for k in graph.get_all_asset_keys()
+        if graph.get(k).is_materializable and graph.get(k).is_partitioned
+    ]
+    launched = dagster_dev.graphql(
+        LAUNCH_BACKFILL, params={"partitionNames": keys, "assetSelection": selection}
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    def done() -> dict[str, Any] | None:
+        b = dagster_dev.graphql(BACKFILL, id=backfill_id)["partitionBackfillOrError"]
+        return b if b["status"] not in ("REQUESTED", "CANCELING") else None
+
+    backfill = wait_until(f"backfill {backfill_id}", done, timeout=420, every=2)
+    runs = backfill["runs"]
+    assert {r["status"] for r in runs} == {"SUCCESS"}, (backfill, dagster_dev.server.tail(60))
+    tags = [{t["key"]: t["value"] for t in r["tags"]} for r in runs]
+    ranged = [t for t in tags if ASSET_PARTITION_RANGE_START_TAG in t]
+    single = sorted(t["dagster/partition"] for t in tags if "dagster/partition" in t)
+    assert len(ranged) == 1 and len(runs) == 3, tags
+    assert {
+        ranged[0][ASSET_PARTITION_RANGE_START_TAG],
+        ranged[0][ASSET_PARTITION_RANGE_END_TAG],
+    } == set(keys)
+    assert single == sorted(keys)
+
+    model_run = next(r["runId"] for r, t in zip(runs, tags, strict=True) if t in ranged)
+    store = ResultStore(dagster_dev.settings.database)
+    for key in keys:
+        rows = store.probe_results(key)
+        assert rows and {r["dagster_run_id"] for r in rows} == {model_run}
+        (score,) = [s for s in store.scores() if s["adapter_id"] == key]
+        assert score["gate_passed"] is False

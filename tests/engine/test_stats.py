@@ -101,3 +101,36 @@ def test_log_z_scores_a_skewed_null_on_the_log_scale() -> None:
     assert stats.log_z_score(0.0, null) == stats.z_score(0.0, null)
     assert stats.log_z_score(1.0, stats.null_stats([1e-9, 1e-9])) is None
     assert stats.log_z_score(1.0, None) is None
+
+
+def test_id_arrays_align_like_the_generic_path() -> None:
+    rng = np.random.default_rng(0)
+    ids_a, ids_b = np.array([5, 9, 2, 7]), np.array([9, 3, 5, 11])
+    lp_a = np.log(rng.dirichlet(np.ones(5))[:4])
+    lp_b = np.log(rng.dirichlet(np.ones(5))[:4])
+    fast = stats.topk_tail_js(ids_a, lp_a, ids_b, lp_b)
+    generic = stats.topk_tail_js(tuple(ids_a.tolist()), lp_a, tuple(ids_b.tolist()), lp_b)
+    assert fast == pytest.approx(generic, abs=1e-12)
+    kl_fast = stats.topk_tail_kl(ids_a, lp_a, ids_b, lp_b)
+    kl_generic = stats.topk_tail_kl(tuple(ids_a.tolist()), lp_a, tuple(ids_b.tolist()), lp_b)
+    assert kl_fast == pytest.approx(kl_generic, abs=1e-12)
+
+
+def test_token_dists_of_one_vocabulary_align_by_id_and_decode_only_on_demand() -> None:
+    from sway_engine.probes.divergence import _topk
+    from sway_engine.requests import TokenDist
+
+    calls: list[list[int]] = []
+
+    def decode(ids: list[int]) -> list[str]:
+        calls.append(ids)
+        return ["same"] * len(ids)  # a decoder that would merge every token if used
+
+    lp = np.log(np.array([0.6, 0.3]))
+    a = TokenDist(np.array([1, 2]), lp, 10, 0.1, vocabulary="tok:10", decode=decode)
+    b = TokenDist(np.array([2, 1]), lp, 10, 0.1, vocabulary="tok:10", decode=decode)
+    assert _topk(a, b, "js") > 0.01 and calls == []  # by id: ids 1 and 2 differ in mass
+    # another vocabulary: decoded text decides (here every token decodes alike)
+    c = TokenDist(np.array([2, 1]), lp, 10, 0.1, vocabulary="other:10", decode=decode)
+    assert _topk(a, c, "js") == pytest.approx(0.0, abs=1e-12) and len(calls) == 2
+    assert a.texts() == ("same", "same")
