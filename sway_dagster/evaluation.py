@@ -90,27 +90,27 @@ def per_adapter(
     if len(keys) == 1 or not backend.holds_many():
         return [(s, compute(s)) for s in (open_session(k, backend, adapters) for k in keys)]
     sessions = [_verified(key, adapters) for key in keys]
-    ok = [i for i, s in enumerate(sessions) if s.error is None]
-    out: dict[int, T] = {}
+    ok = [i for i, s in enumerate(sessions) if s.info is not None]
+    out: dict[int, tuple[Session, T]] = {}
     if ok:
-        paths = [str(sessions[i].info.path) for i in ok if sessions[i].info is not None]
+        paths = [str(sessions[i].info.path) for i in ok]  # type: ignore[union-attr]
         shared, registration = backend.many(paths)
-        live: list[int] = []
-        for i, label, error in zip(ok, registration.labels, registration.errors, strict=True):
-            if label is None:
+        live = [i for i, label in zip(ok, registration.labels, strict=True) if label is not None]
+        for i, error in zip(ok, registration.errors, strict=True):
+            if error is not None:
                 sessions[i] = replace(sessions[i], error=error)
-            else:
-                live.append(i)
-        labels = [registration.labels[ok.index(i)] or "" for i in live]
 
-        def one(slot: int, session: Instrumented) -> T:
+        def one(slot: int, session: Instrumented) -> tuple[Session, T]:
             opened = sessions[live[slot]]
             try:
                 preflight(session)
             except SwayError as exc:
-                return compute(replace(opened, error=f"preflight failed: {exc}"))
-            return compute(replace(opened, backend=session))
+                opened = replace(opened, error=f"preflight failed: {exc}")
+                return opened, compute(opened)
+            opened = replace(opened, backend=session)
+            return opened, compute(opened)
 
+        labels = [registration.labels[ok.index(i)] or "" for i in live]
         done = each_adapter(shared, labels, [paths[ok.index(i)] for i in live], one)
         failures = [r for r in done if isinstance(r, BaseException)]
         if failures:
@@ -118,8 +118,8 @@ def per_adapter(
         out.update({i: r for i, r in zip(live, done, strict=True)})  # type: ignore[misc]
     for i, session in enumerate(sessions):
         if i not in out:
-            out[i] = compute(session)
-    return [(sessions[i], out[i]) for i in range(len(keys))]
+            out[i] = (session, compute(session))
+    return [out[i] for i in range(len(keys))]
 
 
 def _verified(key: str, adapters: AdapterStore) -> Session:

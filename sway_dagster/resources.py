@@ -54,9 +54,12 @@ class ModelBackend(_Strict):
 
     def served_kind(self) -> str:
         """The engine kind serving this run's session (a fallback list records the one that
-        loaded), or the resource's class name before any session opened."""
+        loaded). A run that opened no session (a backfill's score run) gives the configured
+        kind: `CONFIGURED_KIND`, or the class name where the kind is only known on load."""
         session = getattr(self, "_session", None)
-        return str(session.kind) if session is not None else type(self).__name__
+        if session is not None:
+            return str(session.kind)
+        return CONFIGURED_KIND.get(type(self).__name__, type(self).__name__)
 
     def same_model(self, other: ModelBackend) -> bool:
         """True when `other` would load the very same model (a TwoModelBackend loads once)."""
@@ -388,6 +391,16 @@ def backend_for(spec: SuiteSpec, trace_dir: str = "") -> ModelBackend:
     return TwoModelBackend(
         base=resource_for(spec.models.base, trace_dir), ft=ft, trace_dir=trace_dir
     )
+
+
+# The engine kind each resource class serves, where the class alone decides it.
+CONFIGURED_KIND = {
+    "HFBackend": "hf",
+    "MLXBackend": "mlx",
+    "ApiBackend": "api",
+    "CustomBackend": "custom",
+    "TwoModelBackend": "two_model",
+}
 
 
 class ResultStore(_Strict):

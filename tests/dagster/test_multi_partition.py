@@ -17,6 +17,7 @@ from sway_dagster.assets import MODEL_BACKFILL, SCORE_BACKFILL
 from sway_dagster.definitions import JOB_NAME, build_definitions
 from sway_engine.backends.hf import HFBackend
 from sway_engine.store import ResultStore
+from tests.conftest import scaled_adapter
 from tests.dagster.conftest import add_adapter
 
 NAMES = ["doc-strong", "noise", "zero", "nan"]
@@ -102,6 +103,8 @@ def test_one_ranged_run_evaluates_every_adapter_with_one_base_load(home, instanc
         gates[name] = check.passed
     assert gates == {"doc-strong": True, "noise": False, "zero": False, "nan": False}
     assert store.row_counts()["scores"] == 4
+    # the score runs opened no model session: they record the configured kind
+    assert {r["backend_kind"] for r in store.runs()} == {"hf"}
 
     # one MLflow run per adapter: the score logged to the run the probes logged to
     client = MlflowClient(home.mlflow_uri)
@@ -140,3 +143,41 @@ def test_sway_score_refuses_a_range_with_advice(home, instance, fx) -> None:  # 
     assert "scores one adapter per run" in str(failure.step_failure_data.error)
     assert "backfill" in str(failure.step_failure_data.error)
     assert ResultStore(home.database).row_counts()["scores"] == 0  # nothing half-written
+
+
+def test_an_adapter_that_fails_preflight_in_a_range_gets_error_rows(
+    home, instance, fx, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Finite weights whose outputs overflow load fine and fail the preflight forward: in a
+    ranged run that adapter's rows are ERROR (null_baseline included), the other's are not."""
+    huge = scaled_adapter(fx.adapters["doc-strong"], tmp_path / "huge", 1e30)
+    add_adapter(home, huge)
+    add_adapter(home, fx.adapters["doc-strong"])
+    keys = {
+        c.key.rsplit("-", 1)[0]: c.key
+        for c in AdapterStore(root=str(home.adapters_dir), settle_seconds=0).scan()
+        if c.key is not None
+    }
+    instance.add_dynamic_partitions("adapters", list(keys.values()))
+    ordered = instance.get_dynamic_partitions("adapters")
+    defs = build_definitions(home)
+    graph = defs.resolve_asset_graph()
+    selection = [
+        k
+        for k in dg.AssetSelection.groups(*MODEL_GROUPS).resolve(graph)
+        if graph.get(k).is_materializable
+    ]
+    result = defs.get_implicit_global_asset_job_def().execute_in_process(
+        instance=instance, tags=ranged(ordered[0], ordered[-1]), asset_selection=selection
+    )
+    assert result.success
+    calib = {
+        m.partition: m.metadata for m in result.asset_materializations_for_node("null_calibration")
+    }
+    assert "preflight failed" in calib[keys["huge"]]["error"].value
+    assert calib[keys["doc-strong"]]["calibrated_probes"].value == 1
+    rows = ResultStore(home.database).probe_results()
+    verdicts = {(r["adapter_id"], r["probe"]): r["verdict"] for r in rows}
+    assert verdicts[keys["huge"], "null_baseline"] == "error"
+    assert verdicts[keys["huge"], "delta_kl_doc"] == "error"
+    assert verdicts[keys["doc-strong"], "delta_kl_doc"] == "pass"
