@@ -98,14 +98,11 @@ def _manifest_asset() -> dg.AssetsDefinition:
         """Config, rank, alpha, targets, weights hash and a finiteness preflight."""
         store = results.store()
         return publish(
-            context, {k: _manifest(context, k, adapter_store, store) for k in keys(context)}
+            context,
+            {k: _manifest(context, k, adapter_store, store) for k in context.partition_keys},
         )
 
     return adapter_manifest
-
-
-def keys(context: AssetExecutionContext) -> list[str]:
-    return list(context.partition_keys)
 
 
 def _manifest(
@@ -185,7 +182,7 @@ def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefin
             return calibrate_suite(suite.spec, list(suite.entries), session.context(suite))
 
         per_key: dict[str, dict[str, Any]] = {}
-        for session, matrix in per_adapter(keys(context), backend, adapter_store, compute):
+        for session, matrix in per_adapter(context.partition_keys, backend, adapter_store, compute):
             per_key[session.key] = _store_calibration(
                 context, store, suite, null_entry, session, matrix, run_id
             )
@@ -288,7 +285,9 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
 
         per_key = {
             session.key: _store_probe(context, store, mlflow, session, result, suite)
-            for session, result in per_adapter(keys(context), backend, adapter_store, compute)
+            for session, result in per_adapter(
+                context.partition_keys, backend, adapter_store, compute
+            )
         }
         return publish(context, per_key)
 

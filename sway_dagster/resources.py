@@ -86,6 +86,11 @@ class _LocalModel(ModelBackend):
         """Construct the engine backend (heavy imports happen here)."""
         raise NotImplementedError
 
+    def _engine_options(self) -> dict[str, Any]:
+        """The options every local engine takes from this resource's config."""
+        keys = ("dtype", "device", "trust_remote_code", "batch_tokens")
+        return {k: getattr(self, k) for k in keys}
+
     def model_id(self) -> str:
         return self.base
 
@@ -148,13 +153,7 @@ class HFBackend(_LocalModel):
     def _load(self) -> Any:
         from sway_engine.backends.hf import HFBackend as Engine
 
-        return Engine(
-            self.base,
-            dtype=self.dtype,
-            device=self.device,
-            trust_remote_code=self.trust_remote_code,
-            batch_tokens=self.batch_tokens,
-        )
+        return Engine(self.base, **self._engine_options())
 
 
 class MLXBackend(_LocalModel):
@@ -167,14 +166,7 @@ class MLXBackend(_LocalModel):
     def _load(self) -> Any:
         from sway_engine.backends.mlx import MLXBackend as Engine
 
-        return Engine(
-            self.base,
-            dtype=self.dtype,
-            device=self.device,
-            trust_remote_code=self.trust_remote_code,
-            batch_tokens=self.batch_tokens,
-            cache_dir=self.cache_dir or None,
-        )
+        return Engine(self.base, **self._engine_options(), cache_dir=self.cache_dir or None)
 
 
 class TwoModelBackend(ModelBackend):

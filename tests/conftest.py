@@ -35,3 +35,15 @@ def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
     scaled = {k: (v * factor if "lora_B" in k else v).contiguous() for k, v in tensors.items()}
     save_file(scaled, str(dst / "adapter_model.safetensors"))
     return dst
+
+
+def entry_for(kind: str, name: str = "p", **fields: object) -> object:
+    """One parsed suite entry of `kind` (fields as in sway.yaml) in a minimal valid suite."""
+    from sway_engine.spec import parse_spec
+
+    data = {
+        "version": 1,
+        "models": {"base": {"base": "m"}, "ft": {"base": "m", "adapter": "a"}},
+        "suite": [{"name": name, "kind": kind, **fields}],
+    }
+    return parse_spec(data)[1][0]

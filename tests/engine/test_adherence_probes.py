@@ -63,6 +63,7 @@ from sway_engine.result import Verdict
 from sway_engine.runner import run_entry
 from sway_engine.spec import parse_spec
 from sway_engine.views import FINETUNED, Base, Finetuned, Null
+from tests.conftest import entry_for
 
 DATA = Path(__file__).parents[1] / "data"
 CAPS = frozenset({NEXT_TOKEN, DIVERGENCE, ROLLING, CONTINUATION, GENERATE, NULL_VIEWS})
@@ -89,15 +90,6 @@ def fake_ctx(answer: Callable[[Request], Result], **kw: Any) -> tuple[Context, F
 def div(value: float) -> DivergenceResult:
     """A divergence result whose JS and KL(b || a) are both `value` (the probe picks one)."""
     return DivergenceResult(js=value, kl_b_a=value, kl_a_b=value, exact=True)
-
-
-def entry_for(kind: str, **fields: Any) -> Any:
-    data = {
-        "version": 1,
-        "models": {"base": {"base": "m"}, "ft": {"base": "m", "adapter": "a"}},
-        "suite": [{"name": "p", "kind": kind, **fields}],
-    }
-    return parse_spec(data)[1][0]
 
 
 PLAN = NullPlan(seeds=tuple(range(1, 9)), rank_multipliers=(1.0,), mode="matched", init_scale=0)

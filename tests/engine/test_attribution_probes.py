@@ -58,6 +58,7 @@ from sway_engine.result import Verdict
 from sway_engine.runner import run_entry
 from sway_engine.spec import parse_spec
 from sway_engine.views import FINETUNED, Finetuned, Null, View
+from tests.conftest import entry_for as shared_entry
 
 MINE = (
     "paraphrase_invariance",
@@ -76,12 +77,7 @@ def fake_ctx(answer: Callable[[Request], Result], document: Any = None) -> Conte
 
 
 def entry_for(kind: str, **fields: Any) -> Any:
-    data = {
-        "version": 1,
-        "models": {"base": {"base": "m"}, "ft": {"base": "m", "adapter": "a"}},
-        "suite": [{"name": "x", "kind": kind, **fields}],
-    }
-    return parse_spec(data)[1][0]
+    return shared_entry(kind, "x", **fields)
 
 
 def plan(*seeds: int) -> NullPlan:

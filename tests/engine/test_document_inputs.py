@@ -44,7 +44,7 @@ from sway_engine.requests import (
 )
 from sway_engine.result import Verdict
 from sway_engine.runner import run_entry
-from sway_engine.spec import parse_spec
+from tests.conftest import entry_for
 
 CAPS = frozenset({NEXT_TOKEN, DIVERGENCE, ROLLING, CONTINUATION, GENERATE, NULL_VIEWS})
 
@@ -79,15 +79,6 @@ def ctx_for(answer: Callable[[Request], Result], document: Document | None) -> t
         return [answer(r) for r in reqs]
 
     return Context(execute=execute, capabilities=CAPS, document=document), calls
-
-
-def entry_for(kind: str, **fields: Any) -> Any:
-    data = {
-        "version": 1,
-        "models": {"base": {"base": "m"}, "ft": {"base": "m", "adapter": "a"}},
-        "suite": [{"name": "p", "kind": kind, **fields}],
-    }
-    return parse_spec(data)[1][0]
 
 
 def no_request(r: Request) -> Result:

@@ -50,6 +50,7 @@ from sway_engine.result import Verdict
 from sway_engine.runner import run_entry
 from sway_engine.spec import parse_spec
 from sway_engine.views import BASE, FINETUNED, Base, Finetuned, Null, View
+from tests.conftest import entry_for as shared_entry
 
 DATA = Path(__file__).parents[1] / "data"
 CAPS = frozenset({ROLLING, CONTINUATION, NULL_VIEWS})
@@ -69,12 +70,7 @@ def rolling(*lps: float) -> RollingResult:
 
 
 def entry_for(kind: str, **fields: Any) -> Any:
-    data = {
-        "version": 1,
-        "models": {"base": {"base": "m"}, "ft": {"base": "m", "adapter": "a"}},
-        "suite": [{"name": "g", "kind": kind, **fields}],
-    }
-    return parse_spec(data)[1][0]
+    return shared_entry(kind, "g", **fields)
 
 
 def null_of(*samples: float) -> stats.NullStats:

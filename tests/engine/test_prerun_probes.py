@@ -34,6 +34,7 @@ from sway_engine.result import ProbeResult, Verdict
 from sway_engine.runner import evaluate, needs_model, run_entry
 from sway_engine.spec import load_spec, parse_spec
 from sway_engine.views import FINETUNED
+from tests.conftest import entry_for as shared_entry
 
 
 def no_model(_requests: Sequence[Any]) -> list[Any]:
@@ -47,12 +48,7 @@ def ctx_for(adapter: Path | None) -> Context:
 
 
 def entry_for(kind: str, **fields: Any) -> Any:
-    data = {
-        "version": 1,
-        "models": {"base": {"base": "m"}, "ft": {"base": "m", "adapter": "a"}},
-        "suite": [{"name": kind, "kind": kind, **fields}],
-    }
-    return parse_spec(data)[1][0]
+    return shared_entry(kind, kind, **fields)
 
 
 def run(kind: str, adapter: Path | None, **fields: Any) -> ProbeResult:
