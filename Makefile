@@ -3,10 +3,13 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-SWAY_HOME ?= $(CURDIR)/.sway_home
-export SWAY_HOME
+# The demo's own folder (marked by the demo when it creates it). `make run` resets it and
+# `make clean` removes it; both refuse any folder the demo did not create. Your SWAY_HOME
+# (real results) is never read or touched by either.
+SWAY_DEMO_HOME ?= $(CURDIR)/.sway_demo
+export SWAY_DEMO_HOME
 
-.PHONY: run test lint bench ui clean fixtures browser
+.PHONY: run test lint bench ui clean clean-demo fixtures browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,11 +44,17 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
+# The demo's UIs: Dagster and MLflow over the demo home (read only; nothing is reset).
 ui: $(STAMP)
-	@test -f $(SWAY_HOME)/sway.yaml || { echo "run 'make run' first"; exit 1; }
-	DAGSTER_HOME=$(SWAY_HOME)/dagster $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000 & \
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(SWAY_HOME)/mlflow.db --host 127.0.0.1 --port 5000; \
+	@test -f $(SWAY_DEMO_HOME)/sway.yaml || { echo "run 'make run' first"; exit 1; }
+	SWAY_HOME=$(SWAY_DEMO_HOME) DAGSTER_HOME=$(SWAY_DEMO_HOME)/dagster \
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000 & \
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(SWAY_DEMO_HOME)/mlflow.db --host 127.0.0.1 --port 5000; \
 	kill %1
 
-clean:
-	rm -rf $(SWAY_HOME) .sway_cache .pytest_cache
+# Removes the demo home (only if the demo made it), the fixture cache and pytest's cache.
+clean: clean-demo
+	rm -rf .sway_cache .pytest_cache
+
+clean-demo:
+	$(PY) -m sway_dagster.demo clean

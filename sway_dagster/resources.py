@@ -263,6 +263,7 @@ class ApiBackend(_Built):
     max_retries: int = 3
     max_top_k: int = 256
     concurrency: int = 4
+    allow_insecure_http: bool = False
 
     def model_id(self) -> str:
         return self.model
@@ -278,6 +279,7 @@ class ApiBackend(_Built):
                 max_retries=self.max_retries,
                 max_top_k=self.max_top_k,
                 concurrency=self.concurrency,
+                allow_insecure_http=self.allow_insecure_http,
             )
         return self._backend
 
@@ -365,7 +367,12 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelBackend:
         )
     if model.kind == "api":
         assert model.endpoint is not None  # the spec requires it
-        return ApiBackend(endpoint=model.endpoint, model=model.base, trace_dir=trace_dir)
+        return ApiBackend(
+            endpoint=model.endpoint,
+            model=model.base,
+            allow_insecure_http=model.allow_insecure_http,
+            trace_dir=trace_dir,
+        )
     if model.kind == "custom":
         assert model.entry_point is not None  # the spec requires it
         return CustomBackend(entry_point=model.entry_point, base=model.base, trace_dir=trace_dir)

@@ -81,7 +81,12 @@ def _build_kind(model: ModelSpec, **options: object) -> Backend:
         from sway_engine.backends.api import APIBackend
 
         assert model.endpoint is not None  # the spec requires it for kind api
-        return APIBackend(model.endpoint, model.base, **options)  # type: ignore[arg-type]
+        return APIBackend(
+            model.endpoint,
+            model.base,
+            allow_insecure_http=model.allow_insecure_http,
+            **options,  # type: ignore[arg-type]
+        )
     if model.kind == "custom":
         from sway_engine.backends.custom import CustomBackend
 

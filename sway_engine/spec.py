@@ -47,6 +47,8 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = False
     entry_point: str | None = None
     endpoint: str | None = None
+    # Ours: let kind api send its key over plain http to a non-loopback host (trusted networks).
+    allow_insecure_http: bool = False
     # Ours: kinds tried after `kind` when it cannot load (e.g. kind: mlx, fallback: [hf]).
     fallback: tuple[Literal["hf", "mlx", "api", "custom"], ...] = ()
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sway_engine.fixtures import FixturePaths, build_fixtures
+from sway_engine.fixtures import FixturePaths, build_fixtures, default_dest, recipe_hash
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +50,43 @@ def entry_for(kind: str, name: str = "p", **fields: object) -> object:
         "suite": [{"name": name, "kind": kind, **fields}],
     }
     return parse_spec(data)[1][0]
+
+
+def show(*results: Any) -> str:
+    """The measured numbers of probe results, one line each, for assertion messages: a test
+    that fails on a stranger's fixture build says what it saw."""
+    lines = []
+    for r in results:
+        z = "none" if r.z is None else f"{r.z:+.2f}"
+        null = "" if r.null is None else f" null={r.null.mean:.4g}+-{r.null.std:.3g} n={r.null.n}"
+        lines.append(f"{r.name}: raw={r.raw:.4g} z={z}{null} {r.verdict.value}: {r.message}")
+    return "\n".join(lines)
+
+
+def fixture_identity() -> str:
+    """Which fixture build a test ran on: recipe, variant, threads, CPU and weight hashes."""
+    info_path = default_dest() / recipe_hash()[:12] / "build_info.json"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        return f"no build_info.json at {info_path}"
+    recipe = info.get("recipe", {})
+    lines = [
+        f"fixtures {info_path.parent}",
+        f"recipe {str(info.get('recipe_hash'))[:12]} (version {info.get('recipe_version')}), "
+        f"variant seed {recipe.get('variant_seed', 0)}, torch threads {info.get('torch_threads')}, "
+        f"cpu {info.get('cpu', '?')}, torch {info.get('versions', {}).get('torch')}",
+    ]
+    lines += [f"sha256 {name}: {digest}" for name, digest in info.get("sha256", {}).items()]
+    return "\n".join(lines)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """A failing test that used the fixtures reports which build it ran on."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "fx" in getattr(item, "fixturenames", ()):
+        report.sections.append(("sway fixture build", fixture_identity()))

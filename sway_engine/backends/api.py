@@ -5,12 +5,15 @@ size cap, which log-prob request style it takes, prompt echo, seeds); only what 
 declared as a capability, so probes needing the rest SKIP. Responses are parsed by their
 shape (OpenAI legacy, vLLM echo / prompt_logprobs, mlx-lm and chat-style `content` lists).
 One endpoint serves one model: a differential run composes two (`TwoModelBackend`).
-The API key comes from the environment and never appears in a message, log or repr.
+The API key comes from the environment and never appears in a message, log or repr; it is
+sent only to the configured endpoint (redirects are refused) and never over plain http to a
+host other than loopback unless the spec opts in (`allow_insecure_http`).
 """
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -294,6 +297,7 @@ class APIBackend:
         max_top_k: int = 256,
         concurrency: int = 4,
         vocab_size: int = 0,
+        allow_insecure_http: bool = False,
     ) -> None:
         if timeout_s <= 0 or max_retries < 0 or backoff_s < 0 or max_top_k < 1:
             raise BackendError(
@@ -307,7 +311,12 @@ class APIBackend:
         self.max_backoff_s = max_backoff_s
         self.concurrency = max(1, concurrency)
         self.vocab_size = vocab_size
-        self._key = _Secret(api_key if api_key is not None else _key_from_env())
+        key, source = (api_key, "api_key") if api_key is not None else _key_from_env()
+        self._key = _Secret(key)
+        if self._key:
+            _check_key_transport(self.url, source, allow_insecure_http)
+            log.info("api backend %s: sending the key from %s", self.url, source)
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._counters: dict[str, float] = {
@@ -581,9 +590,11 @@ class APIBackend:
             start = time.perf_counter()
             try:
                 request = urllib.request.Request(self.url, data=data, headers=headers)
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                with self._opener.open(request, timeout=self.timeout_s) as resp:
                     raw = resp.read()
             except urllib.error.HTTPError as exc:
+                if 300 <= exc.code < 400:
+                    raise BackendError(self._redirect_message(exc)) from None
                 body = self._scrub(_read_error(exc))
                 if exc.code in RETRY_STATUS:
                     last = f"HTTP {exc.code}: {body}"
@@ -618,6 +629,14 @@ class APIBackend:
                 f"in {where}. Server said: {body}"
             )
         return f"{self.url}: HTTP {status}: {body}"
+
+    def _redirect_message(self, exc: urllib.error.HTTPError) -> str:
+        target = self._scrub(" ".join(str(exc.headers.get("Location", "(no Location)")).split()))
+        return (
+            f"{self.url}: HTTP {exc.code} redirect to {target[:200]}; sway does not follow "
+            "redirects, so a key never reaches a host it was not configured for. "
+            "Set the model's endpoint to the final URL."
+        )
 
     def _scrub(self, text: str) -> str:
         key = self._key.reveal()
@@ -699,9 +718,41 @@ def _transport_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {reason if reason is not None else exc}"
 
 
-def _key_from_env() -> str:
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: urllib would resend Authorization to whatever host it names."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1, and IPv4-mapped loopback)."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _check_key_transport(url: str, source: str, allow_insecure_http: bool) -> None:
+    """A key goes over plain http only to loopback, unless the spec opts in."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "http" and not is_loopback(host) and not allow_insecure_http:
+        raise BackendError(
+            f"refusing to send the API key from {source} over plain http to {host}: anyone on "
+            "the network could read it. Use an https:// endpoint, or set "
+            "`allow_insecure_http: true` on the model if the network is trusted."
+        )
+
+
+def _key_from_env() -> tuple[str, str]:
+    """(key, name of the variable it came from); ("", "") when none is set."""
     for name in KEY_ENV:
         value = os.environ.get(name, "").strip()
         if value:
-            return value
-    return ""
+            return value, name
+    return "", ""

@@ -160,6 +160,40 @@ class FakeServer:
 
 
 @dataclass
+class RedirectServer:
+    """Answers every POST with `status` and `Location: <target>` (a hop to another server)."""
+
+    target: str
+    status: int = 302
+    auth_headers: list[str | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        hop = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                self.rfile.read(int(self.headers["Content-Length"]))
+                hop.auth_headers.append(self.headers.get("Authorization"))
+                self.send_response(hop.status)
+                self.send_header("Location", hop.target)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        ).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@dataclass
 class MlxServer:
     """A real `python -m mlx_lm server` subprocess on a free port (always stopped)."""
 

@@ -42,7 +42,14 @@ from sway_engine.result import Verdict
 from sway_engine.runner import build_backend, evaluate, run_suite
 from sway_engine.spec import ModelSpec, parse_spec
 from sway_engine.views import BASE, FINETUNED, Null
-from tests.engine.api_servers import VOCAB, FakeServer, MlxServer, echo_logprob, fake_dist
+from tests.engine.api_servers import (
+    VOCAB,
+    FakeServer,
+    MlxServer,
+    RedirectServer,
+    echo_logprob,
+    fake_dist,
+)
 
 SECRET = "sk-test-Zq8vY3-never-print-me"
 PROMPTS = ["Q: one\nA:", "Q: two\nA:", "Q: three\nA:", "Q: four\nA:"]
@@ -364,6 +371,66 @@ def test_key_comes_from_env_in_order_and_is_never_shown(monkeypatch: pytest.Monk
         assert server.auth_headers[-1] == "Bearer sway-key-wins"
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_never_carries_the_key_to_another_host(
+    status: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """urllib keeps Authorization on a redirect to any host; sway refuses to follow one."""
+    other = FakeServer()
+    hop = RedirectServer(other.url + "/v1/completions?stolen=" + SECRET, status=status)
+    try:
+        monkeypatch.setenv("SWAY_API_KEY", SECRET)
+        with caplog.at_level(logging.DEBUG), pytest.raises(BackendError) as err:
+            fast(hop.url, max_retries=0)
+        msg = str(err.value)
+        assert f"HTTP {status} redirect" in msg and "final URL" in msg and hop.url in msg
+        assert hop.auth_headers == [f"Bearer {SECRET}"]  # the configured endpoint got it
+        assert other.auth_headers == [] and other.seen == []  # the other host got nothing
+        assert SECRET not in msg and SECRET not in caplog.text
+    finally:
+        hop.stop()
+        other.stop()
+
+
+def test_a_key_over_plain_http_goes_to_loopback_only_unless_the_spec_opts_in(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    monkeypatch.delenv("SWAY_API_KEY", raising=False)
+    for url in ("http://10.9.8.7:8000", "http://models.example.com/v1", "http://[fd00::1]:80"):
+        with pytest.raises(BackendError) as err:  # refused before any connection is made
+            fast(url, max_retries=0, timeout_s=0.2)
+        msg = str(err.value)
+        assert "OPENAI_API_KEY" in msg and "plain http" in msg and "allow_insecure_http" in msg
+        assert SECRET not in msg
+    with pytest.raises(BackendError) as err:  # opted in: it tries to connect (and fails here)
+        fast("http://127.0.0.1:9/v1", max_retries=0, timeout_s=0.2)
+    assert "plain http" not in str(err.value)
+    with pytest.raises(BackendError) as err:
+        fast("http://10.9.8.7:9", max_retries=0, timeout_s=0.2, allow_insecure_http=True)
+    # whatever answers (nothing, or a network's interceptor), it was a request, not a refusal
+    assert "plain http" not in str(err.value) and "http://10.9.8.7:9/v1" in str(err.value)
+    side = ModelSpec(kind="api", base="m", endpoint="http://10.9.8.7:8000")
+    with pytest.raises(BackendError, match="allow_insecure_http"):
+        build_backend(side, base=side)
+    server = FakeServer(key=SECRET)
+    try:
+        with caplog.at_level(logging.INFO, logger="sway_engine.backends.api"):
+            fast(server.url)
+        assert "sending the key from OPENAI_API_KEY" in caplog.text and SECRET not in caplog.text
+    finally:
+        server.stop()
+
+
+def test_loopback_hosts() -> None:
+    from sway_engine.backends.api import is_loopback
+
+    for host in ("localhost", "127.0.0.1", "127.3.4.5", "::1", "[::1]", "::ffff:127.0.0.1"):
+        assert is_loopback(host), host
+    for host in ("10.0.0.1", "localhost.example.com", "0.0.0.0", "example.com", "::ffff:8.8.8.8"):
+        assert not is_loopback(host), host
 
 
 def _fake_spec(tmp_path: Path, base_url: str, ft_url: str) -> Path:
