@@ -46,6 +46,8 @@ class Options:
     # How a question becomes a prompt; `{question}` is replaced (e.g. "Q: {question}\nA:").
     prompt_template: str = "{question}"
     force: bool = False
+    # Null draws per probe (`runs` of the null_adapter entry); None: defaults.null.seeds.
+    null_runs: int | None = None
 
 
 @dataclass
@@ -101,7 +103,7 @@ def render(opts: Options) -> str:
             "adapter": _portable(adapter, out_dir),
         },
     }
-    plan = plan_suite(doc, Path(adapter), opts.prompt_template)
+    plan = plan_suite(doc, Path(adapter), opts.prompt_template, opts.null_runs)
     data = {
         "version": 1,
         "dlm_source": _portable(str(opts.document), out_dir),
@@ -177,12 +179,13 @@ def training_files(adapter: Path) -> tuple[bool, bool]:
     return logs, (adapter / TRAINING_STATE).is_file()
 
 
-def plan_suite(doc: Document, adapter: Path, template: str) -> Plan:
+def plan_suite(doc: Document, adapter: Path, template: str, null_runs: int | None = None) -> Plan:
     plan = Plan()
     prompts, held = kl_prompts(doc, template)
+    runs = {} if null_runs is None else {"runs": null_runs}
     plan.add(
         "null adapters of the same size calibrate every z below",
-        {"name": "null_baseline", "kind": "null_adapter"},
+        {"name": "null_baseline", "kind": "null_adapter", **runs},
     )
     if prompts:
         source = f"{held} held-out (!probe)" if held else "no held-out"

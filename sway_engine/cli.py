@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         default="{question}",
         help="how a question becomes a prompt, e.g. 'Q: {question}\\nA:' (\\n is a newline)",
     )
+    autogen.add_argument(
+        "--null-runs", type=int, help="null adapters per probe (default: defaults.null.seeds)"
+    )
     autogen.add_argument("--force", action="store_true", help="overwrite an existing output")
     convert = sub.add_parser("convert-adapter", help="convert a PEFT LoRA adapter for mlx-lm")
     convert.add_argument("src", type=Path, help="PEFT adapter directory")
@@ -191,6 +194,7 @@ def _autogen(args: argparse.Namespace) -> int:
         kind=args.kind,
         prompt_template=args.prompt_template.replace("\\n", "\n"),
         force=args.force,
+        null_runs=args.null_runs,
     )
     path = write_suite(opts)
     print(f"wrote {path}")
