@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 SWAY_DEMO_HOME ?= $(CURDIR)/.sway_demo
 export SWAY_DEMO_HOME
 
-.PHONY: run test lint bench ui clean clean-demo fixtures browser
+.PHONY: run test lint bench calibration ui clean clean-demo fixtures browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# The calibration audit of the fixture battery (200 random adapters per null mode).
+calibration: $(STAMP)
+	$(BIN)/python -m bench.calibration
 
 # The demo's UIs: Dagster and MLflow over the demo home (read only; nothing is reset).
 ui: $(STAMP)

@@ -37,7 +37,15 @@ from sway_engine.probes.registry import Entry
 from sway_engine.report import plots
 from sway_engine.report.text import to_json, to_markdown
 from sway_engine.result import NullStats, ProbeResult, SuiteResult, Verdict
-from sway_engine.runner import calibrate_suite, error_results, null_result, run_entry
+from sway_engine.runner import (
+    calibrate_suite,
+    error_results,
+    finish,
+    gate_threshold,
+    null_result,
+    run_entry,
+    score_suite,
+)
 from sway_engine.store import AdapterRecord, NullRow, RunRecord
 
 OWNERS = ["team:ml-eval"]
@@ -396,8 +404,20 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
         probe_results = tuple(_from_row(r, suite) for r in rows)
         order = {e.spec.name: i for i, e in enumerate(suite.entries)}
         probe_results = tuple(sorted(probe_results, key=lambda r: order.get(r.name, len(order))))
-        composite = scoring.compute(probe_results, suite.spec.weights())
-        passed, why = scoring.gate(probe_results, composite, suite.spec.defaults.coverage_threshold)
+        # Benjamini-Hochberg needs every claim of the suite: per-probe verdicts are final here.
+        adjusted = tuple(finish(suite.spec, probe_results))
+        computed_in = {r["probe"]: r["dagster_run_id"] for r in rows}
+        for before, after in zip(probe_results, adjusted, strict=True):
+            if after != before:
+                store.write_probe_result(key, suite.spec_hash, after, computed_in[after.name])
+        probe_results = adjusted
+        composite = score_suite(suite.spec, list(probe_results))
+        passed, why = scoring.gate(
+            probe_results,
+            composite,
+            gate_threshold(suite.spec),
+            allow_uncalibrated=suite.spec.defaults.allow_uncalibrated,
+        )
         store.write_score(key, suite.spec_hash, composite, passed, context.run.run_id)
         probe_runs = {r["dagster_run_id"] for r in rows if r["dagster_run_id"]}
         evaluated_in = context.run.run_id

@@ -3,6 +3,7 @@ the MLflow run. Assets talk to each other through DuckDB, never through process 
 """
 
 import base64
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -152,10 +153,17 @@ def matrix_from_store(store: DuckStore, key: str, suite: Suite) -> NullMatrix | 
     if plan is None:
         return None
     rows = [r for r in store.null_calibration(key) if r["spec_hash"] == suite.spec_hash]
+    # A NaN null raw is stored as NULL; it comes back as NaN so the probe refuses to calibrate
+    # on it (WARN uncalibrated) instead of calibrating on the remaining draws.
     cells = tuple(
-        NullCell(r["probe"], r["kind"], int(r["seed"]), float(r["rank_scale"]), float(r["raw"]))
+        NullCell(
+            r["probe"],
+            r["kind"],
+            int(r["seed"]),
+            float(r["rank_scale"]),
+            math.nan if r["raw"] is None else float(r["raw"]),
+        )
         for r in rows
-        if r["raw"] is not None
     )
     return NullMatrix(plan=plan, cells=cells)
 

@@ -14,20 +14,20 @@ from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
 from sway_engine.result import NullStats
 from sway_engine.spec import NullConfig
-from sway_engine.views import Null
+from sway_engine.views import Null, NullMode
 
 
 @dataclass(frozen=True)
 class NullPlan:
     seeds: tuple[int, ...]
     rank_multipliers: tuple[float, ...]
-    mode: str
+    mode: NullMode
     init_scale: float
     kinds: tuple[str, ...] = ()  # empty: every calibrated probe
 
     def views(self) -> list[Null]:
         return [
-            Null(seed, rank_scale=m, mode=self.mode, init_scale=self.init_scale)  # type: ignore[arg-type]
+            Null(seed, rank_scale=m, mode=self.mode, init_scale=self.init_scale)
             for m in self.rank_multipliers
             for seed in self.seeds
         ]
@@ -67,6 +67,20 @@ class NullMatrix:
 
     def probes(self) -> list[str]:
         return list(dict.fromkeys(c.probe for c in self.cells))
+
+    def problem(self, probe: str) -> str:
+        """Why `probe` has no null at rank scale 1 ("" when it has one)."""
+        for name, reason in self.skipped:
+            if name == probe:
+                return f"null calibration failed: {reason}"
+        if any(c.probe == probe for c in self.cells):
+            if not any(c.probe == probe and c.rank_scale == 1.0 for c in self.cells):
+                scales = sorted({c.rank_scale for c in self.cells})
+                return f"no null at rank scale 1.0 (rank_multipliers {scales}); add 1.0"
+            return ""
+        if self.plan.kinds:
+            return f"its kind is not among null_adapter.calibrate_kinds {list(self.plan.kinds)}"
+        return "no null calibration"
 
 
 def calibrates(entry: Entry, plan: NullPlan, capabilities: frozenset[str]) -> bool:

@@ -1,4 +1,4 @@
-"""The `sway` command: run, gate, check, autogen, convert-adapter, fixtures build.
+"""The `sway` command: run, gate, check, autogen, doctor, convert-adapter, fixtures build.
 
 Exit codes: 0 ok, 1 gate failed, 2 bad input (spec, adapter, missing extra).
 """
@@ -51,6 +51,17 @@ def _parser() -> argparse.ArgumentParser:
         "--null-runs", type=int, help="null adapters per probe (default: defaults.null.seeds)"
     )
     autogen.add_argument("--force", action="store_true", help="overwrite an existing output")
+    doctor = sub.add_parser("doctor", help="the tool checks itself")
+    dsub = doctor.add_subparsers(dest="doctor_command", required=True)
+    cal = dsub.add_parser(
+        "calibration", help="false-PASS rate of each calibrated probe on random adapters"
+    )
+    cal.add_argument("spec", type=Path, help="sway.yaml")
+    cal.add_argument("--draws", type=int, default=200, help="null-family adapters to judge")
+    cal.add_argument("--adapter", help="audit around this adapter instead of models.ft")
+    cal.add_argument("--mode", choices=("matched", "spectrum", "fixed"), help="null mode")
+    cal.add_argument("--probe", action="append", default=[], help="only these kinds")
+    cal.add_argument("--json", "-j", type=Path, help="write the audit as JSON here")
     convert = sub.add_parser("convert-adapter", help="convert a PEFT LoRA adapter for mlx-lm")
     convert.add_argument("src", type=Path, help="PEFT adapter directory")
     convert.add_argument("dst", type=Path, help="output directory (mlx-lm adapter_path)")
@@ -81,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _convert_adapter(args)
         if args.command == "autogen":
             return _autogen(args)
+        if args.command == "doctor":
+            return _doctor_calibration(args)
     except SwayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -109,9 +122,13 @@ def _evaluate_and_report(
 ) -> int:
     from rich.console import Console
 
-    from sway_engine import score
     from sway_engine.report.text import print_terminal, to_json, to_junit, to_markdown
     from sway_engine.runner import evaluate
+    from sway_engine.runner import gate as runner_gate
+    from sway_engine.spec import spec_warnings
+
+    for warning in spec_warnings(entries, spec.defaults):
+        print(f"warning: {warning}", file=sys.stderr)
 
     console = Console(stderr=True)
     with console.status("loading model") as status:
@@ -131,12 +148,80 @@ def _evaluate_and_report(
     ):
         if path is not None:
             Path(path).write_text(render(result), encoding="utf-8")
-    limit = spec.defaults.coverage_threshold if threshold is None else threshold
-    passed, why = score.gate(result.probes, result.score, limit)
+    passed, why = runner_gate(spec, result, threshold)
     if gate:
         print(("gate passed — " if passed else "gate FAILED — ") + why)
         return 0 if passed else 1
     return 0
+
+
+def _doctor_calibration(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from sway_engine.audit import audit
+    from sway_engine.backends.instrumentation import Instrumented
+    from sway_engine.runner import build_backend
+    from sway_engine.spec import load_spec
+
+    spec, entries = load_spec(args.spec)
+    if args.draws < 10:
+        raise SwayError("--draws must be at least 10")
+    if args.mode:
+        null = spec.defaults.null.model_copy(update={"mode": args.mode})
+        spec = spec.model_copy(update={"defaults": spec.defaults.model_copy(update={"null": null})})
+        entries = [
+            e
+            if e.spec.kind != "null_adapter"
+            else type(e)(e.probe, e.spec.model_copy(update={"mode": None}), e.category)
+            for e in entries
+        ]
+    model = spec.models.ft
+    if args.adapter:
+        model = model.model_copy(update={"adapter": args.adapter})
+    backend = Instrumented(build_backend(model))
+    try:
+        with Console(stderr=True).status(f"auditing with {args.draws} null-family adapters"):
+            rows = audit(spec, entries, backend, draws=args.draws, kinds=tuple(args.probe))
+    finally:
+        backend.close()
+    title = (
+        f"calibration audit: {args.draws} random adapters, each judged against a fresh set of "
+        "null draws (and against the suite's own nulls)"
+    )
+    table = Table(title=title)
+    columns = (
+        "probe",
+        "false claim",
+        "false",
+        "rate [95% CI]",
+        "mean |z|",
+        "KS",
+        "vs suite nulls",
+        "power 1/.25/.05",
+    )
+    for col in columns:
+        table.add_column(col)
+    for r in rows:
+        lo, hi = r.interval
+        power = " / ".join(v["verdict"] for v in r.power.values())
+        table.add_row(
+            f"{r.probe} ({r.kind})",
+            "FAIL" if r.claim == "harm" else "PASS",
+            f"{r.false}/{r.draws}",
+            f"{r.rate:.1%} [{lo:.1%}, {hi:.1%}]",
+            f"{r.mean_abs_z:.2f}",
+            f"{r.ks:.3f}",
+            f"{r.false_vs_suite}/{r.draws}",
+            power,
+        )
+    Console(width=160).print(table)
+    if args.json:
+        args.json.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    worst = max((r.interval[0] for r in rows), default=0.0)
+    return 1 if worst > 0.01 else 0
 
 
 def _check(args: argparse.Namespace) -> int:

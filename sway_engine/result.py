@@ -26,6 +26,7 @@ class NullStats:
     n: int
     samples: tuple[float, ...]
     degenerate: bool
+    non_finite: int = 0  # draws left out because they were NaN or infinite
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -220,8 +220,9 @@ def _run_entry(entry: Entry, ctx: Context, matrix: NullMatrix | None) -> ProbeRe
     except Exception as exc:  # noqa: BLE001 - per-probe isolation: the suite goes on
         return skipped(spec, entry.category, f"{type(exc).__name__}: {exc}", Verdict.ERROR)
     null = matrix.stats(spec.name) if matrix is not None else None
+    problem = matrix.problem(spec.name) if matrix is not None else ""
     ci = stats.bootstrap_ci(m.values, seed=ctx.seed) if m.values else None
-    result = finalize(probe, spec, m, null, ci)
+    result = finalize(probe, spec, m, null, ci, problem)
     if matrix is not None and len(matrix.plan.rank_multipliers) > 1 and result.raw is not None:
         by_rank = {
             f"{r:g}x": stats.z_score(result.raw, matrix.stats(spec.name, r), sign=probe.z_sign)
@@ -237,7 +238,34 @@ def error_results(entries: list[Entry], message: str) -> list[ProbeResult]:
 
 
 def score_suite(spec: SuiteSpec, results: list[ProbeResult]) -> score.SwayScore:
-    return score.compute(results, spec.weights())
+    d = spec.defaults
+    return score.compute(results, spec.weights(), mode=d.score, alpha=d.alpha)
+
+
+def finish(spec: SuiteSpec, results: Sequence[ProbeResult]) -> list[ProbeResult]:
+    """The suite-level step after every probe ran: Benjamini-Hochberg over the effect claims."""
+    return score.adjust_for_multiplicity(results, spec.defaults.alpha)
+
+
+def gate_threshold(spec: SuiteSpec, threshold: float | None = None) -> float:
+    """The gate's minimum overall: the explicit one; upstream's coverage_threshold under the
+    upstream score; else 0 (the evidence score's gate is the AND of the verdicts)."""
+    d = spec.defaults
+    if threshold is not None:
+        return threshold
+    if d.score == "upstream" or "coverage_threshold" in d.model_fields_set:
+        return d.coverage_threshold
+    return 0.0
+
+
+def gate(spec: SuiteSpec, result: SuiteResult, threshold: float | None = None) -> tuple[bool, str]:
+    """The suite's gate on a finished result (CLI, Dagster check and reports alike)."""
+    return score.gate(
+        result.probes,
+        result.score,
+        gate_threshold(spec, threshold),
+        allow_uncalibrated=spec.defaults.allow_uncalibrated,
+    )
 
 
 def run_suite(
@@ -287,6 +315,7 @@ def _suite(
     results: list[ProbeResult],
     backend: Instrumented | None,
 ) -> SuiteResult:
+    results = finish(spec, results)
     return SuiteResult(
         spec_path=spec_path,
         spec_hash=spec.spec_hash(),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -76,7 +78,7 @@ class Models(_Strict):
 class NullConfig(_Strict):
     """How null adapters are drawn (ours). `matched`: same per-module update norm."""
 
-    mode: Literal["matched", "fixed"] = "matched"
+    mode: Literal["matched", "spectrum", "fixed"] = "matched"
     seeds: int = Field(8, ge=2, le=64)
     init_scale: float = Field(0.02, gt=0)
     rank_multipliers: tuple[float, ...] = (1.0,)
@@ -99,6 +101,13 @@ class Defaults(_Strict):
     concurrent_probes: int = Field(1, ge=1)
     null: NullConfig = NullConfig()
     divergence_mode: Literal["exact", "topk_tail"] = "exact"
+    # Ours: significance level of each probe's claim, after Benjamini-Hochberg (PROBES.md).
+    alpha: float = Field(0.01, gt=0, lt=1)
+    # Ours: a calibrated probe without a usable null is WARN "uncalibrated", and fails the
+    # gate unless this is true.
+    allow_uncalibrated: bool = False
+    # Ours: "evidence" ranks by significant effects (PROBES.md); "upstream" is dlm-sway's.
+    score: Literal["evidence", "upstream"] = "evidence"
 
     @field_validator("score_weights")
     @classmethod
@@ -212,7 +221,39 @@ def parse_spec(
                 seen.add(name)
     if problems or spec is None:
         raise SpecError(problems, source=source)
-    return spec, entries
+    return spec, [_with_alpha(e, spec.defaults.alpha) for e in entries]
+
+
+def _with_alpha(entry: Any, alpha: float) -> Any:
+    """The entry with the suite's alpha where it sets none of its own."""
+    if entry is None or getattr(entry.spec, "alpha", 0.0) is not None:
+        return entry
+    return replace(entry, spec=entry.spec.model_copy(update={"alpha": alpha}))
+
+
+def spec_warnings(entries: list[Any], defaults: Defaults) -> list[str]:
+    """What loads but weakens the verdict: a null_adapter with too few runs to calibrate."""
+    from sway_engine import stats
+
+    out = []
+    for e in entries:
+        if e is None or e.spec.kind != "null_adapter" or not e.spec.enabled:
+            continue
+        runs = getattr(e.spec, "runs", None) or defaults.null.seeds
+        if runs < stats.MIN_NULLS:
+            if runs >= 2:
+                rate = stats.student_t_sf(3.0 / math.sqrt(1 + 1 / runs), runs - 1)
+                cost = (
+                    f"a z >= 3 rule on {runs} nulls would PASS {rate:.1%} of random adapters "
+                    "(0.13% is what '3 sigma' promises)"
+                )
+            else:
+                cost = "one null has no spread, so a z-score cannot be formed at all"
+            out.append(
+                f"{e.spec.name}: runs: {runs} is too few to calibrate ({cost}); calibrated "
+                f"probes report WARN uncalibrated. Use runs: {defaults.null.seeds} or more."
+            )
+    return out
 
 
 def _resolve_paths(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:

@@ -1,16 +1,25 @@
 """The one implementation of sway's statistics: divergences, z, p-values, bootstrap CIs.
 
 All natural-log (nats). Every function rejects non-finite input instead of propagating it.
+Significance against the null adapters is `significance()`; docs/PROBES.md gives the rule.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from sway_engine.result import NullStats
+
+Scale = Literal["linear", "log", "fraction"]
+# The significance level of a per-probe claim (after Benjamini-Hochberg across a suite).
+DEFAULT_ALPHA = 0.01
+# Fewer null draws than this cannot estimate a spread: the probe is uncalibrated.
+MIN_NULLS = 4
 
 LN2 = math.log(2.0)
 # Raw metrics are nats (or fractions) computed from fp32 log-probabilities, whose rounding
@@ -124,17 +133,18 @@ def _aligned_ids(
 
 
 def null_stats(samples: Sequence[float]) -> NullStats:
-    """Mean, sample std (ddof=1) and a degenerate flag for a null distribution."""
-    xs = np.asarray([s for s in samples if math.isfinite(s)], dtype=float)
+    """Mean, sample std (ddof=1) and a degenerate flag for a null distribution; non-finite
+    draws are left out and counted (`non_finite`), so a probe can refuse to calibrate on them."""
+    all_xs = np.asarray(list(samples), dtype=float)
+    xs = all_xs[np.isfinite(all_xs)]
+    dropped = int(all_xs.size - xs.size)
     n = int(xs.size)
     if n == 0:
-        return NullStats(mean=math.nan, std=math.nan, n=0, samples=(), degenerate=True)
+        return NullStats(math.nan, math.nan, 0, (), True, non_finite=dropped)
     mean = float(xs.mean())
     std = float(xs.std(ddof=1)) if n > 1 else 0.0
     degenerate = n < 2 or std < max(MIN_STD, DEGENERATE_REL_STD * abs(mean))
-    return NullStats(
-        mean=mean, std=std, n=n, samples=tuple(float(x) for x in xs), degenerate=degenerate
-    )
+    return NullStats(mean, std, n, tuple(float(x) for x in xs), degenerate, non_finite=dropped)
 
 
 def z_score(raw: float, stats: NullStats | None, *, sign: int = 1) -> float | None:
@@ -168,6 +178,171 @@ def empirical_p(raw: float, stats: NullStats | None, *, sign: int = 1) -> float 
     xs = np.asarray(stats.samples)
     extreme = int(np.sum(sign * xs >= sign * raw))
     return (1 + extreme) / (1 + stats.n)
+
+
+def calibration_problem(null: NullStats | None, *, min_nulls: int = MIN_NULLS) -> str:
+    """Why `null` cannot calibrate a probe ("" when it can): missing, too few finite draws, or
+    any draw non-finite (a NaN null must never lead to a PASS)."""
+    if null is None:
+        return "no null calibration"
+    if null.non_finite:
+        return f"{null.non_finite} of {null.n + null.non_finite} null draws are not finite"
+    if null.n < min_nulls:
+        return f"only {null.n} null draw(s); need at least {min_nulls}"
+    return ""
+
+
+@dataclass(frozen=True)
+class Significance:
+    """How unusual the adapter's raw is for one more draw of the null family.
+
+    `p`: one-sided predictive p (oriented: small = beyond the nulls in the probe's good
+    direction); `z`: the same distance in null sds on the calibration scale; `p_rank`: the
+    empirical rank p, reported beside. `uncalibrated` says why there is no p ("" if there is).
+    """
+
+    z: float | None
+    p: float | None
+    p_rank: float | None
+    scale: str
+    n: int
+    alpha: float = DEFAULT_ALPHA
+    z_floor: float | None = None
+    uncalibrated: str = ""
+
+    @property
+    def calibrated(self) -> bool:
+        return not self.uncalibrated
+
+    @property
+    def significant(self) -> bool:
+        """p <= alpha, and z >= z_floor when a spec set an explicit z threshold."""
+        if self.p is None or self.p > self.alpha:
+            return False
+        return self.z_floor is None or (self.z is not None and self.z >= self.z_floor)
+
+    def describe(self) -> str:
+        if not self.calibrated:
+            return f"uncalibrated: {self.uncalibrated}"
+        z = "" if self.z is None else f"z={self.z:+.2f}, "
+        return f"{z}p={self.p:.2g} ({self.scale} scale, {self.n} nulls)"
+
+
+def significance(
+    raw: float,
+    null: NullStats | None,
+    *,
+    sign: int = 1,
+    scale: Scale = "linear",
+    trials: int | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    z_floor: float | None = None,
+    min_nulls: int = MIN_NULLS,
+) -> Significance:
+    """The one significance rule for calibrated probes (docs/PROBES.md, "Significance").
+
+    Continuous statistics: the predictive distribution of one more null draw, Student t with
+    n-1 df and scale sd*sqrt(1+1/n), on log(x) for `log` (positive, right-skewed divergences)
+    and x for `linear`. Fractions k/`trials`: a beta-binomial predictive fitted to the null
+    fractions (Jeffreys-smoothed rate, overdispersion by moments), exact in the tail, so
+    near-degenerate discrete nulls neither explode nor vanish. A null whose draws are all
+    equal gives p = 1 for a raw equal to them or on the side nothing is claimed on, and is
+    uncalibrated otherwise (its spread is unknown).
+    """
+    why = calibration_problem(null, min_nulls=min_nulls)
+    if null is None or why or not math.isfinite(raw):
+        why = why or f"non-finite raw {raw}"
+        return Significance(
+            None, None, None, scale, 0 if null is None else null.n, alpha, z_floor, why
+        )
+    p_rank = empirical_p(raw, null, sign=sign)
+    xs = np.asarray(null.samples, dtype=float)
+    n = int(xs.size)
+    if scale == "fraction" and trials:
+        z, p = _beta_binomial(raw, xs, trials, sign)
+        return Significance(z, p, p_rank, scale, n, alpha, z_floor)
+    # Degeneracy is judged on the raw scale: fp32 noise around zero (a zero adapter's nulls)
+    # is no spread, however far apart its logarithms are.
+    mean, sd = float(xs.mean()), float(xs.std(ddof=1))
+    floor = max(MIN_STD, DEGENERATE_REL_STD * abs(mean))
+    if sd < floor:
+        if sign * (raw - mean) <= floor:  # at the null, or on the side nothing is claimed on
+            z0 = 0.0 if abs(raw - mean) <= floor else None
+            return Significance(z0, 1.0, p_rank, "linear", n, alpha, z_floor)
+        why = f"null is degenerate (every draw {mean:.4g}), the raw is not"
+        return Significance(None, None, p_rank, "linear", n, alpha, z_floor, why)
+    used: str = scale if scale != "fraction" else "linear"
+    x = raw
+    if used == "log":
+        if raw > 0 and np.all(xs > 0):
+            x, xs = math.log(raw), np.log(xs)
+            mean, sd = float(xs.mean()), float(xs.std(ddof=1))
+        else:
+            used = "linear"
+    z = sign * (x - mean) / sd
+    p = student_t_sf(z / math.sqrt(1.0 + 1.0 / n), n - 1)
+    return Significance(z, p, p_rank, used, n, alpha, z_floor)
+
+
+def student_t_sf(t: float, df: int) -> float:
+    """P(T >= t) for Student's t with `df` degrees of freedom."""
+    from scipy.special import stdtr
+
+    return float(stdtr(df, -t))
+
+
+def z_for_alpha(alpha: float, n: int) -> float:
+    """The z a continuous statistic needs for predictive p <= alpha with n nulls."""
+    from scipy.special import stdtrit
+
+    return float(-stdtrit(n - 1, alpha)) * math.sqrt(1.0 + 1.0 / n)
+
+
+def _beta_binomial(
+    raw: float, fractions: np.ndarray, trials: int, sign: int
+) -> tuple[float, float]:
+    """(z, p) of k = round(raw * trials) under a beta-binomial fitted to the null fractions."""
+    from scipy.special import betaln, gammaln
+
+    n_trials = int(trials)
+    ks = np.clip(np.rint(fractions * n_trials), 0, n_trials)
+    k = int(np.clip(round(raw * n_trials), 0, n_trials))
+    pooled = n_trials * ks.size
+    mu = (float(ks.sum()) + 0.5) / (pooled + 1.0)
+    binom_var = mu * (1.0 - mu) / n_trials
+    spread = float(np.var(ks / n_trials, ddof=1)) if ks.size > 1 else 0.0
+    rho = (spread / binom_var - 1.0) / (n_trials - 1) if n_trials > 1 and binom_var > 0 else 0.0
+    conc = pooled + 1.0 if rho <= 0 else min(1.0 / rho - 1.0, pooled + 1.0)
+    a, b = mu * conc, (1.0 - mu) * conc
+    support = np.arange(n_trials + 1)
+    log_pmf = (
+        gammaln(n_trials + 1)
+        - gammaln(support + 1)
+        - gammaln(n_trials - support + 1)
+        + betaln(support + a, n_trials - support + b)
+        - betaln(a, b)
+    )
+    pmf = np.exp(log_pmf - log_pmf.max())
+    pmf /= pmf.sum()
+    tail = pmf[support >= k].sum() if sign > 0 else pmf[support <= k].sum()
+    sd = math.sqrt(n_trials * mu * (1 - mu) * (a + b + n_trials) / (a + b + 1.0)) / n_trials
+    z = sign * (raw - mu) / sd if sd > 0 else 0.0
+    return z, float(min(1.0, tail))
+
+
+def benjamini_hochberg(ps: Sequence[float]) -> list[float]:
+    """BH-adjusted p-values (q), in input order: q_(i) = min over j >= i of p_(j) * m / j."""
+    m = len(ps)
+    if m == 0:
+        return []
+    order = sorted(range(m), key=lambda i: ps[i])
+    qs = [0.0] * m
+    running = 1.0
+    for rank in range(m, 0, -1):
+        i = order[rank - 1]
+        running = min(running, ps[i] * m / rank)
+        qs[i] = min(1.0, running)
+    return qs
 
 
 def bootstrap_ci(

@@ -388,7 +388,8 @@ class ResultStore:
         return self._query("SELECT * FROM runs ORDER BY started_at DESC NULLS LAST, run_id")
 
     def leaderboard(self, spec_hash: str | None = None) -> list[dict[str, Any]]:
-        """Latest score per adapter, best first, with verdict counts of the same spec."""
+        """Latest score per adapter, best first (gate-passing adapters first, then by overall),
+        with verdict counts of the same spec."""
         where = "WHERE spec_hash = ?" if spec_hash is not None else ""
         params = [spec_hash] if spec_hash is not None else []
         sql = f"""
@@ -408,7 +409,7 @@ class ResultStore:
             )
             SELECT
                 row_number() OVER (
-                    ORDER BY l.overall DESC NULLS LAST, l.adapter_id
+                    ORDER BY l.gate_passed DESC NULLS LAST, l.overall DESC NULLS LAST, l.adapter_id
                 ) AS rank,
                 l.adapter_id,
                 coalesce(a.name, l.adapter_id) AS name,

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
-NullMode = Literal["matched", "fixed"]
+NullMode = Literal["matched", "spectrum", "fixed"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,10 @@ class Null:
     """A random adapter with the trained adapter's structure.
 
     `matched`: per module, the update has the trained adapter's Frobenius norm in a seeded
-    random direction. `fixed`: lora_A and lora_B filled with N(0, init_scale^2) (upstream).
+    random direction. `spectrum`: the trained update's singular values with random singular
+    vectors. `fixed`: lora_A and lora_B filled with N(0, init_scale^2) (upstream).
     `rank_scale` builds the null at rank round(r * rank_scale) (a real rank, not a rescale).
+    `lam` scales the null's update as `Scaled` scales the trained one (ablation curves).
     """
 
     seed: int
@@ -72,14 +74,18 @@ class Null:
     mode: NullMode = "matched"
     init_scale: float = 0.02
     adapter: str = ""
+    lam: float = 1.0
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.rank_scale) and self.rank_scale > 0):
             raise ValueError(f"Null view needs rank_scale > 0, got {self.rank_scale}")
+        if not math.isfinite(self.lam):
+            raise ValueError(f"Null view needs a finite lam, got {self.lam}")
 
     @property
     def key(self) -> str:
         tail = f"_is{self.init_scale!r}" if self.mode == "fixed" else ""
+        tail += f"_x{self.lam!r}" if self.lam != 1.0 else ""
         return f"null_{self.mode}_{self.seed}_r{self.rank_scale!r}{tail}{_of(self.adapter)}"
 
 
@@ -96,6 +102,20 @@ def canonical(view: View) -> View:
             return BASE
         if view.lam == 1.0:
             return Finetuned(view.adapter)
+    if isinstance(view, Null) and view.lam == 0.0:
+        return BASE
+    return view
+
+
+def scaled(view: View, lam: float) -> View:
+    """`view`'s update multiplied by `lam`: Scaled for the trained adapter, Null(lam) for a
+    null (the base stays the base)."""
+    if isinstance(view, Finetuned):
+        return canonical(Scaled(lam, view.adapter))
+    if isinstance(view, Scaled):
+        return canonical(Scaled(view.lam * lam, view.adapter))
+    if isinstance(view, Null):
+        return canonical(replace(view, lam=view.lam * lam))
     return view
 
 

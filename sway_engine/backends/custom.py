@@ -238,6 +238,11 @@ class ViewProtocolAdapter:
             return b.as_finetuned()
         if isinstance(view, Scaled) and SCALED_VIEWS in self.capabilities:
             return b.as_scaled_adapter(view.lam)
+        if isinstance(view, Null) and view.lam != 1.0:
+            raise BackendError(
+                f"custom backend {self.entry_point}: the view protocol has no scaled null "
+                f"({view.key}); adapter_ablation stays uncalibrated on it"
+            )
         if isinstance(view, Null) and NULL_VIEWS in self.capabilities:
             kwargs: dict[str, Any] = {"init_scale": view.init_scale, "rank_scale": view.rank_scale}
             if self._null_modes:

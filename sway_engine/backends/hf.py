@@ -130,7 +130,8 @@ class HFBackend:
         self._hooked: dict[int, Any] = {}
         self._peft_active: bool | None = None  # PEFT's own LoRA path on (None: unknown)
         self._row_lora: bool | None = None  # batched LoRA usable (None: not checked yet)
-        self._factors: dict[int, dict[str, tuple[Any, Any, float]]] = {}
+        self._factors: dict[int, dict[Any, Any]] = {}
+        self._zero: dict[str, bool] = {}  # adapter name -> its update is exactly zero
         self.adapter: AdapterInfo | None = None
         self.extra_adapters: dict[str, AdapterInfo] = {}
         self._row_cache = RowCache(row_cache_bytes, lambda v: int(v.numel()) * 4)
@@ -213,12 +214,31 @@ class HFBackend:
         return label
 
     def _adapter_name(self, view: View) -> str:
+        """The name rows of `view` are computed under. A view whose update is exactly zero in
+        every layer (a zero adapter, and so its norm-matched nulls) is the base: its rows are
+        the base's rows, computed once."""
         view = canonical(view)
         if isinstance(view, Base):
             return BASE_NAME
         if view.key not in self._names:
             self._ensure_views([view])
-        return self._names[view.key]
+        name = self._names[view.key]
+        zero = self._zero.get(name)
+        if zero is None:
+            zero = self._zero[name] = self._update_is_zero(name)
+        return BASE_NAME if zero else name
+
+    def _update_is_zero(self, name: str) -> bool:
+        """True when adapter `name`'s B (or A) factor is all zeros in every layer it adapts."""
+        torch = self._torch
+        with torch.no_grad():
+            for layer in self._layers():
+                if name not in layer.lora_A:
+                    continue
+                a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+                if bool(torch.any(a != 0)) and bool(torch.any(b != 0)):
+                    return False
+        return True
 
     def _ensure_views(self, views: Iterable[View]) -> None:
         """Register every view not on the model yet, in one pass.
@@ -530,8 +550,16 @@ class HFBackend:
         out: dict[Generate, GenerationResult] = {}
         mixed = self._peft is not None and bool(reqs) and self._row_lora_ready()
         groups: dict[tuple[str, int], list[Generate]] = {}
+        # Views computed under one name (a zero update is the base) generate once.
+        first: dict[tuple[str, str, int], Generate] = {}
+        same: list[tuple[Generate, Generate]] = []
         for req in dict.fromkeys(reqs):
             name = self._adapter_name(req.view)
+            key = (req.prompt, name, req.max_new_tokens)
+            if key in first:
+                same.append((req, first[key]))
+                continue
+            first[key] = req
             groups.setdefault(("" if mixed else name, req.max_new_tokens), []).append(req)
         if self._peft is not None and reqs and not mixed:
             self._peft_lora(True)
@@ -541,6 +569,8 @@ class HFBackend:
             for start in range(0, len(group), self.max_batch_rows):
                 chunk = group[start : start + self.max_batch_rows]
                 out.update(self._generate_chunk(chunk, max_new, mixed))
+        for req, twin in same:
+            out[req] = out[twin]
         return out
 
     def _generate_chunk(
@@ -652,7 +682,7 @@ def _segments(adapters: list[str]) -> list[tuple[str, int, int]]:
 def _add_row_updates(
     torch: Any,
     layer: Any,
-    table: dict[str, tuple[Any, Any, float]],
+    table: dict[Any, Any],
     x: Any,
     out: Any,
     plan: list[tuple[str, int, int]],
@@ -660,22 +690,52 @@ def _add_row_updates(
     """out[s:e] += scaling * B A x[s:e] for each adapter block this layer adapts.
 
     Base rows and adapters that do not target this layer are left as they are. `table`
-    caches (A, B, scaling) per adapter name for this layer (names are never reused).
+    caches (A, B, scaling) per adapter name for this layer (names are never reused). Runs of
+    adjacent blocks of equal size and rank (the nulls and scaled views of one prompt list)
+    go through one batched matmul pair instead of one pair per view: the same arithmetic,
+    a fraction of the Python dispatch at every decode step.
     """
-    linear = torch.nn.functional.linear
+    runs: list[list[tuple[str, int, int, tuple[Any, Any, float]]]] = []
     for name, start, end in plan:
         f = table.get(name)
         if f is None:
             if name not in layer.lora_A:
+                runs.append([])
                 continue
             f = table[name] = (
                 layer.lora_A[name].weight,
                 layer.lora_B[name].weight,
                 float(layer.scaling[name]),
             )
-        a, b, scaling = f
-        d = linear(linear(x[start:end].to(a.dtype), a), b)
-        out[start:end].add_(d.to(out.dtype), alpha=scaling)
+        last = runs[-1][-1] if runs and runs[-1] else None
+        if (
+            last is not None
+            and last[2] == start
+            and last[2] - last[1] == end - start
+            and last[3][0].shape == f[0].shape
+        ):
+            runs[-1].append((name, start, end, f))
+        else:
+            runs.append([(name, start, end, f)])
+    linear = torch.nn.functional.linear
+    for run in runs:
+        if len(run) == 1:
+            _, start, end, (a, b, scaling) = run[0]
+            d = linear(linear(x[start:end].to(a.dtype), a), b)
+            out[start:end].add_(d.to(out.dtype), alpha=scaling)
+        elif run:
+            key = tuple(r[0] for r in run)
+            stacked = table.get(key)
+            if stacked is None:
+                a_all = torch.stack([r[3][0] for r in run]).transpose(1, 2)  # (G, in, r)
+                b_all = torch.stack([r[3][1] for r in run]).transpose(1, 2)  # (G, r, out)
+                scale = torch.tensor([r[3][2] for r in run], dtype=a_all.dtype)
+                stacked = table[key] = (a_all, b_all, scale.to(a_all.device)[:, None, None])
+            a_all, b_all, scale = stacked
+            start, end, groups = run[0][1], run[-1][2], len(run)
+            block = x[start:end].to(a_all.dtype).reshape(groups, -1, x.shape[-1])
+            d = torch.bmm(torch.bmm(block, a_all), b_all) * scale
+            out[start:end].add_(d.reshape(out[start:end].shape).to(out.dtype))
     return out
 
 

@@ -1,9 +1,13 @@
 """adapter_ablation: how the model responds as the adapter's update is scaled by lambda.
 
-D(lam) = mean over prompts of JS(base, Scaled(lam)); raw = D(1), in nats. The shape gate
-(docs/PROBES.md) runs on S(lam) = mean over prompts of sqrt(divergence), a distance that is
-linear in lam for small updates (a divergence is quadratic there): it rejects a flat curve,
-a step (one interval carries most of the rise), a non-monotone curve and a collapse past 1.
+D(lam) = mean over prompts of JS(base, lam * update); raw = D(1), in nats. Every null view gets
+its own curve on the same prompts (its update scaled by the same lambdas), so D(1) is
+calibrated against the nulls' D(1) on the log scale, as delta_kl. PASS needs that significance,
+D(1) >= min_effect and the shape gate (docs/PROBES.md), which runs on S(lam) = mean over
+prompts of sqrt(divergence), a distance linear in lam for small updates: it rejects a flat
+curve, a step (one interval carries most of the rise), a non-monotone curve and a collapse
+past 1. A random direction of the adapter's size also responds smoothly; shape alone proves
+nothing (upstream's gate PASSed random adapters).
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from sway_engine import stats
 from sway_engine.backends.base import NEXT_TOKEN, SCALED_VIEWS
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
 from sway_engine.probes.divergence import divergences
 from sway_engine.result import NullStats, Verdict
-from sway_engine.views import BASE, Finetuned, Scaled, View
+from sway_engine.views import BASE, View, scaled
 
 
 class AblationSpec(ProbeSpec):
@@ -76,28 +81,33 @@ class AdapterAblation(Probe):
     category = "ablation"
     spec_cls = AblationSpec
     needs = frozenset({NEXT_TOKEN, SCALED_VIEWS})
-    calibrated = False  # a null adapter has no trained direction to ablate
+    scale = "log"
 
     def measure(
         self, spec: AblationSpec, ctx: Context, treatments: Sequence[View]
     ) -> list[Measurement]:
         if not spec.prompts:
             raise ProbeError(spec.name, "no prompts: give adapter_ablation a `prompts` list")
-        if any(not isinstance(t, Finetuned) for t in treatments):
-            raise ProbeError(spec.name, "ablation is defined for the trained adapter only")
-        views = [Scaled(lam) for lam in spec.lambdas]
+        lams = list(spec.lambdas)
+        views = [scaled(t, lam) for t in treatments for lam in lams]
         d = divergences(ctx, spec.prompts, BASE, views, kind=spec.divergence, top_k=spec.top_k)
+        d = d.reshape(len(treatments), len(lams), len(spec.prompts))
+        return [self._curve(spec, grid) for grid in d]
+
+    def _curve(self, spec: AblationSpec, d: np.ndarray) -> Measurement:
+        """One treatment's measurement from its [lambda, prompt] divergences."""
         curve = d.mean(axis=1)
         distance = np.sqrt(np.maximum(d, 0.0)).mean(axis=1)
-        at1 = float(curve[list(spec.lambdas).index(1.0)])
+        one = list(spec.lambdas).index(1.0)
+        at1 = float(curve[one])
         gate = curve_gate(spec.lambdas, distance, spec, effect=at1)
         items = tuple(
             {"lambda": lam, f"mean_{spec.divergence}": float(c)}
             for lam, c in zip(spec.lambdas, curve, strict=True)
         )
-        m = Measurement(
+        return Measurement(
             raw=at1,
-            values=tuple(float(v) for v in d[list(spec.lambdas).index(1.0)]),
+            values=tuple(float(v) for v in d[one]),
             items=items,
             evidence={
                 "lambdas": list(spec.lambdas),
@@ -106,13 +116,24 @@ class AdapterAblation(Probe):
                 **gate,
             },
         )
-        return [m for _ in treatments]
 
     def judge(self, spec: AblationSpec, m: Measurement, null: NullStats | None) -> Judgement:
         checks: dict[str, bool] = m.evidence["checks"]
         failed = [k for k, ok in checks.items() if not ok]
-        score = sum(checks.values()) / len(checks)
+        shape_score = sum(checks.values()) / len(checks)
         shape = f"D(1)={m.raw:.4f}, largest step {m.evidence['step_share']:.0%} of the rise"
+        sig = self.significance(spec, m, null)
+        if not sig.calibrated:
+            if not failed:
+                msg = f"smooth monotone response; {shape}; shape only ({sig.uncalibrated})"
+                return Judgement(Verdict.PASS, msg, shape_score, sig=sig)
+            msg = f"curve fails {', '.join(failed)}; {shape}"
+            return Judgement(Verdict.FAIL, msg, shape_score, sig=sig)
+        score = (stats.score_from_z(sig.z) or 0.0) * shape_score
+        if not sig.significant:
+            failed.insert(0, "no stronger response than random adapters of its size")
         if not failed:
-            return Judgement(Verdict.PASS, f"smooth monotone response; {shape}", score)
-        return Judgement(Verdict.FAIL, f"curve fails {', '.join(failed)}; {shape}", score)
+            msg = f"smooth monotone response beyond the nulls; {shape}; {sig.describe()}"
+            return Judgement(Verdict.PASS, msg, score, sig.z, sig.p, sig)
+        msg = f"curve fails {', '.join(failed)}; {shape}; {sig.describe()}"
+        return Judgement(Verdict.FAIL, msg, score, sig.z, sig.p, sig)

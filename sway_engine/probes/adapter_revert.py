@@ -4,8 +4,9 @@ For each case's paraphrases, the base and the treatment answer greedily; answers
 are embedded (all-MiniLM-L6-v2, unit vectors). A pair whose base answer already matches the
 gold (cos > base_gold_similarity_cap) says nothing and is dropped. A kept pair reverted when
 cos(T, base) > cos(T, gold). raw = reverts / kept pairs, lower is better (z uses sign -1),
-z-scored against the null adapters on the same paraphrases. PASS needs z >= assert_z_gte and
-raw < assert_revert_rate_lt; without a usable null, the rate alone.
+calibrated against the null adapters on the same paraphrases (a fraction: beta-binomial
+predictive, stats.significance). PASS needs p <= alpha and raw < assert_revert_rate_lt;
+without a usable null, the rate alone (WARN uncalibrated).
 Without `cases`, the suite's `.dlm` document supplies them: questions it asks more than once
 with the same answer (see document_inputs.py); a document without any SKIPs.
 """
@@ -62,6 +63,7 @@ class AdapterRevert(Probe):
     spec_cls = AdapterRevertSpec
     needs = frozenset({GENERATE})
     z_sign: ClassVar[int] = -1
+    scale = "fraction"
 
     def measure(
         self, spec: AdapterRevertSpec, ctx: Context, treatments: Sequence[View]
@@ -119,6 +121,7 @@ class AdapterRevert(Probe):
                     raw=float(flags.mean()),
                     values=tuple(flags.tolist()),
                     items=items,
+                    trials=int(kept.sum()),
                     evidence={
                         "reverts": int(flags.sum()),
                         "kept": int(kept.sum()),
@@ -137,18 +140,16 @@ class AdapterRevert(Probe):
             f"gold (rate {m.raw:.3f}, max {limit:g}; {ev['dropped_trivial']} dropped as trivial)"
         )
         fixed = harm_score(m.raw / limit)
-        z = stats.z_score(m.raw, null, sign=self.z_sign)
-        if z is None:
-            note = "no null calibration" if null is None else "null is degenerate"
+        sig = self.significance(spec, m, null)
+        if not sig.calibrated:
             verdict = Verdict.PASS if low else Verdict.FAIL
             why = "" if low else "reverts to the base: "
-            return Judgement(verdict, f"{why}{summary}; {note}, fixed threshold", fixed)
-        p = stats.empirical_p(m.raw, null, sign=self.z_sign)
-        score = stats.score_from_z(z)
-        assert score is not None
-        significant = z >= spec.assert_z_gte
-        vs = f"z={z:+.2f} vs null {null.mean:.3f} ± {null.std:.3f}" if null else ""
-        if significant and low:
-            return Judgement(Verdict.PASS, f"{summary}; {vs}", score, z, p)
-        why = "reverts no less than random adapters" if not significant else "reverts too often"
-        return Judgement(Verdict.FAIL, f"{why}: {summary}; {vs}", score * min(1.0, fixed), z, p)
+            msg = f"{why}{summary}; fixed threshold ({sig.uncalibrated})"
+            return Judgement(verdict, msg, fixed, sig=sig)
+        score = stats.score_from_z(sig.z) or 0.0
+        vs = sig.describe() + (f" vs null {null.mean:.3f} ± {null.std:.3f}" if null else "")
+        if sig.significant and low:
+            return Judgement(Verdict.PASS, f"{summary}; {vs}", score, sig.z, sig.p, sig)
+        why = "reverts no less than random adapters" if not sig.significant else "reverts too often"
+        msg = f"{why}: {summary}; {vs}"
+        return Judgement(Verdict.FAIL, msg, score * min(1.0, fixed), sig.z, sig.p, sig)

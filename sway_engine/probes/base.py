@@ -10,10 +10,11 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sway_engine import stats
 from sway_engine.dlm import Document
 from sway_engine.requests import Request, Result
 from sway_engine.result import NullStats, ProbeResult, Verdict
@@ -28,6 +29,14 @@ class ProbeSpec(BaseModel):
     kind: str
     enabled: bool = True
     weight: float = Field(1.0, ge=0)
+    # Ours: the significance level of this probe's claim; None: the suite's defaults.alpha.
+    alpha: float | None = Field(None, gt=0, lt=1)
+
+    def z_floor(self) -> float | None:
+        """An `assert_z_gte` the spec wrote explicitly: then z must reach it as well as p."""
+        if "assert_z_gte" in self.model_fields_set:
+            return getattr(self, "assert_z_gte", None)
+        return None
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,8 @@ class Measurement:
     values: tuple[float, ...] = ()
     items: tuple[dict[str, Any], ...] = ()
     evidence: dict[str, Any] = field(default_factory=dict)
+    # For a raw that is a fraction k / trials: the trials, so significance is exact (discrete).
+    trials: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,8 @@ class Judgement:
     score: float | None
     z: float | None = None
     p: float | None = None
+    # The significance the verdict used (calibrated probes); finalize reads it.
+    sig: stats.Significance | None = None
 
 
 class Probe(ABC):
@@ -74,6 +87,11 @@ class Probe(ABC):
     calibrated: ClassVar[bool] = True
     # Orientation of z: +1 when a higher raw is better, -1 when lower is better.
     z_sign: ClassVar[int] = 1
+    # The scale the null calibrates on (stats.significance): log for positive divergences.
+    scale: ClassVar[stats.Scale] = "linear"
+    # "effect": PASS claims the adapter moved beyond the nulls (corrected for multiplicity
+    # across the suite); "harm": a guard rail, FAIL claims it is worse than the nulls.
+    claim: ClassVar[Literal["effect", "harm"]] = "effect"
     # Bump when the metric or verdict rule changes: Dagster marks stored results stale.
     version: ClassVar[str] = "1"
 
@@ -85,11 +103,33 @@ class Probe(ABC):
     def judge(self, spec: Any, m: Measurement, null: NullStats | None) -> Judgement:
         """Verdict, score, z and p from the adapter's measurement and the null stats."""
 
+    def significance(
+        self, spec: ProbeSpec, m: Measurement, null: NullStats | None, *, harm: bool = False
+    ) -> stats.Significance:
+        """The adapter's significance against `null`, oriented toward the probe's good
+        direction (or, `harm`, toward its bad one: a guard rail's claim)."""
+        return stats.significance(
+            m.raw,
+            null,
+            sign=-self.z_sign if harm else self.z_sign,
+            scale=self.scale,
+            trials=m.trials,
+            alpha=spec.alpha or stats.DEFAULT_ALPHA,
+            z_floor=spec.z_floor(),
+        )
+
 
 def finalize(
-    probe: Probe, spec: ProbeSpec, m: Measurement, null: NullStats | None, ci: Any
+    probe: Probe,
+    spec: ProbeSpec,
+    m: Measurement,
+    null: NullStats | None,
+    ci: Any,
+    null_problem: str = "",
 ) -> ProbeResult:
-    """Build the result; a non-finite raw metric is an ERROR, never a PASS."""
+    """Build the result; a non-finite raw metric is an ERROR, never a PASS. A calibrated
+    probe without a usable null never PASSes: WARN "uncalibrated" with the reason
+    (`null_problem` says why there is no null, when the caller knows)."""
     if not math.isfinite(m.raw):
         return ProbeResult(
             name=spec.name,
@@ -101,12 +141,33 @@ def finalize(
             evidence={**m.evidence, "non_finite_raw": str(m.raw)},
         )
     j = probe.judge(spec, m, null)
+    verdict, message, evidence = j.verdict, j.message, dict(m.evidence)
+    if j.sig is not None:
+        evidence["significance"] = {
+            "p": j.sig.p,
+            "p_rank": j.sig.p_rank,
+            "scale": j.sig.scale,
+            "alpha": j.sig.alpha,
+            "nulls": j.sig.n,
+        }
+    if probe.calibrated:
+        why = (
+            j.sig.uncalibrated
+            if j.sig is not None
+            else stats.calibration_problem(null) or "the probe reported no significance"
+        )
+        if why and null is None and null_problem:
+            why = null_problem
+        if why:
+            evidence["uncalibrated"] = why
+            if verdict == Verdict.PASS:
+                verdict, message = Verdict.WARN, f"uncalibrated ({why}): {message}"
     return ProbeResult(
         name=spec.name,
         kind=spec.kind,
         category=probe.category,
-        verdict=j.verdict,
-        message=j.message,
+        verdict=verdict,
+        message=message,
         score=j.score,
         raw=m.raw,
         z=j.z,
@@ -115,7 +176,7 @@ def finalize(
         weight=spec.weight,
         null=null,
         items=m.items,
-        evidence=m.evidence,
+        evidence=evidence,
     )
 
 

@@ -97,6 +97,8 @@ class CalibrationDrift(Probe):
     needs = frozenset({CONTINUATION})
     # Orientation of z (lower raw is better). The runner's z_by_rank should use it too.
     z_sign: ClassVar[int] = -1
+    claim = "harm"
+    scale = "fraction"
 
     def measure(
         self, spec: CalibrationDriftSpec, ctx: Context, treatments: Sequence[View]
@@ -129,10 +131,8 @@ class CalibrationDrift(Probe):
             f"mean delta {mean_delta:+.4f} nats/token (min {tol:+g})"
         )
         return guard_rail(
-            raw=m.raw,
+            harm=self.significance(spec, m, null, harm=True),
             null=null,
-            sign=self.z_sign,
-            z_threshold=spec.assert_z_gte,
             within_tolerance=within,
             fixed_score=harm_score(ratio),
             summary=summary,
@@ -185,6 +185,7 @@ def _measurement(
         raw=float(flags.mean()),
         values=tuple(float(f) for f in flags),
         items=rows,
+        trials=len(rows),
         evidence={
             "regressed": int(flags.sum()),
             "total": len(rows),

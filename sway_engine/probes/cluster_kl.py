@@ -167,9 +167,9 @@ class ClusterKL(Probe):
             f"eta^2 {m.raw:.3f} (chance {chance:.3f}, permutation p {p_perm:.3f}); "
             f"most-moved topic mean {spec.divergence} {top:.4f} (min {spec.min_effect})"
         )
-        z = stats.z_score(m.raw, null)
-        if z is None:
-            note = "no null calibration" if null is None else "null is degenerate"
+        sig = self.significance(spec, m, null)
+        if not sig.calibrated:
+            note = sig.uncalibrated
             structured = p_perm <= spec.assert_permutation_p_lte
             verdict = Verdict.PASS if structured and big else Verdict.FAIL
             if not structured:
@@ -178,18 +178,16 @@ class ClusterKL(Probe):
                 why = "" if big else "topic-specific but too small: "
             adjusted = max(0.0, (m.raw - chance) / (1.0 - chance)) if chance < 1 else 0.0
             msg = f"{why}{shape}; {note}, permutation test (p <= {spec.assert_permutation_p_lte})"
-            return Judgement(verdict, msg, min(1.0, adjusted) * effect)
-        p = stats.empirical_p(m.raw, null)
-        score = stats.score_from_z(z)
-        assert score is not None
-        significant = z >= spec.assert_z_gte
-        if significant and big:
-            return Judgement(Verdict.PASS, f"{shape}; z={z:+.2f} vs null", score, z, p)
-        if not significant:
+            return Judgement(verdict, msg, min(1.0, adjusted) * effect, sig=sig)
+        score = stats.score_from_z(sig.z) or 0.0
+        if sig.significant and big:
+            return Judgement(Verdict.PASS, f"{shape}; {sig.describe()}", score, sig.z, sig.p, sig)
+        if not sig.significant:
             why = "not more topic-specific than random adapters: "
         else:
             why = "topic-specific but too small: "
-        return Judgement(Verdict.FAIL, f"{why}{shape}; z={z:+.2f}", score * effect, z, p)
+        msg = f"{why}{shape}; {sig.describe()}"
+        return Judgement(Verdict.FAIL, msg, score * effect, sig.z, sig.p, sig)
 
 
 def _measurement(

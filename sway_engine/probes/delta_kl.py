@@ -1,8 +1,8 @@
 """delta_kl: does the adapter move the next-token distribution, beyond a random adapter?
 
 raw = mean over prompts of JS(base, treatment) (or KL(treatment || base)), in nats.
-PASS needs significance (z >= assert_z_gte against the null, on log(raw): the divergence of a
-random direction is right-skewed) and size (raw >= assert_mean_gte).
+PASS needs significance (predictive p <= alpha against the null on log(raw): the divergence of
+a random direction is right-skewed) and size (raw >= assert_mean_gte).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class DeltaKLSpec(ProbeSpec):
     divergence: Literal["js", "kl"] = "js"
     top_k: int | None = Field(None, ge=1)
     assert_mean_gte: float = Field(0.02, ge=0)
-    assert_z_gte: float = 3.0
+    assert_z_gte: float = 3.0  # upstream's rule; used only when written (then z must reach it)
 
 
 class DeltaKL(Probe):
@@ -36,6 +36,7 @@ class DeltaKL(Probe):
     category = "adherence"
     spec_cls = DeltaKLSpec
     needs = frozenset({NEXT_TOKEN})
+    scale = "log"
 
     def measure(
         self, spec: DeltaKLSpec, ctx: Context, treatments: Sequence[View]
@@ -60,26 +61,21 @@ class DeltaKL(Probe):
         return out
 
     def judge(self, spec: DeltaKLSpec, m: Measurement, null: NullStats | None) -> Judgement:
-        unit = math.log(2) if spec.divergence == "js" else 1.0
-        z = stats.log_z_score(m.raw, null)  # mean divergence is right-skewed: log scale
-        p = stats.empirical_p(m.raw, null)
+        sig = self.significance(spec, m, null)
         big = m.raw >= spec.assert_mean_gte
         size = f"mean {spec.divergence} {m.raw:.4f} (min {spec.assert_mean_gte})"
-        if z is None:
-            note = "no null calibration" if null is None else "null is degenerate"
+        if not sig.calibrated:
+            unit = math.log(2) if spec.divergence == "js" else 1.0
             verdict = Verdict.PASS if big else Verdict.FAIL
-            return Judgement(verdict, f"{size}; {note}, fixed threshold", min(1.0, m.raw / unit))
-        significant = z >= spec.assert_z_gte
+            msg = f"{size}; fixed threshold ({sig.uncalibrated})"
+            return Judgement(verdict, msg, min(1.0, m.raw / unit), sig=sig)
         effect = min(1.0, m.raw / spec.assert_mean_gte) if spec.assert_mean_gte > 0 else 1.0
-        score = stats.score_from_z(z)
-        assert score is not None
-        if significant and big:
-            return Judgement(Verdict.PASS, f"{size}; z={z:+.2f} (log scale) vs null", score, z, p)
-        if significant:
-            msg = f"significant but too small: {size}; z={z:+.2f} (log scale)"
-            return Judgement(Verdict.FAIL, msg, score * effect, z, p)
-        msg = (
-            f"indistinguishable from a random adapter: z={z:+.2f} (log scale) < "
-            f"{spec.assert_z_gte}; {size}"
-        )
-        return Judgement(Verdict.FAIL, msg, score * effect, z, p)
+        score = stats.score_from_z(sig.z) or 0.0
+        vs = sig.describe()
+        if sig.significant and big:
+            return Judgement(Verdict.PASS, f"{size}; {vs}", score, sig.z, sig.p, sig)
+        if sig.significant:
+            msg = f"significant but too small: {size}; {vs}"
+            return Judgement(Verdict.FAIL, msg, score * effect, sig.z, sig.p, sig)
+        msg = f"indistinguishable from a random adapter: {vs} > alpha {sig.alpha:g}; {size}"
+        return Judgement(Verdict.FAIL, msg, score * effect, sig.z, sig.p, sig)

@@ -126,6 +126,7 @@ class ExternalPerplexity(Probe):
     category = "calibration"
     spec_cls = ExternalPerplexitySpec
     needs = frozenset({ROLLING})
+    claim = "harm"
 
     def measure(
         self, spec: ExternalPerplexitySpec, ctx: Context, treatments: Sequence[View]
@@ -154,10 +155,8 @@ class ExternalPerplexity(Probe):
             f"mean delta {m.raw:+.4f} nats/token over {len(m.values)} chunks (tolerance {tol:+.3g})"
         )
         return guard_rail(
-            raw=m.raw,
+            harm=self.significance(spec, m, null, harm=True),
             null=null,
-            sign=self.z_sign,
-            z_threshold=spec.assert_z_gte,
             within_tolerance=m.raw >= tol,
             fixed_score=harm_score(max(0.0, -m.raw) / max(-tol, 1e-9)),
             summary=summary,

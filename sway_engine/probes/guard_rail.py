@@ -25,10 +25,8 @@ def z_guard_score(z: float) -> float:
 
 def guard_rail(
     *,
-    raw: float,
+    harm: stats.Significance,
     null: NullStats | None,
-    sign: int,
-    z_threshold: float,
     within_tolerance: bool,
     fixed_score: float,
     summary: str,
@@ -36,28 +34,30 @@ def guard_rail(
 ) -> Judgement:
     """One-sided verdict of a "do no harm" probe against its paired null.
 
-    z = sign * (raw - null mean) / null std (positive: better than the nulls). FAIL needs
-    z <= -z_threshold and harm beyond tolerance; otherwise PASS. Never "significantly better":
-    being better than random at not forgetting is not evidence of anything.
+    `harm` is the significance of the adapter being *worse* than the nulls (Probe.significance
+    with harm=True). FAIL needs harm significant (p <= alpha) and beyond tolerance; otherwise
+    PASS. Never "significantly better": being better than random at not forgetting is not
+    evidence of anything. The reported z is oriented good (negative: worse than the nulls).
     score = max(min(1, 2*logistic(z/3)), fixed_score): harm must be both significant and
-    large to lower it. Uncalibrated: PASS iff within tolerance, score = fixed_score.
+    large to lower it. Uncalibrated: the tolerance alone (finalize turns a PASS into WARN).
     """
-    z = stats.z_score(raw, null, sign=sign)
-    p = stats.empirical_p(raw, null, sign=sign)
-    if z is None:
-        note = "no null calibration" if null is None else "null is degenerate"
+    if not harm.calibrated:
         verdict = Verdict.PASS if within_tolerance else Verdict.FAIL
         where = "within" if within_tolerance else "beyond"
-        return Judgement(
-            verdict, f"{summary}; {where} tolerance ({note}, fixed threshold)", fixed_score
-        )
+        msg = f"{summary}; {where} tolerance (fixed threshold; {harm.uncalibrated})"
+        return Judgement(verdict, msg, fixed_score, sig=harm)
     assert null is not None
-    score = max(z_guard_score(z), fixed_score)
-    vs = f"z={z:+.2f} vs null {null.mean:+.4g} ± {null.std:.3g} {unit} (n={null.n})"
-    if z <= -z_threshold and not within_tolerance:
+    z = None if harm.z is None else -harm.z
+    score = max(z_guard_score(z), fixed_score) if z is not None else fixed_score
+    shown = "" if z is None else f"z={z:+.2f}, "
+    vs = (
+        f"{shown}p(worse)={harm.p:.2g} vs null {null.mean:+.4g} ± {null.std:.3g} {unit} "
+        f"(n={null.n})"
+    )
+    if harm.significant and not within_tolerance:
         msg = f"significantly worse than null adapters and beyond tolerance: {vs}; {summary}"
-        return Judgement(Verdict.FAIL, msg, score, z, p)
-    if z <= -z_threshold:
+        return Judgement(Verdict.FAIL, msg, score, z, harm.p, harm)
+    if harm.significant:
         msg = f"worse than null adapters but within tolerance: {vs}; {summary}"
-        return Judgement(Verdict.PASS, msg, score, z, p)
-    return Judgement(Verdict.PASS, f"not worse than null ({vs}); {summary}", score, z, p)
+        return Judgement(Verdict.PASS, msg, score, z, harm.p, harm)
+    return Judgement(Verdict.PASS, f"not worse than null ({vs}); {summary}", score, z, harm.p, harm)

@@ -216,6 +216,7 @@ class Leakage(Probe):
     spec_cls = LeakageSpec
     needs = frozenset({GENERATE})
     z_sign: ClassVar[int] = -1
+    claim = "harm"
 
     def measure(
         self, spec: LeakageSpec, ctx: Context, treatments: Sequence[View]
@@ -252,10 +253,8 @@ class Leakage(Probe):
             + "; guard rail: PASS unless significantly worse than null adapters"
         )
         return guard_rail(
-            raw=m.raw,
+            harm=self.significance(spec, m, null, harm=True),
             null=null,
-            sign=self.z_sign,
-            z_threshold=spec.assert_z_gte,
             within_tolerance=m.raw < spec.assert_recall_lt,
             fixed_score=harm_score(max(0.0, m.raw) / spec.assert_recall_lt),
             summary=summary,

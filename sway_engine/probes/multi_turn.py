@@ -112,6 +112,7 @@ class MultiTurn(Probe):
     category = "adherence"
     spec_cls = MultiTurnSpec
     needs = frozenset({NEXT_TOKEN, GENERATE})
+    scale = "log"
 
     def measure(
         self, spec: MultiTurnSpec, ctx: Context, treatments: Sequence[View]
@@ -169,8 +170,7 @@ class MultiTurn(Probe):
             raw=m.raw,
             first=float(m.evidence["first"]),
             threshold=threshold,
-            null=null,
-            z_threshold=spec.assert_z_gte,
+            sig=self.significance(spec, m, null),
             min_effect=spec.min_effect,
             where=f"at turn {spec.max_turns}",
             unit=f"nats ({spec.divergence})",

@@ -19,7 +19,7 @@ class NullAdapterSpec(ProbeSpec):
     seed_base: int | None = None
     calibrate_kinds: tuple[str, ...] = ()
     rank_multipliers: tuple[float, ...] | None = None
-    mode: Literal["matched", "fixed"] | None = None
+    mode: Literal["matched", "spectrum", "fixed"] | None = None
     cache: bool = True  # upstream's disk cache; our nulls ride in the batch (docs/DESIGN.md)
 
 

@@ -146,9 +146,9 @@ class ParaphraseInvariance(Probe):
         if not ratio_ok:
             gates.append("generalises" if memorize else "does not carry over to paraphrases")
         stat = "verbatim" if memorize else "paraphrase"
-        z = stats.z_score(m.raw, null)
-        if z is None:
-            note = "no null calibration" if null is None else "null is degenerate"
+        sig = self.significance(spec, m, null)
+        if not sig.calibrated:
+            note = sig.uncalibrated
             lift_score = float(np.clip(verbatim / max(spec.min_verbatim_lift, 1e-9), 0, 1))
             if memorize:
                 fixed = lift_score
@@ -157,16 +157,17 @@ class ParaphraseInvariance(Probe):
                 fixed = 0.5 * float(ratio_score) + 0.5 * lift_score
             verdict = Verdict.FAIL if gates else Verdict.PASS
             head = "; ".join(gates) + ": " if gates else ""
-            return Judgement(verdict, f"{head}{shape}; {note}, fixed thresholds", fixed)
-        p = stats.empirical_p(m.raw, null)
-        score = stats.score_from_z(z)
-        assert score is not None and null is not None
-        vs = f"{stat} lift z={z:+.2f} vs null {null.mean:+.4f} ± {null.std:.3g} (n={null.n})"
-        if z < spec.assert_z_gte:
+            msg = f"{head}{shape}; fixed thresholds ({note})"
+            return Judgement(verdict, msg, fixed, sig=sig)
+        score = stats.score_from_z(sig.z) or 0.0
+        assert null is not None
+        vs = f"{stat} lift {sig.describe()} vs null {null.mean:+.4f} ± {null.std:.3g}"
+        if not sig.significant:
             gates.insert(0, f"{stat} lift not above random adapters")
         if gates:
-            return Judgement(Verdict.FAIL, f"{'; '.join(gates)}: {shape}; {vs}", score / 2, z, p)
-        return Judgement(Verdict.PASS, f"{shape}; {vs}", score, z, p)
+            msg = f"{'; '.join(gates)}: {shape}; {vs}"
+            return Judgement(Verdict.FAIL, msg, score / 2, sig.z, sig.p, sig)
+        return Judgement(Verdict.PASS, f"{shape}; {vs}", score, sig.z, sig.p, sig)
 
 
 def _measurement(

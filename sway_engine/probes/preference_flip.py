@@ -128,22 +128,22 @@ class PreferenceFlip(Probe):
             gates.append("flip rate below the minimum")
         if m.raw < spec.assert_margin_delta_gte:
             gates.append(f"mean margin change below {spec.assert_margin_delta_gte:g}")
-        z = stats.z_score(m.raw, null)
-        if z is None:
-            note = "no null calibration" if null is None else "null is degenerate"
+        sig = self.significance(spec, m, null)
+        if not sig.calibrated:
             fixed = min(1.0, max(0.0, 0.5 + MARGIN_SCORE_SLOPE * m.raw))
             verdict = Verdict.FAIL if gates else Verdict.PASS
             head = "; ".join(gates) + ": " if gates else ""
-            return Judgement(verdict, f"{head}{shape}; {note}, fixed thresholds", fixed)
-        p = stats.empirical_p(m.raw, null)
-        score = stats.score_from_z(z)
-        assert score is not None and null is not None
-        vs = f"z={z:+.2f} vs null {null.mean:+.4f} ± {null.std:.3g} (n={null.n})"
-        if z < spec.assert_z_gte:
-            gates.insert(0, f"not above random adapters (z < {spec.assert_z_gte:g})")
+            msg = f"{head}{shape}; fixed thresholds ({sig.uncalibrated})"
+            return Judgement(verdict, msg, fixed, sig=sig)
+        score = stats.score_from_z(sig.z) or 0.0
+        assert null is not None
+        vs = f"{sig.describe()} vs null {null.mean:+.4f} ± {null.std:.3g}"
+        if not sig.significant:
+            gates.insert(0, f"not above random adapters (p > {sig.alpha:g})")
         if gates:
-            return Judgement(Verdict.FAIL, f"{'; '.join(gates)}: {shape}; {vs}", score * acc, z, p)
-        return Judgement(Verdict.PASS, f"{shape}; {vs}", score, z, p)
+            msg = f"{'; '.join(gates)}: {shape}; {vs}"
+            return Judgement(Verdict.FAIL, msg, score * acc, sig.z, sig.p, sig)
+        return Judgement(Verdict.PASS, f"{shape}; {vs}", score, sig.z, sig.p, sig)
 
 
 def _measurement(

@@ -103,15 +103,14 @@ def persistence_judgement(
     raw: float,
     first: float,
     threshold: float,
-    null: NullStats | None,
-    z_threshold: float,
+    sig: stats.Significance,
     min_effect: float,
     where: str,
     unit: str,
 ) -> Judgement:
-    """Verdict of a "does the effect last" probe. raw = effect at the far end (z-scored against
-    the nulls); persistence = raw / first. PASS needs the effect to exist at the near end
-    (first >= min_effect), to persist (>= threshold), and, calibrated, z >= z_threshold.
+    """Verdict of a "does the effect last" probe. raw = effect at the far end (calibrated
+    against the nulls: `sig`); persistence = raw / first. PASS needs the effect to exist at the
+    near end (first >= min_effect), to persist (>= threshold), and to be significant.
     score = logistic(z/3) (1 uncalibrated) * min(1, persistence/threshold) * min(1, first/min).
     """
     persistence = raw / first if first > 0 else 0.0
@@ -128,18 +127,15 @@ def persistence_judgement(
     else:
         why = "no effect to keep: "
         summary = f"{first:.3g} {unit} at the start (min {min_effect}), {raw:.3g} {where}"
-    z = stats.z_score(raw, null)
-    if z is None:
-        note = "no null calibration" if null is None else "null is degenerate"
+    if not sig.calibrated:
         verdict = Verdict.PASS if big and kept else Verdict.FAIL
-        return Judgement(verdict, f"{why}{summary}; {note}", shape)
-    p = stats.empirical_p(raw, null)
-    score = stats.score_from_z(z)
-    assert score is not None
-    if z < z_threshold and not why:
+        return Judgement(verdict, f"{why}{summary}; {sig.uncalibrated}", shape, sig=sig)
+    score = stats.score_from_z(sig.z) or 0.0
+    if not sig.significant and not why:
         why = f"indistinguishable from random adapters {where}: "
     verdict = Verdict.PASS if not why else Verdict.FAIL
-    return Judgement(verdict, f"{why}{summary}; z={z:+.2f} vs null", score * shape, z, p)
+    msg = f"{why}{summary}; {sig.describe()}"
+    return Judgement(verdict, msg, score * shape, sig.z, sig.p, sig)
 
 
 # ---- the probe ----
@@ -161,6 +157,7 @@ class PromptCollapse(Probe):
     category = "adherence"
     spec_cls = PromptCollapseSpec
     needs = frozenset({NEXT_TOKEN, ROLLING})
+    scale = "log"
 
     def measure(
         self, spec: PromptCollapseSpec, ctx: Context, treatments: Sequence[View]
@@ -220,8 +217,7 @@ class PromptCollapse(Probe):
             raw=m.raw,
             first=float(ev["first"]),
             threshold=threshold,
-            null=null,
-            z_threshold=spec.assert_z_gte,
+            sig=self.significance(spec, m, null),
             min_effect=spec.min_effect,
             where=f"after {ev['context_tokens'][-1]} tokens of filler",
             unit=f"nats ({spec.divergence})",

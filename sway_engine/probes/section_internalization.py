@@ -126,14 +126,14 @@ class SectionInternalization(Probe):
             f"mean own lift {m.raw:+.3f}; {passing:.0%} of sections lifted >= "
             f"{spec.per_section_threshold}"
         )
-        z = stats.z_score(m.raw, null)
-        if z is None:
+        sig = self.significance(spec, m, null)
+        if not sig.calibrated:
             verdict = Verdict.PASS if enough else Verdict.FAIL
-            return Judgement(verdict, f"{shape}; no null calibration", passing)
-        p = stats.empirical_p(m.raw, null)
-        score = stats.score_from_z(z)
-        assert score is not None
-        if z >= spec.assert_z_gte and enough:
-            return Judgement(Verdict.PASS, f"{shape}; z={z:+.2f} vs null", score, z, p)
-        why = "too few sections lifted" if z >= spec.assert_z_gte else "not above random adapters"
-        return Judgement(Verdict.FAIL, f"{why}: {shape}; z={z:+.2f}", score * passing, z, p)
+            msg = f"{shape}; fixed threshold ({sig.uncalibrated})"
+            return Judgement(verdict, msg, passing, sig=sig)
+        score = stats.score_from_z(sig.z) or 0.0
+        if sig.significant and enough:
+            return Judgement(Verdict.PASS, f"{shape}; {sig.describe()}", score, sig.z, sig.p, sig)
+        why = "too few sections lifted" if sig.significant else "not above random adapters"
+        msg = f"{why}: {shape}; {sig.describe()}"
+        return Judgement(Verdict.FAIL, msg, score * passing, sig.z, sig.p, sig)

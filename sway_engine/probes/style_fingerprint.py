@@ -160,25 +160,23 @@ class StyleFingerprint(Probe):
             return Judgement(Verdict.FAIL, msg, 0.0)
         size = f"projection shift {m.raw:+.3f} toward the document (min {spec.assert_shift_gte:g})"
         big = m.raw >= spec.assert_shift_gte
-        z = stats.z_score(m.raw, null)
-        if z is None:
-            note = "no null calibration" if null is None else "null is degenerate"
+        sig = self.significance(spec, m, null)
+        if not sig.calibrated:
             verdict = Verdict.PASS if big else Verdict.FAIL
             fixed = float(np.clip(m.raw, 0.0, 1.0))
-            return Judgement(verdict, f"{size}; {note}, fixed threshold", fixed)
-        p = stats.empirical_p(m.raw, null)
-        score = stats.score_from_z(z)
-        assert score is not None and null is not None
-        vs = f"z={z:+.2f} vs null {null.mean:+.3f} ± {null.std:.3g} (n={null.n})"
-        if z >= spec.assert_z_gte and big:
-            return Judgement(Verdict.PASS, f"{size}; {vs}", score, z, p)
+            msg = f"{size}; fixed threshold ({sig.uncalibrated})"
+            return Judgement(verdict, msg, fixed, sig=sig)
+        score = stats.score_from_z(sig.z) or 0.0
+        assert null is not None
+        vs = f"{sig.describe()} vs null {null.mean:+.3f} ± {null.std:.3g}"
+        if sig.significant and big:
+            return Judgement(Verdict.PASS, f"{size}; {vs}", score, sig.z, sig.p, sig)
         effect = float(np.clip(m.raw / spec.assert_shift_gte, 0, 1)) if spec.assert_shift_gte else 1
-        if z >= spec.assert_z_gte:
-            return Judgement(
-                Verdict.FAIL, f"significant but too small: {size}; {vs}", score * effect, z, p
-            )
+        if sig.significant:
+            msg = f"significant but too small: {size}; {vs}"
+            return Judgement(Verdict.FAIL, msg, score * effect, sig.z, sig.p, sig)
         msg = f"style indistinguishable from a random adapter: {size}; {vs}"
-        return Judgement(Verdict.FAIL, msg, score * effect, z, p)
+        return Judgement(Verdict.FAIL, msg, score * effect, sig.z, sig.p, sig)
 
 
 def _measurement(

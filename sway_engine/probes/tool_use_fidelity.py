@@ -288,6 +288,7 @@ class ToolUseFidelity(Probe):
     category = "attribution"
     spec_cls = ToolUseSpec
     needs = frozenset({GENERATE})
+    claim = "harm"
 
     def measure(
         self, spec: ToolUseSpec, ctx: Context, treatments: Sequence[View]
@@ -330,10 +331,8 @@ class ToolUseFidelity(Probe):
             f"(max excess {spec.assert_hallucination_lte:g})"
         )
         return guard_rail(
-            raw=m.raw,
+            harm=self.significance(spec, m, null, harm=True),
             null=null,
-            sign=self.z_sign,
-            z_threshold=spec.assert_z_gte,
             within_tolerance=within,
             fixed_score=harm_score(ratio),
             summary=summary,

@@ -19,6 +19,13 @@ def zfmt(z: float | None) -> str:
     return f"{z:+,.2f}σ"
 
 
+def pval(p: float | None) -> str:
+    """Two significant digits: a p of 3e-7 must not read as 0.000."""
+    if p is None or not math.isfinite(p):
+        return DASH
+    return f"{p:.2g}"
+
+
 def ci(ci95: tuple[float, float] | None) -> str:
     if ci95 is None:
         return DASH

@@ -48,7 +48,7 @@ def print_terminal(result: SuiteResult, console: Any = None) -> None:
             fmt.num(p.raw, 4),
             fmt.ci(p.ci_95),
             fmt.zfmt(p.z),
-            fmt.num(p.p, 3),
+            fmt.pval(p.p),
             p.message,
         )
     console.print(table)
@@ -92,7 +92,7 @@ def to_markdown(result: SuiteResult) -> str:
         lines.append(
             f"| {p.name} | {p.kind} | {p.verdict.value} | {fmt.num(p.score, 2)} | "
             f"{fmt.num(p.raw, 4)} | {fmt.ci(p.ci_95)} | {fmt.zfmt(p.z)} | "
-            f"{fmt.num(p.p, 3)} | {note} |"
+            f"{fmt.pval(p.p)} | {note} |"
         )
     if s.findings:
         lines += ["", "## Top findings", ""] + [f"{i}. {f}" for i, f in enumerate(s.findings, 1)]

@@ -77,14 +77,15 @@ def test_one_ranged_run_evaluates_every_adapter_with_one_base_load(home, instanc
     by_key = {m.partition: m.metadata for m in mats}
     assert set(by_key) == set(keys.values())
     assert by_key[keys["doc-strong"]]["verdict"].value == "pass"
-    assert by_key[keys["noise"]]["verdict"].value == "fail"
     assert by_key[keys["nan"]]["verdict"].value == "error"
     assert "non-finite" in by_key[keys["nan"]]["message"].value
-    assert by_key[keys["doc-strong"]]["z"].value >= 3
+    # a random adapter's own numbers, not doc-strong's (its verdict is FAIL on all but one
+    # build in a hundred: the calibration audit measures that rate)
+    assert by_key[keys["noise"]]["z"].value < by_key[keys["doc-strong"]]["z"].value - 1
     calib = {
         m.partition: m.metadata for m in result.asset_materializations_for_node("null_calibration")
     }
-    assert calib[keys["doc-strong"]]["calibrated_probes"].value == 1
+    assert calib[keys["doc-strong"]]["calibrated_probes"].value == 2  # delta_kl, ablation
     assert calib[keys["nan"]]["calibrated_probes"].value == 0
 
     store = ResultStore(home.database)
@@ -175,7 +176,7 @@ def test_an_adapter_that_fails_preflight_in_a_range_gets_error_rows(
         m.partition: m.metadata for m in result.asset_materializations_for_node("null_calibration")
     }
     assert "preflight failed" in calib[keys["huge"]]["error"].value
-    assert calib[keys["doc-strong"]]["calibrated_probes"].value == 1
+    assert calib[keys["doc-strong"]]["calibrated_probes"].value == 2  # delta_kl, ablation
     rows = ResultStore(home.database).probe_results()
     verdicts = {(r["adapter_id"], r["probe"]): r["verdict"] for r in rows}
     assert verdicts[keys["huge"], "null_baseline"] == "error"

@@ -52,4 +52,5 @@ def test_job_runs_with_a_two_model_backend(home, instance, fx) -> None:  # type:
     assert result.success
     rows = {r["probe"]: r for r in ResultStore(home.database).probe_results(cand.key)}
     assert rows["null_baseline"]["verdict"] == "skip"
-    assert rows["delta_kl_doc"]["verdict"] == "pass" and rows["delta_kl_doc"]["z"] is None
+    # two composed models have no null views: uncalibrated, WARN (never a fixed-threshold PASS)
+    assert rows["delta_kl_doc"]["verdict"] == "warn" and rows["delta_kl_doc"]["z"] is None

@@ -63,7 +63,7 @@ from sway_engine.result import Verdict
 from sway_engine.runner import run_entry
 from sway_engine.spec import parse_spec
 from sway_engine.views import FINETUNED, Base, Finetuned, Null
-from tests.conftest import entry_for
+from tests.conftest import entry_for, like_a_null, show
 
 DATA = Path(__file__).parents[1] / "data"
 CAPS = frozenset({NEXT_TOKEN, DIVERGENCE, ROLLING, CONTINUATION, GENERATE, NULL_VIEWS})
@@ -293,7 +293,8 @@ def test_cluster_kl_calibrated_verdicts(topic_embeddings: None) -> None:
     assert null is not None and null.n == 8 and not null.degenerate
     result = run_entry(entry, targeted_ctx, matrix)
     assert result.verdict == Verdict.PASS, result.message
-    assert result.z is not None and result.z >= 3 and result.p == pytest.approx(1 / 9)
+    assert result.z is not None and result.z >= 3 and result.p is not None and result.p < 0.01
+    assert result.evidence["significance"]["p_rank"] == pytest.approx(1 / 9)  # above all 8
     blunt_ctx, _ = fake_ctx(cluster_answer(blunt=True))
     blunt = run_entry(entry, blunt_ctx, calibrate([entry], blunt_ctx, PLAN))
     assert blunt.verdict == Verdict.FAIL and "not more topic-specific" in blunt.message
@@ -411,7 +412,9 @@ def test_adapter_revert_all_trivial_is_a_skip(revert_embeddings: None) -> None:
 
 def revert_m(rate: float) -> Measurement:
     return Measurement(
-        raw=rate, evidence={"reverts": round(rate * 20), "kept": 20, "dropped_trivial": 0}
+        raw=rate,
+        evidence={"reverts": round(rate * 20), "kept": 20, "dropped_trivial": 0},
+        trials=20,
     )
 
 
@@ -421,9 +424,10 @@ def test_adapter_revert_judge_lower_is_better() -> None:
     good = probe.judge(spec, revert_m(0.10), null)
     assert good.verdict == Verdict.PASS
     assert good.z is not None and good.z > 3
-    assert good.z == pytest.approx(-(0.10 - null.mean) / null.std)
-    assert good.p == pytest.approx(1 / 9)  # fewer reverts than every null
-    better_but_high = probe.judge(spec, revert_m(0.40), null)
+    # 2 of 20 reverts against nulls near 14 of 20: the beta-binomial tail is far below alpha
+    assert good.p is not None and good.p < 1e-4 and good.sig is not None
+    assert good.sig.scale == "fraction" and good.sig.p_rank == pytest.approx(1 / 9)
+    better_but_high = probe.judge(spec, revert_m(0.30), null)
     assert (
         better_but_high.verdict == Verdict.FAIL and "reverts too often" in better_but_high.message
     )
@@ -433,8 +437,14 @@ def test_adapter_revert_judge_lower_is_better() -> None:
     assert probe.judge(spec, revert_m(0.0), None).score == 1.0
     edge = probe.judge(spec, revert_m(0.25), None)
     assert edge.verdict == Verdict.FAIL and edge.score == pytest.approx(0.5)
-    degenerate = probe.judge(spec, revert_m(0.1), stats.null_stats([1.0, 1.0, 1.0]))
-    assert degenerate.verdict == Verdict.PASS and "null is degenerate" in degenerate.message
+    # every null reverts everything: a discrete null still calibrates (no z = +90, no refusal)
+    all_revert = probe.judge(spec, revert_m(0.1), stats.null_stats([1.0] * 8))
+    assert all_revert.verdict == Verdict.PASS and all_revert.p is not None and all_revert.p < 1e-6
+    # one revert fewer than nulls that revert 7/8 of 20 each: within binomial noise, no PASS
+    near = probe.judge(spec, revert_m(0.80), stats.null_stats([0.85, 0.9, 0.85, 0.9] * 2))
+    assert near.verdict == Verdict.FAIL and near.p is not None and near.p > 0.01
+    too_few = probe.judge(spec, revert_m(0.1), stats.null_stats([1.0, 1.0, 1.0]))
+    assert too_few.sig is not None and "only 3 null draw(s)" in too_few.sig.uncalibrated
 
 
 def test_answer_cut_and_reply_join() -> None:
@@ -882,11 +892,12 @@ def fixture_results(fx: FixturePaths) -> dict[tuple[str, str], Any]:
 @pytest.mark.slow
 def test_fixture_adapter_revert_separates(fixture_results: dict[tuple[str, str], Any]) -> None:
     strong, noise, zero = (fixture_results[a, "revert"] for a in ("doc-strong", "noise", "zero"))
-    assert strong.evidence["kept"] == 30 and strong.null is not None and strong.null.n == 8
+    numbers = show(strong, noise, zero)
+    assert strong.evidence["kept"] == 30 and strong.null is not None and strong.null.n == 16
     # doc-strong answers reworded questions nearer the gold than the base; noise and zero do not
-    assert strong.raw < noise.raw and zero.raw == 1.0
-    assert strong.verdict == Verdict.PASS and strong.z is not None and strong.z >= 3
-    assert noise.verdict == Verdict.FAIL and zero.verdict == Verdict.FAIL
+    assert strong.raw < noise.raw and zero.raw == 1.0, numbers
+    assert strong.verdict == Verdict.PASS and strong.p is not None and strong.p < 1e-3, numbers
+    assert like_a_null(noise) and zero.verdict == Verdict.FAIL, numbers
 
 
 @pytest.mark.slow
@@ -894,20 +905,22 @@ def test_fixture_prompt_collapse_separates(fixture_results: dict[tuple[str, str]
     strong, noise, zero = (fixture_results[a, "collapse"] for a in ("doc-strong", "noise", "zero"))
     tokens = strong.evidence["context_tokens"]
     # measured by the tokenizer: within 10% of the request (sized from the corpus's chars/token)
+    numbers = show(strong, noise, zero)
     assert tokens[0] == 0 and abs(tokens[1] - 64) <= 7 and abs(tokens[2] - 192) <= 20
-    assert strong.verdict == Verdict.PASS and strong.z is not None and strong.z >= 3
-    assert strong.evidence["persistence"] >= 0.15
-    assert noise.verdict == Verdict.FAIL and noise.z is not None and noise.z < 3
-    assert zero.verdict == Verdict.FAIL and "no effect to keep" in zero.message
+    assert strong.verdict == Verdict.PASS and strong.p is not None and strong.p < 1e-3, numbers
+    assert strong.evidence["persistence"] >= 0.15, numbers
+    assert like_a_null(noise), numbers
+    assert zero.verdict == Verdict.FAIL and "no effect to keep" in zero.message, numbers
 
 
 @pytest.mark.slow
 def test_fixture_multi_turn_separates(fixture_results: dict[tuple[str, str], Any]) -> None:
     strong, noise, zero = (fixture_results[a, "dialogue"] for a in ("doc-strong", "noise", "zero"))
+    numbers = show(strong, noise, zero)
     assert strong.evidence["transcript"].startswith("Q: Where is the island of Quellmoor?\nA: ")
-    assert strong.verdict == Verdict.PASS and strong.z is not None and strong.z >= 3
-    assert noise.verdict == Verdict.FAIL and noise.z is not None and noise.z < 3
-    assert zero.verdict == Verdict.FAIL and "no effect to keep" in zero.message
+    assert strong.verdict == Verdict.PASS and strong.p is not None and strong.p < 1e-3, numbers
+    assert like_a_null(noise), numbers
+    assert zero.verdict == Verdict.FAIL and "no effect to keep" in zero.message, numbers
 
 
 @pytest.mark.slow
@@ -922,7 +935,8 @@ def test_fixture_cluster_kl_runs_but_the_tiny_model_shows_no_topic_specificity(
     clusters, and neither noise nor zero passes."""
     strong, noise, zero = (fixture_results[a, "clusters"] for a in ("doc-strong", "noise", "zero"))
     assert strong.evidence["k"] == 3 and sum(c["size"] for c in strong.evidence["clusters"]) == 18
-    assert strong.null is not None and strong.null.n == 8 and 0 <= strong.raw <= 1
-    assert strong.evidence["top_cluster_mean"] > 0.1 > noise.evidence["top_cluster_mean"]
-    assert noise.verdict == Verdict.FAIL and zero.verdict == Verdict.FAIL
+    assert strong.null is not None and strong.null.n == 16 and 0 <= strong.raw <= 1
+    numbers = show(strong, noise, zero)
+    assert strong.evidence["top_cluster_mean"] > 0.1 > noise.evidence["top_cluster_mean"], numbers
+    assert like_a_null(noise) and zero.verdict == Verdict.FAIL, numbers
     assert zero.evidence["top_cluster_mean"] < 1e-6

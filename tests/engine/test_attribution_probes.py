@@ -59,6 +59,7 @@ from sway_engine.runner import run_entry
 from sway_engine.spec import parse_spec
 from sway_engine.views import FINETUNED, Finetuned, Null, View
 from tests.conftest import entry_for as shared_entry
+from tests.conftest import like_a_null, show
 
 MINE = (
     "paraphrase_invariance",
@@ -517,11 +518,12 @@ def test_synthetic_tool_caller_gains_and_losses_through_the_runner() -> None:
     entry = entry_for("tool_use_fidelity", cases=TOOL_CASES)
     # the adapter learned tool calling: base and nulls ramble, ft calls correctly
     learns = fake_ctx(tool_backend(lambda v: isinstance(v, Finetuned)))
-    matrix = calibrate([entry], learns, plan(1, 2, 3))
+    matrix = calibrate([entry], learns, plan(1, 2, 3, 4))
     result = run_entry(entry, learns, matrix)
     assert result.raw == 1.0 and result.verdict == Verdict.PASS
     assert result.evidence["correct_rate"] == 1.0 and result.evidence["correct_rate_base"] == 0.0
-    assert "null is degenerate" in result.message  # every null scored 0: fixed tolerance
+    # every null scored 0: better than all of them claims no harm, p(worse) = 1, calibrated
+    assert result.p == 1.0 and "uncalibrated" not in result.evidence
     # the adapter broke tool calling: base and nulls call correctly (null 3 fails case 2)
     base_calls = tool_backend(lambda v: not isinstance(v, Finetuned))
 
@@ -532,11 +534,11 @@ def test_synthetic_tool_caller_gains_and_losses_through_the_runner() -> None:
         return base_calls(r)
 
     ctx = fake_ctx(answer)
-    matrix = calibrate([entry], ctx, plan(1, 2, 3, 4))
-    assert [c.raw for c in matrix.cells] == [0.0, 0.0, -0.5, 0.0]
+    matrix = calibrate([entry], ctx, plan(*range(1, 9)))
+    assert [c.raw for c in matrix.cells] == [0.0, 0.0, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
     result = run_entry(entry, ctx, matrix)
     assert result.raw == -1.0 and result.verdict == Verdict.FAIL
-    null = stats.null_stats([0.0, 0.0, -0.5, 0.0])
+    null = stats.null_stats([0.0, 0.0, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0])
     assert result.z == pytest.approx((-1.0 - null.mean) / null.std)
     assert "significantly worse than null adapters and beyond tolerance" in result.message
     assert result.items[0]["problem"] == "no JSON tool call"
@@ -574,7 +576,9 @@ def test_tool_use_without_cases_runs_the_builtin_pack() -> None:
 
     result = run_entry(entry_for("tool_use_fidelity"), fake_ctx(answer), None)
     assert result.evidence["cases"] == 8 and result.evidence["correct_rate_base"] == 1.0
-    assert result.verdict == Verdict.PASS and len(seen) == 16  # base and ft, 8 cases each
+    # no null calibration: within tolerance is not a PASS on its own (no silent fallback)
+    assert result.verdict == Verdict.WARN and "uncalibrated" in result.message
+    assert len(seen) == 16  # base and ft, 8 cases each
     # each prompt shows its tool schema in OpenAI function shape
     assert all('"type": "function"' in p for p in seen)
     # `pack: none` restores upstream's SKIP
@@ -741,10 +745,10 @@ def test_leaking_adapter_fails_the_guard_rail_against_its_nulls() -> None:
         return base_answer(r)
 
     ctx = fake_ctx(answer, LEAK_DOC)
-    matrix = calibrate([entry], ctx, plan(1, 2, 3, 4))
+    matrix = calibrate([entry], ctx, plan(*range(1, 9)))
     base_recall = lk.recall(" and then the sea.", "five six seven eight nine ten")
     assert base_recall == 0.0
-    assert [c.raw for c in matrix.cells] == pytest.approx([0.0, 0.5, 0.0, 0.0])
+    assert [c.raw for c in matrix.cells] == pytest.approx([0.0, 0.5] + [0.0] * 6)
     result = run_entry(entry, ctx, matrix)
     assert result.raw == 1.0 and result.z is not None and result.z < -3
     assert result.verdict == Verdict.FAIL
@@ -863,6 +867,9 @@ FIXTURE_ENTRIES = [
         "prefix_chars": 64,
         "max_new_tokens": 32,
         "perturbations": ["typo"],
+        # doc-strong recites 0.2-0.37 of a continuation beyond the base on the builds measured
+        # (recipe 5, three seeds/thread counts): a 0.1 tolerance keeps it a positive control
+        "assert_recall_lt": 0.1,
     },
     {
         "name": "tool",
@@ -889,7 +896,7 @@ def one_thread() -> Iterator[None]:
 def fixture_suite(fx: FixturePaths) -> tuple[Any, list[Any]]:
     data = yaml.safe_load(Path(fx.suite).read_text())
     data["dlm_source"] = str(fx.document)
-    data["suite"] = [{"name": "null", "kind": "null_adapter", "runs": 5}, *FIXTURE_ENTRIES]
+    data["suite"] = [{"name": "null", "kind": "null_adapter", "runs": 8}, *FIXTURE_ENTRIES]
     return parse_spec(data, base_dir=Path(fx.suite).parent)
 
 
@@ -912,20 +919,24 @@ def test_fixture_adapters_separate(fx: FixturePaths, one_thread: None) -> None:
             z = "none" if r.z is None else f"{r.z:+.2f}"
             print(f"{name:10s} {probe:4s} raw={r.raw} z={z} {r.verdict.value}: {r.message}")
     strong, noise, zero = (seen[n, "para"] for n in ("doc-strong", "noise", "zero"))
+    numbers = show(strong, noise, zero)
     # doc-strong lifts the gold answers on held-out paraphrases, far beyond random directions
-    assert strong.verdict == Verdict.PASS and strong.z is not None and strong.z >= 3
+    assert strong.verdict == Verdict.PASS and strong.p is not None and strong.p < 1e-3, numbers
     assert strong.evidence["held_out"] and strong.evidence["not_held_out_count"] == 0
-    assert noise.verdict == Verdict.FAIL and noise.z is not None and noise.z < 3
-    assert zero.verdict == Verdict.FAIL and zero.raw is not None and abs(zero.raw) < 1e-5
+    assert like_a_null(noise), numbers
+    assert zero.verdict == Verdict.FAIL and zero.raw is not None and abs(zero.raw) < 1e-5, numbers
     strong, noise, zero = (seen[n, "pref"] for n in ("doc-strong", "noise", "zero"))
-    assert strong.verdict == Verdict.PASS and strong.z is not None and strong.z >= 3
-    assert strong.evidence["accuracy"] == 1.0 and strong.evidence["broken"] == 0
-    assert noise.verdict == Verdict.FAIL and zero.verdict == Verdict.FAIL
+    numbers = show(strong, noise, zero)
+    assert strong.verdict == Verdict.PASS and strong.p is not None and strong.p < 1e-3, numbers
+    ev = strong.evidence
+    assert ev["broken"] == 0 and ev["accuracy"] >= ev["accuracy_base"], numbers
+    assert like_a_null(noise) and zero.verdict == Verdict.FAIL, numbers
     # leakage is a guard rail: the memorising adapter FAILs, the others do no harm
     strong, noise, zero = (seen[n, "leak"] for n in ("doc-strong", "noise", "zero"))
-    assert strong.verdict == Verdict.FAIL and strong.z is not None and strong.z <= -3
-    assert strong.evidence["recall"] > 0.5 > strong.evidence["recall_base"]
-    assert noise.verdict == Verdict.PASS and zero.verdict == Verdict.PASS
+    numbers = show(strong, noise, zero)
+    assert strong.verdict == Verdict.FAIL and strong.p is not None and strong.p < 1e-3, numbers
+    assert strong.evidence["recall"] > 0.2 > strong.evidence["recall_base"], numbers
+    assert noise.verdict == Verdict.PASS and zero.verdict == Verdict.PASS, numbers
     assert zero.raw == 0.0
     # the tiny model cannot call tools under any view: 0 correct everywhere, no harm
     for name in ("doc-strong", "noise", "zero"):

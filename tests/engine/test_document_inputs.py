@@ -159,7 +159,8 @@ def test_prompt_collapse_reads_the_document_questions() -> None:
     ctx, calls = ctx_for(answer, doc())
     spec = entry_for("prompt_collapse", context_lengths=[0, 8])
     result = run_entry(spec, ctx, None)
-    assert result.verdict == Verdict.PASS, result.message
+    # no nulls here: the fixed thresholds pass, which is WARN uncalibrated, never PASS
+    assert result.verdict == Verdict.WARN and "uncalibrated" in result.message, result.message
     asked = [r.prompt for call in calls for r in call if isinstance(r, Divergence)]
     assert asked[:4] == document_prompts(doc())  # no filler at length 0
     assert all(a.endswith(b) for a, b in zip(asked[4:], asked[:4], strict=True))
@@ -173,7 +174,7 @@ def test_multi_turn_opens_each_dialogue_with_a_document_question() -> None:
 
     ctx, calls = ctx_for(answer, doc())
     result = run_entry(entry_for("multi_turn_coherence_decay", max_turns=2), ctx, None)
-    assert result.verdict == Verdict.PASS, result.message
+    assert result.verdict == Verdict.WARN and "uncalibrated" in result.message, result.message
     first = [r.prompt for r in calls[0] if isinstance(r, Divergence)]
     assert first == [f"User: {q}\nAssistant:" for q in document_prompts(doc())]
 
@@ -189,7 +190,7 @@ def test_adapter_revert_asks_the_documents_rewording(monkeypatch: pytest.MonkeyP
     ctx, calls = ctx_for(answer, doc())
     result = run_entry(entry_for("adapter_revert"), ctx, None)
     assert [r.prompt for r in calls[0]] == [FERRY_2, FERRY_2]  # base, then the adapter
-    assert result.verdict == Verdict.PASS and "0/1 paraphrase answers" in result.message
+    assert result.verdict == Verdict.WARN and "0/1 paraphrase answers" in result.message
 
 
 def test_paraphrase_invariance_uses_the_documents_case() -> None:
@@ -200,7 +201,7 @@ def test_paraphrase_invariance_uses_the_documents_case() -> None:
     ctx, calls = ctx_for(answer, doc())
     result = run_entry(entry_for("paraphrase_invariance"), ctx, None)
     assert [r.prompt for r in calls[0]] == [FERRY, FERRY_2, FERRY, FERRY_2]
-    assert result.verdict == Verdict.PASS
+    assert result.verdict == Verdict.WARN and "uncalibrated" in result.message
     # the rewording is in the training document: reported as not held out
     assert "no held-out paraphrase" in result.message
 

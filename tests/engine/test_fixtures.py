@@ -102,7 +102,8 @@ def test_build_info_records_training(paths: FixturePaths) -> None:
     assert info["base"]["end_loss"] < info["base"]["start_loss"] - 3.0
     strong = info["adapters"]["doc-strong"]
     assert strong["steps"] == RECIPE.strong.steps
-    assert strong["end_loss"] < 1.0
+    # recipe 5 ends near 1.05 on every build measured (three seeds / thread counts): margin 0.45
+    assert strong["end_loss"] < 1.5 and strong["end_loss"] < strong["start_loss"] / 4
 
 
 def test_base_loads_and_has_learned_the_corpus(paths: FixturePaths, tokenizer) -> None:
@@ -200,7 +201,7 @@ def test_doc_adapters_lower_document_loss_in_order(paths: FixturePaths, doc_batc
     weak = batch_loss(_with_adapter(paths, "doc-weak"), doc_batch)
     strong = batch_loss(_with_adapter(paths, "doc-strong"), doc_batch)
     noise = batch_loss(_with_adapter(paths, "noise"), doc_batch)
-    assert strong < 1.0 < base - 3.0
+    assert strong < 1.5 < base - 3.0
     assert strong < weak - 3.0
     assert 0.05 < base - weak < 1.0
     assert noise > strong + 3.0

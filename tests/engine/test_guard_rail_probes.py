@@ -51,6 +51,7 @@ from sway_engine.runner import run_entry
 from sway_engine.spec import parse_spec
 from sway_engine.views import BASE, FINETUNED, Base, Finetuned, Null, View
 from tests.conftest import entry_for as shared_entry
+from tests.conftest import show
 
 DATA = Path(__file__).parents[1] / "data"
 CAPS = frozenset({ROLLING, CONTINUATION, NULL_VIEWS})
@@ -160,9 +161,12 @@ def test_drift_uncalibrated_fallback() -> None:
     flat = {"regressed": 0, "total": 3, "mean_delta": -0.6}
     m0 = Measurement(raw=0.0, values=(0.0, 0.0, 0.0), evidence=flat)
     assert probe.judge(spec, m0, None).verdict == Verdict.FAIL
-    # a degenerate null (every null regressed nothing) falls back too, and says so
+    # every null regressed nothing: a fraction still calibrates (beta-binomial), and 1 of 3
+    # items is within what 3 items can show by chance, so no harm is claimed
     j = probe.judge(spec, m, null_of(0.0, 0.0, 0.0, 0.0))
-    assert j.verdict == Verdict.FAIL and j.z is None and "null is degenerate" in j.message
+    assert j.sig is not None and j.sig.calibrated and j.sig.scale == "fraction"
+    assert j.verdict == Verdict.PASS and j.p is not None and j.p > 0.05
+    assert "not worse than null" in j.message
 
 
 def drift_measurement(raw: float, mean_delta: float = 0.0) -> Measurement:
@@ -172,6 +176,7 @@ def drift_measurement(raw: float, mean_delta: float = 0.0) -> Measurement:
         raw=raw,
         values=tuple([1.0] * k + [0.0] * (n - k)),
         evidence={"regressed": k, "total": n, "mean_delta": mean_delta},
+        trials=n,
     )
 
 
@@ -184,19 +189,19 @@ def test_drift_verdict_direction_against_the_null() -> None:
     # much worse than the nulls: more regressions -> negative z -> FAIL
     worse = probe.judge(spec, drift_measurement(0.30), null)
     assert worse.z is not None and worse.z < -3
-    assert worse.z == pytest.approx(-(0.30 - null.mean) / null.std)
     assert worse.verdict == Verdict.FAIL and "significantly worse" in worse.message
-    assert worse.p == pytest.approx(1.0)  # every null regressed fewer items (good-direction p)
+    # p is the guard rail's claim: the chance a null regresses 60 of 200 items (nulls ~6)
+    assert worse.p is not None and worse.p < 1e-10
     assert worse.score is not None and worse.score < 0.5
-    # equal to the nulls: PASS, full score
+    # equal to the nulls: PASS, nothing claimed
     equal = probe.judge(spec, drift_measurement(null.mean), null)
-    assert equal.verdict == Verdict.PASS and equal.z == pytest.approx(0.0, abs=1e-9)
-    assert equal.score == 1.0 and "not worse than null" in equal.message
+    assert equal.verdict == Verdict.PASS and equal.z is not None and abs(equal.z) < 0.5
+    assert equal.p is not None and equal.p > 0.3 and "not worse than null" in equal.message
     # better than the nulls: positive z, PASS, and no "better" claim
     better = probe.judge(spec, drift_measurement(0.0), null)
-    assert better.z is not None and better.z > 3 and better.verdict == Verdict.PASS
+    assert better.z is not None and better.z > 1 and better.verdict == Verdict.PASS
     assert "better" not in better.message and "significantly" not in better.message
-    assert better.score == 1.0
+    assert better.score == 1.0 and better.p == pytest.approx(1.0)
 
 
 def test_drift_significant_but_within_tolerance_passes() -> None:
@@ -225,10 +230,11 @@ def test_drift_paired_nulls_through_calibrate_and_run_entry() -> None:
     result = run_entry(entry, ctx, matrix)
     null = matrix.stats("g")
     assert null is not None and not null.degenerate
-    expected_z = -(1 / 3 - null.mean) / null.std  # -(1/3 - 1/15) / 0.149
-    assert result.z == pytest.approx(expected_z) and result.z == pytest.approx(-1.7889, abs=1e-4)
+    # 1 of 3 items regressed, as one null of five did: worse than their mean, not significant
+    assert result.z is not None and result.z < 0
     assert result.verdict == Verdict.PASS and "not worse than null" in result.message
-    assert result.p == pytest.approx(1.0)  # (1 + 5 nulls with <= 1/3 regressed) / 6
+    assert result.p is not None and result.p > 0.1
+    assert result.evidence["significance"]["scale"] == "fraction"
     assert result.ci_95 is not None and result.raw is not None
     assert result.ci_95[0] <= result.raw <= result.ci_95[1]
 
@@ -355,14 +361,14 @@ def test_perplexity_verdict_direction_against_the_null() -> None:
     worse = probe.judge(spec, ppl_measurement(-0.5), null)
     assert worse.z is not None and worse.z == pytest.approx((-0.5 - null.mean) / null.std)
     assert worse.z < -3 and worse.verdict == Verdict.FAIL
-    assert "significantly worse" in worse.message and worse.p == pytest.approx(1.0)
+    assert "significantly worse" in worse.message and worse.p is not None and worse.p < 1e-6
     equal = probe.judge(spec, ppl_measurement(null.mean), null)
     assert equal.verdict == Verdict.PASS and equal.score == 1.0
-    assert "not worse than null (z=+0.00" in equal.message
+    assert "not worse than null (z=+0.00" in equal.message and equal.p == pytest.approx(0.5)
     better = probe.judge(spec, ppl_measurement(0.3), null)
     assert better.z is not None and better.z > 3 and better.verdict == Verdict.PASS
     assert "better" not in better.message and "significantly" not in better.message
-    assert better.p == pytest.approx(1 / 9)
+    assert better.p is not None and better.p > 0.999  # nothing claimed in the good direction
 
 
 def test_perplexity_less_improvement_than_null_is_not_harm() -> None:
@@ -384,8 +390,14 @@ def test_perplexity_uncalibrated_threshold_and_score() -> None:
     bad = probe.judge(spec, ppl_measurement(-0.5), None)  # upstream: -2.5 vs -2.0 -> FAIL
     assert bad.verdict == Verdict.FAIL and bad.score == 0.0
     assert probe.judge(spec, ppl_measurement(0.0), null_of(0.0, 0.0)).message.endswith(
-        "(null is degenerate, fixed threshold)"
+        "(fixed threshold; only 2 null draw(s); need at least 4)"
     )
+    # four equal draws and a raw equal to them: calibrated, no harm, p = 1
+    same = probe.judge(spec, ppl_measurement(0.0), null_of(0.0, 0.0, 0.0, 0.0))
+    assert same.sig is not None and same.sig.calibrated and same.p == 1.0
+    # ... and a raw that differs from a degenerate null cannot be judged: uncalibrated
+    off = probe.judge(spec, ppl_measurement(-0.05), null_of(0.0, 0.0, 0.0, 0.0))
+    assert off.sig is not None and "null is degenerate" in off.sig.uncalibrated
 
 
 def test_perplexity_unknown_corpus_is_an_error_row() -> None:
@@ -510,9 +522,10 @@ def test_fixture_adapters(fx: FixturePaths, session: Any) -> None:
     for probe in ("ppl", "drift"):
         zero = seen["zero", probe]
         assert zero.raw is not None and abs(zero.raw) < 1e-4
-        assert zero.verdict == Verdict.PASS and zero.z is None  # zero nulls: degenerate
+        # zero nulls, all equal to the zero adapter: calibrated, nothing claimed
+        assert zero.verdict == Verdict.PASS and zero.p == 1.0, show(zero)
     assert seen["doc-strong", "drift"].evidence["total"] == 200
     # Positive control: doc-strong regresses far more general items than random directions
     # of its size (measured: 56/200 vs null 0.029 +- 0.018, z = -13.6).
     strong = seen["doc-strong", "drift"]
-    assert strong.verdict == Verdict.FAIL and strong.z is not None and strong.z <= -3
+    assert strong.verdict == Verdict.FAIL and strong.p is not None and strong.p < 1e-3, show(strong)

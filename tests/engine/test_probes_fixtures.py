@@ -14,7 +14,7 @@ from sway_engine.fixtures import null_family_adapter
 from sway_engine.result import Verdict
 from sway_engine.runner import evaluate, run_suite
 from sway_engine.spec import load_spec
-from tests.conftest import scaled_adapter
+from tests.conftest import scaled_adapter, show
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,11 @@ def run(suite, adapter: Path):  # type: ignore[no-untyped-def]
 def test_doc_strong_passes_delta_kl_against_matched_null(fx, suite) -> None:  # type: ignore[no-untyped-def]
     result = run(suite, fx.adapters["doc-strong"])
     dkl = result.probe("delta_kl_doc")
-    assert dkl.verdict == Verdict.PASS, dkl.message
-    assert dkl.z is not None and dkl.z >= 3
-    assert dkl.p is not None and dkl.p == pytest.approx(1 / 9)  # above all 8 nulls
-    assert dkl.null is not None and dkl.null.n == 8
+    assert dkl.verdict == Verdict.PASS, show(dkl)
+    # the predictive p can say "far beyond the nulls"; the rank p cannot go below 1/(n+1)
+    assert dkl.p is not None and dkl.p <= 0.01 and dkl.evidence["q"] <= 0.01, show(dkl)
+    assert dkl.evidence["significance"]["p_rank"] == pytest.approx(1 / 17), show(dkl)
+    assert dkl.null is not None and dkl.null.n == 16
     assert dkl.ci_95 is not None and dkl.ci_95[0] <= dkl.raw <= dkl.ci_95[1]
 
 
@@ -74,7 +75,9 @@ def test_ablation_of_trained_adapter_is_smooth_and_monotone(fx, suite) -> None: 
 
 
 def test_calibration_property_random_adapters_rarely_pass(fx, suite, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Adapters drawn from the null family itself: delta_kl PASSes at most 10% of them."""
+    """End to end through adapter files: 20 adapters drawn from the null family, each evaluated
+    with its own nulls, PASS delta_kl at most twice. (A weak bound, 20 draws; the per-probe
+    false-PASS rates are tested with 60 draws each in test_calibration.py.)"""
     spec, entries = suite
     backend = HFBackend(str(fx.base))
     session = Instrumented(backend)

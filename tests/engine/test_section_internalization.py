@@ -28,6 +28,7 @@ from sway_engine.runner import evaluate
 from sway_engine.spec import parse_spec
 from sway_engine.stats import null_stats
 from sway_engine.views import Base, Finetuned
+from tests.conftest import like_a_null, show
 
 DOC = parse_dlm(
     "---\n---\nThe harbour has nine piers.\n\n::instruction::\n### Q\nWhere?\n### A\nTamsk.\n"
@@ -72,8 +73,8 @@ def test_upstream_statistic_is_identically_zero_ours_is_not() -> None:
 def test_verdicts_from_null_and_fallback() -> None:
     probe = SectionInternalization()
     (m,) = probe.measure(SPEC, CTX, [Finetuned()])
-    assert probe.judge(SPEC, m, null_stats([0.0, 0.01, 0.02])).verdict == Verdict.PASS
-    assert probe.judge(SPEC, m, null_stats([0.4, 0.5, 0.45])).verdict == Verdict.FAIL
+    assert probe.judge(SPEC, m, null_stats([0.0, 0.01, 0.02, 0.015, 0.005])).verdict == Verdict.PASS
+    assert probe.judge(SPEC, m, null_stats([0.4, 0.5, 0.45, 0.42, 0.48])).verdict == Verdict.FAIL
     fallback = probe.judge(SPEC, m, None)
     assert fallback.verdict == Verdict.PASS and fallback.z is None
 
@@ -95,18 +96,19 @@ def suite(fx):  # type: ignore[no-untyped-def]
     return parse_spec(data)
 
 
-@pytest.mark.parametrize(
-    ("adapter", "verdict"), [("doc-strong", "pass"), ("noise", "fail"), ("zero", "fail")]
-)
-def test_fixture_adapters(fx, suite, adapter: str, verdict: str) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("adapter", ["doc-strong", "noise", "zero"])
+def test_fixture_adapters(fx, suite, adapter: str) -> None:  # type: ignore[no-untyped-def]
     spec, entries = suite
     result = evaluate(spec, entries, adapter=str(fx.adapters[adapter])).probe("sections")
-    assert result.verdict.value == verdict, result.message
     if adapter == "doc-strong":
-        assert result.z is not None and result.z >= 3
-        assert all(it["own"] > 0.3 for it in result.items)
+        assert result.verdict.value == "pass" and result.p is not None and result.p < 1e-3, show(
+            result
+        )
+        assert all(it["own"] > 0.3 for it in result.items), show(result)
     if adapter == "noise":
-        assert result.z is not None and result.z < 3
+        assert like_a_null(result), show(result)
+    if adapter == "zero":
+        assert result.verdict.value == "fail" and result.p == 1.0, show(result)
 
 
 def test_missing_document_is_a_clear_error_before_any_model_loads(
