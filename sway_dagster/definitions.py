@@ -33,7 +33,6 @@ def build_definitions(
     evaluate = dg.define_asset_job(
         JOB_NAME,
         selection=dg.AssetSelection.groups("adapters", "calibration", "probes", "verdict"),
-        executor_def=dg.in_process_executor,
         tags={"sway/pipeline": "evaluate"},
         description="Evaluate one adapter partition: manifest, null matrix, probes, score.",
     )
@@ -43,6 +42,9 @@ def build_definitions(
         default_status=dg.DefaultSensorStatus.RUNNING,
     )
     return dg.Definitions(
+        # Every launch path (the job, a UI Materialize, a backfill) runs its steps in one
+        # process, so the base model loads once per run and probes share its row cache.
+        executor=dg.in_process_executor,
         assets=build_assets(suite),
         jobs=[evaluate],
         sensors=[make_adapter_sensor(JOB_NAME), automation],

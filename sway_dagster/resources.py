@@ -20,9 +20,23 @@ from sway_engine.spec import ModelSpec, SuiteSpec
 from sway_engine.store import ResultStore as DuckStore
 from sway_engine.tracking import MlflowTracking
 
+# Logged once per base-model load into the run's event log (from whichever step process
+# loads it), so the loads of a run can be counted on every launch path.
+LOAD_MESSAGE = "sway: loaded base model"
+
 
 class _Strict(dg.ConfigurableResource):
     model_config = ConfigDict(extra="forbid")
+
+
+def note_load(resource: dg.ConfigurableResource, what: str) -> None:
+    """Record a model load in the run's event log (a no-op outside a Dagster run)."""
+    try:
+        log = resource.get_resource_context().log
+    except Exception:  # noqa: BLE001 - used directly, outside a run: nothing to record
+        return
+    if log is not None:
+        log.info(f"{LOAD_MESSAGE} {what}")
 
 
 class ModelBackend(_Strict):
@@ -104,6 +118,7 @@ class _LocalModel(ModelBackend):
         """The loaded engine backend (loads the base on first use)."""
         if self._backend is None:
             self._backend = self._load()
+            note_load(self, f"{self.base} ({type(self).__name__})")
         return self._backend
 
     def _shared(self) -> Instrumented:
@@ -218,6 +233,7 @@ class _Built(ModelBackend):
 
         if self._backend is None:
             self._backend = build_side(self.spec_for(adapter))
+            note_load(self, f"{self.model_id()} ({self._backend.kind})")
             self._loaded = adapter
         elif adapter is not None and adapter != self._loaded and self._backend.kind != "api":
             load = getattr(self._backend, "load_adapter", None)
@@ -227,6 +243,7 @@ class _Built(ModelBackend):
                 self._backend.close()
                 self._backend = None
                 self._backend = build_side(self.spec_for(adapter))
+                note_load(self, f"{self.model_id()} ({self._backend.kind}, rebuilt)")
             self._loaded = adapter
         return self._backend
 

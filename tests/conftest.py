@@ -98,3 +98,18 @@ def like_a_null(r: Any, floor: float = 1e-3) -> bool:
     in 1/floor. A verdict at alpha (0.01) would fail one build in a hundred per probe; the
     false-PASS rate itself is measured by the audit tests (tests/engine/test_calibration.py)."""
     return r.p is None or r.p > floor
+
+
+def count_constructions(monkeypatch: pytest.MonkeyPatch, cls: type) -> list[object]:
+    """Spy on `cls.__init__` for the rest of the test: the list grows by one per instance
+    built (base-model loads of an engine backend class; the product counts them per run in
+    Dagster's event log and per backend in `counters()["base_loads"]`)."""
+    built: list[object] = []
+    original = cls.__init__
+
+    def init(self: object, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(cls, "__init__", init)
+    return built

@@ -67,8 +67,6 @@ class HFBackend:
 
     kind = "hf"
     capabilities = ALL_CAPABILITIES
-    # Base models loaded by this process (a run must load its base once, however many probes).
-    base_loads = 0
 
     def __init__(
         self,
@@ -114,7 +112,6 @@ class HFBackend:
             if pad_tokens_per_pass is not None
             else max(4, min(256, int(2e8 / max(params, 1))))
         )
-        HFBackend.base_loads += 1
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.vocab_size = int(model.config.vocab_size)
         self._peft: Any = None
@@ -141,6 +138,7 @@ class HFBackend:
             "tokens_forwarded": 0,
             "padded_tokens": 0,
             "row_cache_hits": 0,
+            "base_loads": 1,
             "adapters_loaded": 0,
             "views_registered": 0,
         }

@@ -79,8 +79,6 @@ class MLXBackend:
 
     kind = "mlx"
     capabilities = ALL_CAPABILITIES
-    # Base models loaded by this process (a run must load its base once, however many probes).
-    base_loads = 0
 
     def __init__(
         self,
@@ -116,7 +114,6 @@ class MLXBackend:
             model.set_dtype(_pick_dtype(mx, dtype))
         model.eval()
         self._model = model
-        MLXBackend.base_loads += 1
         self.tokenizer = wrapper._tokenizer
         self.tokenizer.model_max_length = 1 << 30  # long texts are windowed here, never truncated
         self._eos = frozenset(int(i) for i in wrapper.eos_token_ids)
@@ -138,6 +135,7 @@ class MLXBackend:
             "tokens_forwarded": 0,
             "padded_tokens": 0,
             "row_cache_hits": 0,
+            "base_loads": 1,
             "adapters_loaded": 0,
             "views_registered": 0,
             "view_switches": 0,

@@ -299,3 +299,10 @@ def doc_strong_run(dagster_dev: DagsterDev, fx) -> Evaluation:  # type: ignore[n
     status = wait_until(f"run {run_id}", finished, timeout=240, every=1)
     assert status == "SUCCESS", f"run {run_id} ended {status}:\n{dagster_dev.server.tail(80)}"
     return Evaluation(key, run_id, status, time.monotonic() - start)
+
+
+def model_loads(instance: dg.DagsterInstance, run_id: str) -> int:
+    """Base-model loads a run recorded in its event log, from whichever processes ran it."""
+    from sway_dagster.resources import LOAD_MESSAGE
+
+    return sum(LOAD_MESSAGE in (e.user_message or "") for e in instance.all_logs(run_id))

@@ -9,9 +9,8 @@ from mlflow import MlflowClient
 from sway_dagster.adapter_store import AdapterStore
 from sway_dagster.definitions import JOB_NAME, build_definitions
 from sway_engine.adapters import read_adapter
-from sway_engine.backends.hf import HFBackend
 from sway_engine.store import ResultStore
-from tests.dagster.conftest import add_adapter
+from tests.dagster.conftest import add_adapter, model_loads
 
 
 def evaluate(settings, instance, names, fx):  # type: ignore[no-untyped-def]
@@ -30,11 +29,10 @@ def evaluate(settings, instance, names, fx):  # type: ignore[no-untyped-def]
 
 
 def test_one_partition_writes_duckdb_and_one_mlflow_run(home, instance, fx) -> None:  # type: ignore[no-untyped-def]
-    loads = HFBackend.base_loads
     defs, results = evaluate(home, instance, ["doc-strong"], fx)
     ((key, result),) = results.items()
     assert result.success
-    assert HFBackend.base_loads - loads == 1  # one base load for the whole run
+    assert model_loads(instance, result.run_id) == 1  # one base load for the whole run
     sha8 = read_adapter(fx.adapters["doc-strong"]).sha8
     assert key == f"doc-strong-{sha8}"
 

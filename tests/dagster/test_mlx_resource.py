@@ -7,9 +7,8 @@ import pytest
 from sway_dagster.adapter_store import AdapterStore
 from sway_dagster.definitions import JOB_NAME, build_definitions
 from sway_dagster.resources import HFBackend, MLXBackend
-from sway_engine.backends.mlx import MLXBackend as Engine
 from sway_engine.store import ResultStore
-from tests.dagster.conftest import add_adapter
+from tests.dagster.conftest import add_adapter, model_loads
 
 
 def test_suite_kind_mlx_picks_the_mlx_resource_and_materializes(
@@ -26,12 +25,11 @@ def test_suite_kind_mlx_picks_the_mlx_resource_and_materializes(
     (cand,) = AdapterStore(root=str(home.adapters_dir), settle_seconds=0).scan()
     assert cand.key is not None
     instance.add_dynamic_partitions("adapters", [cand.key])
-    loads = Engine.base_loads
     result = defs.resolve_job_def(JOB_NAME).execute_in_process(
         partition_key=cand.key, instance=instance
     )
     assert result.success
-    assert Engine.base_loads - loads == 1  # one mlx-lm base load for the whole run
+    assert model_loads(instance, result.run_id) == 1  # one mlx-lm base load for the whole run
     rows = {r["probe"]: r for r in ResultStore(home.database).probe_results(cand.key)}
     assert rows["delta_kl_doc"]["verdict"] == "pass" and rows["delta_kl_doc"]["z"] >= 3
     assert rows["null_baseline"]["verdict"] == "pass"  # nulls exist on mlx now

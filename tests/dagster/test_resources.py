@@ -9,24 +9,25 @@ from sway_dagster.definitions import JOB_NAME, build_definitions
 from sway_dagster.resources import HFBackend, TwoModelBackend
 from sway_engine.backends.hf import HFBackend as Engine
 from sway_engine.store import ResultStore
+from tests.conftest import count_constructions
 from tests.dagster.conftest import add_adapter
 
 
-def test_two_model_on_one_model_loads_once(fx) -> None:  # type: ignore[no-untyped-def]
-    loads = Engine.base_loads
+def test_two_model_on_one_model_loads_once(fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    loads = count_constructions(monkeypatch, Engine)
     res = TwoModelBackend(base=HFBackend(base=str(fx.base)), ft=HFBackend(base=str(fx.base)))
     res.session(str(fx.adapters["doc-strong"]))
     res.session(str(fx.adapters["zero"]))
-    assert Engine.base_loads - loads == 1
+    assert len(loads) == 1
 
 
-def test_two_model_on_two_models_composes(fx) -> None:  # type: ignore[no-untyped-def]
-    loads = Engine.base_loads
+def test_two_model_on_two_models_composes(fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    loads = count_constructions(monkeypatch, Engine)
     res = TwoModelBackend(
         base=HFBackend(base=str(fx.base), dtype="fp32"), ft=HFBackend(base=str(fx.base))
     )
     session = res.session(str(fx.adapters["doc-strong"]))
-    assert Engine.base_loads - loads == 2
+    assert len(loads) == 2
     assert session.kind == "two_model"
 
 

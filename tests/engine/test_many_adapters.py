@@ -16,6 +16,7 @@ from sway_engine.result import SuiteResult, Verdict
 from sway_engine.runner import evaluate_many, run_many, run_suite
 from sway_engine.spec import load_spec
 from sway_engine.views import BASE, FINETUNED, Finetuned, Null, Scaled, bind, canonical
+from tests.conftest import count_constructions
 
 # ---- views and requests bound to an adapter ----
 
@@ -108,11 +109,11 @@ def _alone(fx, name: str) -> SuiteResult:  # type: ignore[no-untyped-def]
     return run_suite(spec, entries, Instrumented(HFBackend(str(fx.base), str(fx.adapters[name]))))
 
 
-def test_many_adapters_equal_each_alone_with_one_base_load(fx) -> None:  # type: ignore[no-untyped-def]
+def test_many_adapters_equal_each_alone_with_one_base_load(fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     spec, entries = load_spec(fx.suite)
-    loads = HFBackend.base_loads
+    loads = count_constructions(monkeypatch, HFBackend)
     results = evaluate_many(spec, entries, [fx.adapters[n] for n in NAMES])
-    assert HFBackend.base_loads == loads + 1
+    assert len(loads) == 1
     by_name = dict(zip(NAMES, results, strict=True))
     assert all(p.verdict is Verdict.ERROR for p in by_name["nan"].probes)
     assert "non-finite" in by_name["nan"].probes[0].message

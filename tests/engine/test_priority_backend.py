@@ -17,6 +17,7 @@ from sway_engine.requests import NextToken, Request, Result
 from sway_engine.runner import evaluate
 from sway_engine.spec import ModelSpec, parse_spec
 from sway_engine.views import BASE
+from tests.conftest import count_constructions
 
 HERE = __name__
 
@@ -180,16 +181,16 @@ def test_custom_fails_hf_serves_and_duckdb_records_hf(
     assert kind == "hf"
 
 
-def test_priority_resource_swaps_adapters_on_the_chosen_kind(fx) -> None:  # type: ignore[no-untyped-def]
+def test_priority_resource_swaps_adapters_on_the_chosen_kind(fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from sway_dagster.resources import PriorityBackend as Resource
     from sway_engine.backends.hf import HFBackend
 
-    loads = HFBackend.base_loads
+    loads = count_constructions(monkeypatch, HFBackend)
     res = Resource(kinds=["custom", "hf"], base=str(fx.base), entry_point=f"{HERE}:NoWeights")
     first = res.session(str(fx.adapters["doc-strong"]))
     again = res.session(str(fx.adapters["zero"]))
     assert first is again and first.kind == "hf"
-    assert HFBackend.base_loads - loads == 1  # the second adapter swapped in place
+    assert len(loads) == 1  # the second adapter swapped in place
     (dist,) = first.execute([NextToken("Q: x\nA:", BASE, 4)])
     assert len(dist.logprobs) == 4  # type: ignore[union-attr]
 
