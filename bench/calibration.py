@@ -30,7 +30,7 @@ def run(draws: int, modes: tuple[str, ...], work: Path) -> dict[str, Any]:
     from sway_engine.backends.instrumentation import Instrumented
     from sway_engine.fixtures import build_fixtures
     from sway_engine.fixtures.battery import write_battery
-    from sway_engine.spec import load_spec
+    from sway_engine.suite import load_spec
 
     torch.set_num_threads(1)
     fx = build_fixtures(log=lambda _m: None)
@@ -59,7 +59,7 @@ def leaderboard(fx: Any, work: Path) -> list[dict[str, Any]]:
     from sway_engine import score
     from sway_engine.fixtures.battery import write_battery
     from sway_engine.runner import evaluate_many, gate
-    from sway_engine.spec import load_spec
+    from sway_engine.suite import load_spec
 
     spec, entries = load_spec(write_battery(fx, work / "board" / "sway.yaml"))
     names = list(fx.adapters)

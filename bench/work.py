@@ -82,7 +82,7 @@ def sway(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(job.get("threads", torch.get_num_threads())))
     from sway_engine.backends.instrumentation import Instrumented
     from sway_engine.runner import run_suite
-    from sway_engine.spec import load_spec
+    from sway_engine.suite import load_spec
 
     t_import = time.perf_counter() - T_START
     spec, entries = load_spec(job["spec"])
@@ -177,7 +177,7 @@ def sway_many(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(job.get("threads", torch.get_num_threads())))
     from sway_engine.backends.instrumentation import Instrumented
     from sway_engine.runner import run_many
-    from sway_engine.spec import load_spec
+    from sway_engine.suite import load_spec
 
     t_import = time.perf_counter() - T_START
     spec, entries = load_spec(job["spec"])

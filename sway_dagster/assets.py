@@ -19,7 +19,6 @@ from dagster import AssetExecutionContext
 from sway_dagster.adapter_store import AdapterStore
 from sway_dagster.evaluation import (
     Session,
-    Suite,
     matrix_from_store,
     mlflow_run,
     num,
@@ -47,6 +46,7 @@ from sway_engine.runner import (
     score_suite,
 )
 from sway_engine.store import AdapterRecord, NullRow, RunRecord
+from sway_engine.suite import Suite
 
 OWNERS = ["team:ml-eval"]
 # Bump when the math behind an asset changes, so Dagster marks old materializations stale.

@@ -10,10 +10,10 @@ import dagster as dg
 
 from sway_dagster.adapter_store import AdapterStore
 from sway_dagster.assets import build_assets, leaderboard
-from sway_dagster.evaluation import Suite
 from sway_dagster.resources import MlflowTracker, ModelBackend, ResultStore, backend_for
 from sway_dagster.sensors import make_adapter_sensor
 from sway_dagster.settings import Settings
+from sway_engine.suite import Suite
 
 JOB_NAME = "evaluate_adapter"
 

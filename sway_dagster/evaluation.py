@@ -6,7 +6,6 @@ import base64
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, TypeVar
 
 import dagster as dg
@@ -16,46 +15,15 @@ from sway_dagster.resources import MlflowTracker, ModelBackend
 from sway_engine import __version__
 from sway_engine.adapters import AdapterInfo
 from sway_engine.backends.instrumentation import Instrumented
-from sway_engine.calibration import NullCell, NullMatrix, NullPlan, plan_for
+from sway_engine.calibration import NullCell, NullMatrix
 from sway_engine.errors import SwayError
 from sway_engine.multi import each_adapter
 from sway_engine.probes.base import Context
-from sway_engine.probes.null_adapter import NullAdapterSpec
-from sway_engine.probes.registry import Entry
-from sway_engine.runner import context_for, document_of, null_entry, preflight
-from sway_engine.spec import SuiteSpec, load_spec
+from sway_engine.runner import context_for, preflight
 from sway_engine.store import ResultStore as DuckStore
+from sway_engine.suite import Suite
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Suite:
-    """The sway.yaml this code location evaluates every adapter with."""
-
-    path: Path
-    spec: SuiteSpec
-    entries: tuple[Entry, ...]
-
-    @classmethod
-    def load(cls, path: Path) -> "Suite":
-        spec, entries = load_spec(path)
-        document_of(spec)  # fail at load with the document's path and line, not mid-run
-        return cls(path=path, spec=spec, entries=tuple(entries))
-
-    @property
-    def spec_hash(self) -> str:
-        return self.spec.spec_hash()
-
-    def plan(self) -> NullPlan | None:
-        entry = null_entry(list(self.entries))
-        if entry is None:
-            return None
-        assert isinstance(entry.spec, NullAdapterSpec)
-        return plan_for(entry.spec, self.spec.defaults.null)
-
-    def weight(self, probe: str) -> float:
-        return next((e.spec.weight for e in self.entries if e.spec.name == probe), 1.0)
 
 
 @dataclass

@@ -33,8 +33,9 @@ from sway_engine.errors import SwayError
 from sway_engine.probes.base import Probe
 from sway_engine.probes.registry import Entry
 from sway_engine.result import Verdict
-from sway_engine.runner import context_for, null_entry, preflight
+from sway_engine.runner import context_for, preflight
 from sway_engine.spec import SuiteSpec
+from sway_engine.suite import null_entry
 from sway_engine.views import FINETUNED, Null, View, scaled
 
 DRAW_SEED_BASE = 900_000

@@ -102,7 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, *, gate: bool) -> int:
-    from sway_engine.spec import load_spec, parse_weights
+    from sway_engine.spec import parse_weights
+    from sway_engine.suite import load_spec
 
     spec, entries = load_spec(args.spec)
     if args.weights:
@@ -125,7 +126,7 @@ def _evaluate_and_report(
     from sway_engine.report.text import print_terminal, to_json, to_junit, to_markdown
     from sway_engine.runner import evaluate
     from sway_engine.runner import gate as runner_gate
-    from sway_engine.spec import spec_warnings
+    from sway_engine.suite import spec_warnings
 
     for warning in spec_warnings(entries, spec.defaults):
         print(f"warning: {warning}", file=sys.stderr)
@@ -164,7 +165,7 @@ def _doctor_calibration(args: argparse.Namespace) -> int:
     from sway_engine.audit import audit
     from sway_engine.backends.instrumentation import Instrumented
     from sway_engine.runner import build_backend
-    from sway_engine.spec import load_spec
+    from sway_engine.suite import load_spec
 
     spec, entries = load_spec(args.spec)
     if args.draws < 10:
@@ -226,7 +227,7 @@ def _doctor_calibration(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from sway_engine.adapters import read_adapter
-    from sway_engine.spec import parse_spec
+    from sway_engine.suite import parse_spec
 
     info = read_adapter(args.adapter, check_finite=False)
     base = args.base or info.base_model

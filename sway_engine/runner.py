@@ -17,7 +17,6 @@ from sway_engine import __version__, score, stats
 from sway_engine.backends.base import NULL_VIEWS, Backend
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.calibration import NullMatrix, calibrate, plan_for
-from sway_engine.dlm import Document, load_dlm
 from sway_engine.errors import BackendError, ProbeSkip, SwayError
 from sway_engine.probes.base import Context, finalize, skipped
 from sway_engine.probes.null_adapter import NullAdapterSpec
@@ -25,6 +24,7 @@ from sway_engine.probes.registry import Entry
 from sway_engine.requests import NextToken, Result
 from sway_engine.result import ProbeResult, SuiteResult, Verdict
 from sway_engine.spec import ModelSpec, SuiteSpec
+from sway_engine.suite import document_of, null_entry
 from sway_engine.views import BASE, FINETUNED, Finetuned
 
 Progress = Callable[[str], None]
@@ -128,25 +128,9 @@ def context_for(spec: SuiteSpec, backend: Instrumented) -> Context:
     )
 
 
-@functools.cache
-def _load_document(path: str) -> Document:
-    return load_dlm(path)
-
-
-def document_of(spec: SuiteSpec) -> Document | None:
-    """The suite's `.dlm` document (parsed once per process), or None without dlm_source."""
-    return _load_document(spec.dlm_source) if spec.dlm_source else None
-
-
 def preflight(backend: Instrumented) -> None:
     """One forward per view on a fixed prompt; raises if any output is non-finite."""
     backend.execute([NextToken("hello", BASE, 8), NextToken("hello", FINETUNED, 8)])
-
-
-def null_entry(entries: list[Entry]) -> Entry | None:
-    return next(
-        (e for e in entries if isinstance(e.spec, NullAdapterSpec) and e.spec.enabled), None
-    )
 
 
 def calibrate_suite(spec: SuiteSpec, entries: list[Entry], ctx: Context) -> NullMatrix | None:

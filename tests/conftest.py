@@ -42,7 +42,7 @@ def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
 
 def entry_for(kind: str, name: str = "p", **fields: object) -> object:
     """One parsed suite entry of `kind` (fields as in sway.yaml) in a minimal valid suite."""
-    from sway_engine.spec import parse_spec
+    from sway_engine.suite import parse_spec
 
     data = {
         "version": 1,

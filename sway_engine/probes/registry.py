@@ -25,6 +25,7 @@ from sway_engine.probes.section_internalization import SectionInternalization
 from sway_engine.probes.style_fingerprint import StyleFingerprint
 from sway_engine.probes.tool_use_fidelity import ToolUseFidelity
 from sway_engine.probes.training_drift import TrainingDrift
+from sway_engine.spec import problems_of
 
 PROBES: dict[str, type[Probe]] = {
     p.kind: p
@@ -85,8 +86,6 @@ def validate_entry(raw: Any, path: str) -> tuple[Entry | None, list[tuple[str, s
     try:
         spec = spec_cls.model_validate(raw)
     except ValidationError as exc:
-        from sway_engine.spec import problems_of
-
         return None, problems_of(exc, path)
     if kind in PROBES:
         return Entry(PROBES[kind](), spec, PROBES[kind].category), []

@@ -40,7 +40,8 @@ from sway_engine.requests import (
 )
 from sway_engine.result import Verdict
 from sway_engine.runner import build_backend, evaluate, run_suite
-from sway_engine.spec import ModelSpec, parse_spec
+from sway_engine.spec import ModelSpec
+from sway_engine.suite import parse_spec
 from sway_engine.views import BASE, FINETUNED, Null
 from tests.engine.api_servers import (
     VOCAB,

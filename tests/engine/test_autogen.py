@@ -12,7 +12,7 @@ from sway_engine.cli import main
 from sway_engine.dlm import parse_dlm
 from sway_engine.fixtures import FixturePaths
 from sway_engine.probes.registry import PROBES
-from sway_engine.spec import load_spec
+from sway_engine.suite import load_spec
 
 TEMPLATE = "Q: {question}\nA:"
 

@@ -16,7 +16,7 @@ from sway_engine.probes.registry import PROBES
 from sway_engine.result import SuiteResult, Verdict
 from sway_engine.runner import run_suite
 from sway_engine.score import claim_of
-from sway_engine.spec import load_spec
+from sway_engine.suite import load_spec
 from tests.conftest import show
 
 # Probes whose verdict is one-sided "do no harm" (they call probes.guard_rail.guard_rail).

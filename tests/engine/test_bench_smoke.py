@@ -13,7 +13,7 @@ import pytest
 
 from bench import run as bench
 from bench import work
-from sway_engine.spec import load_spec
+from sway_engine.suite import load_spec
 
 
 @pytest.fixture(scope="module")

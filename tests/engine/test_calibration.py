@@ -29,7 +29,7 @@ from sway_engine.probes.registry import PROBES
 from sway_engine.requests import Divergence, DivergenceResult, Request, Result
 from sway_engine.result import ProbeResult, Verdict
 from sway_engine.runner import run_entry, run_suite
-from sway_engine.spec import load_spec, parse_spec, spec_warnings
+from sway_engine.suite import load_spec, parse_spec, spec_warnings
 from sway_engine.views import Finetuned, Null, Scaled
 from tests.conftest import entry_for, show
 
@@ -239,8 +239,9 @@ def test_without_a_null_entry_nothing_passes_on_a_fixed_threshold() -> None:
 
 def test_a_nan_null_never_leads_to_a_pass_through_the_store(tmp_path: Path) -> None:
     """The Dagster path reads nulls back from DuckDB, where NaN is NULL: still no PASS."""
-    from sway_dagster.evaluation import Suite, matrix_from_store
+    from sway_dagster.evaluation import matrix_from_store
     from sway_engine.store import NullRow, ResultStore
+    from sway_engine.suite import Suite
 
     spec_path = tmp_path / "sway.yaml"
     spec_path.write_text(

@@ -36,7 +36,8 @@ from sway_engine.requests import (
 )
 from sway_engine.result import Verdict
 from sway_engine.runner import build_backend, run_suite
-from sway_engine.spec import ModelSpec, parse_spec
+from sway_engine.spec import ModelSpec
+from sway_engine.suite import parse_spec
 from sway_engine.views import BASE, FINETUNED, Null, Scaled
 
 HERE = __name__

@@ -48,7 +48,7 @@ from sway_engine.requests import (
 )
 from sway_engine.result import Verdict
 from sway_engine.runner import run_entry
-from sway_engine.spec import parse_spec
+from sway_engine.suite import parse_spec
 from sway_engine.views import BASE, FINETUNED, Base, Finetuned, Null, View
 from tests.conftest import entry_for as shared_entry
 from tests.conftest import show

@@ -31,7 +31,7 @@ from sway_engine.requests import (
     TokenDist,
 )
 from sway_engine.runner import evaluate
-from sway_engine.spec import load_spec
+from sway_engine.suite import load_spec
 from sway_engine.views import BASE, FINETUNED, Finetuned, Null, Scaled
 
 PROMPTS = [

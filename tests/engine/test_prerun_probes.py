@@ -32,7 +32,7 @@ from sway_engine.probes.training_drift import (
 )
 from sway_engine.result import ProbeResult, Verdict
 from sway_engine.runner import evaluate, needs_model, run_entry
-from sway_engine.spec import load_spec, parse_spec
+from sway_engine.suite import load_spec, parse_spec
 from sway_engine.views import FINETUNED
 from tests.conftest import entry_for as shared_entry
 

@@ -15,7 +15,8 @@ from sway_engine.backends.priority import PriorityBackend
 from sway_engine.errors import BackendError
 from sway_engine.requests import NextToken, Request, Result
 from sway_engine.runner import evaluate
-from sway_engine.spec import ModelSpec, parse_spec
+from sway_engine.spec import ModelSpec
+from sway_engine.suite import parse_spec
 from sway_engine.views import BASE
 from tests.conftest import count_constructions
 

@@ -13,7 +13,7 @@ from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.fixtures import null_family_adapter
 from sway_engine.result import Verdict
 from sway_engine.runner import evaluate, run_suite
-from sway_engine.spec import load_spec
+from sway_engine.suite import load_spec
 from tests.conftest import scaled_adapter, show
 
 

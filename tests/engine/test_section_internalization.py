@@ -25,8 +25,8 @@ from sway_engine.requests import (
 )
 from sway_engine.result import Verdict
 from sway_engine.runner import evaluate
-from sway_engine.spec import parse_spec
 from sway_engine.stats import null_stats
+from sway_engine.suite import parse_spec
 from sway_engine.views import Base, Finetuned
 from tests.conftest import like_a_null, show
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from sway_engine.errors import SpecError
-from sway_engine.spec import load_spec, merge_weights, parse_spec, parse_weights
+from sway_engine.spec import merge_weights, parse_weights
+from sway_engine.suite import load_spec, parse_spec
 
 DATA = Path(__file__).parents[1] / "data"
 

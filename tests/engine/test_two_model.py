@@ -13,7 +13,7 @@ from sway_engine.errors import BackendError
 from sway_engine.requests import Divergence, NextToken
 from sway_engine.result import Verdict
 from sway_engine.runner import run_suite
-from sway_engine.spec import load_spec
+from sway_engine.suite import load_spec
 from sway_engine.views import BASE, FINETUNED, Null
 
 PROMPT = "Q: What is brinthorn tea made from?\nA:"

@@ -19,7 +19,7 @@ from sway_engine.fixtures import FixturePaths
 from sway_engine.probes.registry import PROBES
 from sway_engine.result import Verdict
 from sway_engine.runner import evaluate
-from sway_engine.spec import load_spec, spec_warnings
+from sway_engine.suite import load_spec, spec_warnings
 
 DATA = Path(__file__).parents[1] / "data"
 
