@@ -14,6 +14,7 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import ConfigDict, PrivateAttr, model_validator
 
+from sway_engine.backends.build import build_kind, build_side, check_one_model
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.multi import Registration, register
 from sway_engine.spec import ModelSpec, SuiteSpec
@@ -100,10 +101,15 @@ class _LocalModel(ModelBackend):
         """Construct the engine backend (heavy imports happen here)."""
         raise NotImplementedError
 
-    def _engine_options(self) -> dict[str, Any]:
-        """The options every local engine takes from this resource's config."""
-        keys = ("dtype", "device", "trust_remote_code", "batch_tokens")
-        return {k: getattr(self, k) for k in keys}
+    def _spec(self, kind: Literal["hf", "mlx"]) -> ModelSpec:
+        """The model spec this resource's config describes (no adapter: it swaps per run)."""
+        return ModelSpec(
+            kind=kind,
+            base=self.base,
+            dtype=self.dtype,  # type: ignore[arg-type]
+            device=self.device,
+            trust_remote_code=self.trust_remote_code,
+        )
 
     def model_id(self) -> str:
         return self.base
@@ -166,9 +172,7 @@ class HFBackend(_LocalModel):
     """torch/transformers/peft: the base loads once per run; adapters swap in place."""
 
     def _load(self) -> Any:
-        from sway_engine.backends.hf import HFBackend as Engine
-
-        return Engine(self.base, **self._engine_options())
+        return build_kind(self._spec("hf"), batch_tokens=self.batch_tokens)
 
 
 class MLXBackend(_LocalModel):
@@ -179,9 +183,8 @@ class MLXBackend(_LocalModel):
     cache_dir: str = ""
 
     def _load(self) -> Any:
-        from sway_engine.backends.mlx import MLXBackend as Engine
-
-        return Engine(self.base, **self._engine_options(), cache_dir=self.cache_dir or None)
+        options = {"batch_tokens": self.batch_tokens, "cache_dir": self.cache_dir or None}
+        return build_kind(self._spec("mlx"), **options)
 
 
 class TwoModelBackend(ModelBackend):
@@ -214,7 +217,7 @@ class TwoModelBackend(ModelBackend):
 
 
 class _Built(ModelBackend):
-    """A backend built from a ModelSpec by the engine (`runner.build_side`).
+    """A backend built from a ModelSpec by the engine's factory (`backends.build`).
 
     The adapter under evaluation is swapped in place where the engine can (`load_adapter`),
     else the engine is rebuilt for it; an API endpoint serves what it serves.
@@ -229,8 +232,6 @@ class _Built(ModelBackend):
         raise NotImplementedError
 
     def _engine_for(self, adapter: str | None) -> Any:
-        from sway_engine.runner import build_side
-
         if self._backend is None:
             self._backend = build_side(self.spec_for(adapter))
             note_load(self, f"{self.model_id()} ({self._backend.kind})")
@@ -398,8 +399,6 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelBackend:
 
 def backend_for(spec: SuiteSpec, trace_dir: str = "") -> ModelBackend:
     """The suite's backend resource: one model, or two composed (`differential: false`)."""
-    from sway_engine.runner import check_one_model
-
     ft = resource_for(spec.models.ft, trace_dir)
     if spec.defaults.differential:
         check_one_model(spec.models.ft)

@@ -163,8 +163,8 @@ def _doctor_calibration(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from sway_engine.audit import audit
+    from sway_engine.backends.build import build_backend
     from sway_engine.backends.instrumentation import Instrumented
-    from sway_engine.runner import build_backend
     from sway_engine.suite import load_spec
 
     spec, entries = load_spec(args.spec)

@@ -6,7 +6,6 @@ The CLI and the Dagster assets call the same pieces: `calibrate_suite`, `run_ent
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -14,106 +13,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sway_engine import __version__, score, stats
-from sway_engine.backends.base import NULL_VIEWS, Backend
+from sway_engine.backends.base import NULL_VIEWS
+from sway_engine.backends.build import build_backend
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.calibration import NullMatrix, calibrate, plan_for
-from sway_engine.errors import BackendError, ProbeSkip, SwayError
+from sway_engine.errors import ProbeSkip, SwayError
 from sway_engine.probes.base import Context, finalize, skipped
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
 from sway_engine.requests import NextToken, Result
 from sway_engine.result import ProbeResult, SuiteResult, Verdict
-from sway_engine.spec import ModelSpec, SuiteSpec
+from sway_engine.spec import SuiteSpec
 from sway_engine.suite import document_of, null_entry
 from sway_engine.views import BASE, FINETUNED, Finetuned
 
 Progress = Callable[[str], None]
-
-
-def build_backend(model: ModelSpec, *, base: ModelSpec | None = None, **options: object) -> Backend:
-    """Construct the backend a model spec names (heavy imports happen here, not at import).
-
-    `base` given (`defaults.differential: false`): the base view comes from a backend built
-    from it and the fine-tuned view from `model`'s, of any kinds (TwoModelBackend).
-    `model.fallback` lists kinds tried after `model.kind` (PriorityBackend).
-    """
-    if base is not None:
-        from sway_engine.backends.two_model import TwoModelBackend
-
-        base_backend = build_side(base, **options)
-        try:
-            ft_backend = build_side(model, **options)
-        except BaseException:
-            base_backend.close()
-            raise
-        return TwoModelBackend(base_backend, ft_backend)
-    check_one_model(model)
-    return build_side(model, **options)
-
-
-def check_one_model(model: ModelSpec) -> None:
-    """Both views from one backend: an API endpoint cannot give them (it serves one model)."""
-    if "api" in (model.kind, *model.fallback):
-        raise BackendError(
-            "an api endpoint serves one fixed model, so its base and fine-tuned views would be "
-            "the same model (every divergence 0): set defaults.differential: false and point "
-            "models.base and models.ft at two endpoints"
-        )
-
-
-def build_side(model: ModelSpec, **options: object) -> Backend:
-    """One model's backend: its kind, else each of its fallback kinds in order."""
-    if not model.fallback:
-        return _build_kind(model, **options)
-    from sway_engine.backends.priority import PriorityBackend
-
-    kinds = (model.kind, *model.fallback)
-    return PriorityBackend(
-        [
-            (k, functools.partial(_build_kind, model.model_copy(update={"kind": k}), **options))
-            for k in kinds
-        ]
-    )
-
-
-def _build_kind(model: ModelSpec, **options: object) -> Backend:
-    if model.kind == "api":
-        from sway_engine.backends.api import APIBackend
-
-        assert model.endpoint is not None  # the spec requires it for kind api
-        return APIBackend(
-            model.endpoint,
-            model.base,
-            allow_insecure_http=model.allow_insecure_http,
-            **options,  # type: ignore[arg-type]
-        )
-    if model.kind == "custom":
-        from sway_engine.backends.custom import CustomBackend
-
-        return CustomBackend(model)
-    if model.kind == "hf":
-        from sway_engine.backends.hf import HFBackend
-
-        return HFBackend(
-            model.base,
-            model.adapter,
-            dtype=model.dtype,
-            device=model.device,
-            trust_remote_code=model.trust_remote_code,
-            **options,  # type: ignore[arg-type]
-        )
-    if model.kind == "mlx":
-        from sway_engine.backends.mlx import MLXBackend
-
-        return MLXBackend(
-            model.base,
-            model.adapter,
-            dtype=model.dtype,
-            device=model.device,
-            trust_remote_code=model.trust_remote_code,
-            **options,  # type: ignore[arg-type]
-        )
-    raise SwayError(f"backend kind {model.kind!r} is not available in this build of sway yet")
 
 
 def context_for(spec: SuiteSpec, backend: Instrumented) -> Context:

@@ -25,6 +25,7 @@ from sway_engine.backends.api import (
     top_dist,
 )
 from sway_engine.backends.base import CONTINUATION, GENERATE, NEXT_TOKEN, ROLLING
+from sway_engine.backends.build import build_backend
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.backends.two_model import TwoModelBackend
 from sway_engine.cli import main
@@ -39,7 +40,7 @@ from sway_engine.requests import (
     TokenDist,
 )
 from sway_engine.result import Verdict
-from sway_engine.runner import build_backend, evaluate, run_suite
+from sway_engine.runner import evaluate, run_suite
 from sway_engine.spec import ModelSpec
 from sway_engine.suite import parse_spec
 from sway_engine.views import BASE, FINETUNED, Null

@@ -20,6 +20,7 @@ from sway_engine.backends.base import (
     ROLLING,
     SCALED_VIEWS,
 )
+from sway_engine.backends.build import build_backend
 from sway_engine.backends.custom import CustomBackend, load_entry_point
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.errors import BackendError
@@ -35,7 +36,7 @@ from sway_engine.requests import (
     TokenDist,
 )
 from sway_engine.result import Verdict
-from sway_engine.runner import build_backend, run_suite
+from sway_engine.runner import run_suite
 from sway_engine.spec import ModelSpec
 from sway_engine.suite import parse_spec
 from sway_engine.views import BASE, FINETUNED, Null, Scaled
