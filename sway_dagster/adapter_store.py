@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
-from pydantic import ConfigDict
+from pydantic import ConfigDict, PrivateAttr
 
 from sway_dagster.partitions import partition_key, slug, split_key
 from sway_engine.adapters import CONFIG, WEIGHTS, AdapterInfo, read_adapter
@@ -41,6 +41,9 @@ class AdapterStore(dg.ConfigurableResource):
 
     root: str
     settle_seconds: float = 5.0
+    # (path, weights stamp) -> (info, finiteness checked): every asset of a run verifies its
+    # partition, and the weights are hashed once per run, not once per asset.
+    _verified: dict[tuple[str, str], tuple[AdapterInfo, bool]] = PrivateAttr(default_factory=dict)
 
     @property
     def root_path(self) -> Path:
@@ -84,9 +87,16 @@ class AdapterStore(dg.ConfigurableResource):
         return matches[0]
 
     def verify(self, key: str, *, check_finite: bool = True) -> AdapterInfo:
-        """Read the adapter of `key` and check its weights are still the ones the key names."""
+        """Read the adapter of `key` and check its weights are still the ones the key names.
+        Within one resource lifetime (a run) an unchanged weights file is read once."""
         path = self.path_for(key)
-        info = read_adapter(path, check_finite=check_finite)
+        stamp = _stamp(path / WEIGHTS) or ""
+        cached = self._verified.get((str(path), stamp))
+        if cached is not None and stamp and (cached[1] or not check_finite):
+            info = cached[0]
+        else:
+            info = read_adapter(path, check_finite=check_finite)
+            self._verified[(str(path), stamp)] = (info, check_finite)
         if info.sha8 != split_key(key)[1]:
             raise AdapterError(
                 f"weights of {path} changed since partition {key} was created; "

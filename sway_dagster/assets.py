@@ -9,7 +9,6 @@ import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,33 +18,32 @@ from dagster import AssetExecutionContext
 from sway_dagster.adapter_store import AdapterStore
 from sway_dagster.evaluation import (
     Session,
-    matrix_from_store,
+    ensure_run,
+    evaluation_id,
     mlflow_run,
+    null_matrix_for,
     num,
     per_adapter,
     png_markdown,
 )
 from sway_dagster.partitions import adapters
 from sway_dagster.resources import MlflowTracker, ModelBackend, ResultStore
-from sway_engine import __version__
-from sway_engine import score as scoring
 from sway_engine.calibration import NullMatrix
 from sway_engine.errors import AdapterError
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
 from sway_engine.report import plots
 from sway_engine.report.text import to_json, to_markdown
-from sway_engine.result import NullStats, ProbeResult, SuiteResult, Verdict
+from sway_engine.result import ProbeResult, Verdict
 from sway_engine.runner import (
     calibrate_suite,
     error_results,
-    finish,
-    gate_threshold,
+    gate,
     null_result,
     run_entry,
-    score_suite,
+    score_stored,
 )
-from sway_engine.store import AdapterRecord, NullRow, RunRecord
+from sway_engine.store import AdapterRecord, run_record
 from sway_engine.suite import Suite
 
 OWNERS = ["team:ml-eval"]
@@ -136,7 +134,7 @@ def _manifest(
         record = AdapterRecord(
             adapter_id=key, name=key, path="", preflight_ok=False, preflight_message=str(exc)
         )
-    store.upsert_adapter(record)
+    store.record_adapter(record)
     return {
         "preflight_ok": bool(record.preflight_ok),
         "preflight": record.preflight_message or "",
@@ -191,8 +189,9 @@ def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefin
 
         per_key: dict[str, dict[str, Any]] = {}
         for session, matrix in per_adapter(context.partition_keys, backend, adapter_store, compute):
+            run = ensure_run(store, run_id, session.key, suite, backend.served_kind())
             per_key[session.key] = _store_calibration(
-                context, store, suite, null_entry, session, matrix, run_id
+                context, store, suite, null_entry, session, matrix, run
             )
         return publish(context, per_key)
 
@@ -206,26 +205,23 @@ def _store_calibration(
     null_entry: Entry | None,
     session: Session,
     matrix: NullMatrix | None,
-    run_id: str,
+    run: str,
 ) -> dict[str, Any]:
-    key = session.key
+    key, dagster_run = session.key, context.run.run_id
     if null_entry is None:
-        store.write_null_calibration(key, suite.spec_hash, [])
         return {"calibrated_probes": 0, "note": "no null_adapter entry"}
     if session.error is not None:
-        store.write_null_calibration(key, suite.spec_hash, [])
         (row,) = error_results([null_entry], session.error)
-        store.write_probe_result(key, suite.spec_hash, row, run_id)
+        store.write_probe_results(run, key, suite.spec_hash, [row], dagster_run)
         context.log.error(session.error)
         return {"calibrated_probes": 0, "error": session.error}
     if matrix is None:
-        store.write_null_calibration(key, suite.spec_hash, [])
         skip = null_result(null_entry, None, 0.0)
-        store.write_probe_result(key, suite.spec_hash, skip, run_id)
+        store.write_probe_results(run, key, suite.spec_hash, [skip], dagster_run)
         return {"calibrated_probes": 0, "note": skip.message}
-    rows = [NullRow(c.probe, c.kind, c.seed, c.rank_scale, c.raw) for c in matrix.cells]
-    written = store.write_null_calibration(key, suite.spec_hash, rows)
-    store.write_probe_result(key, suite.spec_hash, null_result(null_entry, matrix, 0.0), run_id)
+    written = store.write_null_cells(run, key, suite.spec_hash, matrix.cells)
+    summary = null_result(null_entry, matrix, 0.0)
+    store.write_probe_results(run, key, suite.spec_hash, [summary], dagster_run)
     table = [
         dg.TableRecord({"probe": p, "mean": num(s.mean), "std": num(s.std), "n": s.n})
         for p in matrix.probes()
@@ -268,7 +264,7 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
         kinds={"pytorch", "duckdb", "mlflow"},
         owners=OWNERS,
         tags={"sway/probe_kind": kind, "sway/category": entry.category},
-        code_version=entry.probe.version if entry.probe is not None else "0",
+        code_version=entry.probe.version,
         pool="model",
         description=f"{kind} probe `{entry.spec.name}` (docs/PROBES.md).",
         backfill_policy=MODEL_BACKFILL,
@@ -288,11 +284,13 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
                 return failed
             assert session.backend is not None
             session.backend.label = entry.spec.name
-            matrix = matrix_from_store(store, session.key, suite)
+            run = evaluation_id(context.run.run_id, session.key)
+            matrix = null_matrix_for(store, session.key, suite, run)
             return run_entry(entry, session.context(suite), matrix)
 
+        kind = backend.served_kind()
         per_key = {
-            session.key: _store_probe(context, store, mlflow, session, result, suite)
+            session.key: _store_probe(context, store, mlflow, session, result, suite, kind)
             for session, result in per_adapter(
                 context.partition_keys, backend, adapter_store, compute
             )
@@ -309,11 +307,13 @@ def _store_probe(
     session: Session,
     result: ProbeResult,
     suite: Suite,
+    kind: str,
 ) -> dict[str, Any]:
     key, run_id = session.key, context.run.run_id
     if session.error is not None:
         context.log.error(f"{key}: {session.error}")
-    written = store.write_probe_result(key, suite.spec_hash, result, run_id)
+    run = ensure_run(store, run_id, key, suite, kind)
+    written = store.write_probe_results(run, key, suite.spec_hash, [result], run_id)
     tracking, mlflow_id = mlflow_run(mlflow, key, run_id, session.info)
     tracking.log_probe(mlflow_id, result)
     metadata: dict[str, Any] = {
@@ -398,63 +398,33 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
             )
         key = context.partition_key
         store = results.store()
-        rows = [r for r in store.probe_results(key) if r["spec_hash"] == suite.spec_hash]
-        # The MLflow run is the one the probes logged to: the Dagster run that evaluated most
-        # of them (this run, or the multi-partition run of a backfill).
-        probe_results = tuple(_from_row(r, suite) for r in rows)
-        order = {e.spec.name: i for i, e in enumerate(suite.entries)}
-        probe_results = tuple(sorted(probe_results, key=lambda r: order.get(r.name, len(order))))
-        # Benjamini-Hochberg needs every claim of the suite: per-probe verdicts are final here.
-        adjusted = tuple(finish(suite.spec, probe_results))
-        computed_in = {r["probe"]: r["dagster_run_id"] for r in rows}
-        for before, after in zip(probe_results, adjusted, strict=True):
-            if after != before:
-                store.write_probe_result(key, suite.spec_hash, after, computed_in[after.name])
-        probe_results = adjusted
-        composite = score_suite(suite.spec, list(probe_results))
-        passed, why = scoring.gate(
-            probe_results,
-            composite,
-            gate_threshold(suite.spec),
-            allow_uncalibrated=suite.spec.defaults.allow_uncalibrated,
-        )
-        store.write_score(key, suite.spec_hash, composite, passed, context.run.run_id)
-        probe_runs = {r["dagster_run_id"] for r in rows if r["dagster_run_id"]}
-        evaluated_in = context.run.run_id
-        if probe_runs:
-            evaluated_in = max(
-                probe_runs, key=lambda r: sum(x["dagster_run_id"] == r for x in rows)
-            )
-        tracking, run_id = mlflow_run(mlflow, key, evaluated_in, None)
-        suite_result = SuiteResult(
-            spec_path=str(suite.path),
-            spec_hash=suite.spec_hash,
-            base_model=backend.model_id(),
+        run = _run_to_complete(store, key, suite)
+        rows = store.probe_results(run_id=run["run_id"])
+        suite_result = score_stored(
+            suite,
+            store.results_of(run["run_id"], {e.spec.name: e.spec.weight for e in suite.entries}),
             adapter=key,
-            started_at="",
-            finished_at="",
-            wall_s=sum(r.duration_s for r in probe_results),
-            sway_version=__version__,
-            probes=probe_results,
-            score=composite,
+            base_model=backend.model_id(),
+            backend_kind=run.get("backend_kind") or backend.served_kind(),
             backend_stats=backend.counters(),
         )
-        store.write_run(
-            RunRecord(
-                run_id=context.run.run_id,
-                adapter_id=key,
-                spec_hash=suite.spec_hash,
-                engine_version=__version__,
-                dagster_run_id=context.run.run_id,
-                mlflow_run_id=run_id,
-                backend_kind=backend.served_kind(),
-                wall_s=suite_result.wall_s,
-                forward_passes=int(suite_result.backend_stats.get("forward_passes", 0)),
-                tokens_forwarded=int(suite_result.backend_stats.get("tokens_forwarded", 0)),
-                cache_hits=int(suite_result.backend_stats.get("cache_hits", 0)),
-                stats=suite_result.backend_stats,
-            )
+        passed, why = gate(suite.spec, suite_result)
+        # The MLflow run is the one the probes logged to: the Dagster run that evaluated most
+        # of them (this run, or the multi-partition run of a backfill).
+        probe_runs = [r["dagster_run_id"] for r in rows if r["dagster_run_id"]]
+        evaluated_in = max(set(probe_runs), key=probe_runs.count, default=context.run.run_id)
+        tracking, run_id = mlflow_run(mlflow, key, evaluated_in, None)
+        record = run_record(
+            run["run_id"],
+            key,
+            suite_result,
+            dagster_run_id=run.get("dagster_run_id") or context.run.run_id,
+            mlflow_run_id=run_id,
+            origin="dagster",
         )
+        store.complete_run(record, suite_result, passed)
+        probe_results = suite_result.probes
+        composite = suite_result.score
         tracking.log_suite(run_id, suite_result, _params(suite, store, key))
         tracking.log_json(run_id, json.loads(to_json(suite_result)), "results.json")
         tracking.log_text(run_id, to_markdown(suite_result), "report.md")
@@ -490,35 +460,14 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
     return sway_score
 
 
-def _from_row(row: dict[str, Any], suite: Suite) -> ProbeResult:
-    null = None
-    if row.get("null_n"):
-        null = NullStats(
-            mean=num(row["null_mean"]),
-            std=num(row["null_std"]),
-            n=int(row["null_n"]),
-            samples=(),
-            degenerate=row["null_std"] is None,
-        )
-    ci = (row["ci_lo"], row["ci_hi"]) if row.get("ci_lo") is not None else None
-    return replace(
-        ProbeResult(
-            name=row["probe"],
-            kind=row["kind"],
-            category=row["category"],
-            verdict=Verdict(row["verdict"]),
-            message=row["message"] or "",
-            score=row["score"],
-            raw=row["raw"],
-            z=row["z"],
-            p=row["p"],
-            ci_95=ci,
-            null=null,
-            evidence=row["evidence"] if isinstance(row["evidence"], dict) else {},
-            duration_s=row["duration_s"] or 0.0,
-        ),
-        weight=suite.weight(row["probe"]),
-    )
+def _run_to_complete(store: Any, key: str, suite: Suite) -> dict[str, Any]:
+    """The evaluation sway_score completes: the adapter's newest incomplete run under this
+    suite, else its newest complete one (scored again, the same rows and the same score)."""
+    for status in ("incomplete", "complete"):
+        run = store.latest_run(key, suite.spec_hash, status=status)
+        if run is not None and store.probe_results(run_id=run["run_id"]):
+            return dict(run)
+    raise dg.Failure(f"no evaluation of {key} under this suite: materialize its probes first")
 
 
 def _params(suite: Suite, store: Any, key: str) -> dict[str, str | int | float]:

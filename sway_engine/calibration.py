@@ -86,8 +86,7 @@ class NullMatrix:
 def calibrates(entry: Entry, plan: NullPlan, capabilities: frozenset[str]) -> bool:
     probe = entry.probe
     return (
-        probe is not None
-        and probe.calibrated
+        probe.calibrated
         and entry.spec.enabled
         and probe.needs <= capabilities
         and (not plan.kinds or entry.spec.kind in plan.kinds)
@@ -102,7 +101,6 @@ def calibrate(entries: list[Entry], ctx: Context, plan: NullPlan) -> NullMatrix:
     for entry in entries:
         if not calibrates(entry, plan, ctx.capabilities):
             continue
-        assert entry.probe is not None
         try:
             measured = entry.probe.measure(entry.spec, ctx, views)
         except Exception as exc:  # noqa: BLE001 - one probe's failure must not stop the matrix

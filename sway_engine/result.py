@@ -50,8 +50,6 @@ class ProbeResult:
     z: float | None = None
     p: float | None = None
     ci_95: tuple[float, float] | None = None
-    base_value: float | None = None
-    ft_value: float | None = None
     weight: float = 1.0
     null: NullStats | None = None
     items: tuple[dict[str, Any], ...] = ()

@@ -24,7 +24,7 @@ from sway_engine.probes.registry import Entry
 from sway_engine.requests import NextToken, Result
 from sway_engine.result import ProbeResult, SuiteResult, Verdict
 from sway_engine.spec import SuiteSpec
-from sway_engine.suite import document_of, null_entry
+from sway_engine.suite import Suite, document_of, null_entry
 from sway_engine.views import BASE, FINETUNED, Finetuned
 
 Progress = Callable[[str], None]
@@ -102,8 +102,6 @@ def _run_entry(entry: Entry, ctx: Context, matrix: NullMatrix | None) -> ProbeRe
     spec, probe = entry.spec, entry.probe
     if not spec.enabled:
         return skipped(spec, entry.category, "disabled in spec")
-    if probe is None:
-        return skipped(spec, entry.category, f"probe kind {spec.kind!r} is not implemented yet")
     if isinstance(spec, NullAdapterSpec):
         return null_result(entry, matrix, 0.0)
     missing = probe.needs - ctx.capabilities
@@ -230,6 +228,36 @@ def _suite(
     )
 
 
+def score_stored(
+    suite: Suite,
+    results: Sequence[ProbeResult],
+    *,
+    adapter: str,
+    base_model: str,
+    backend_kind: str,
+    backend_stats: dict[str, float] | None = None,
+    started_at: str = "",
+) -> SuiteResult:
+    """The suite result of probe results computed earlier (read back from the store, e.g. by
+    Dagster's score asset): declaration order, Benjamini-Hochberg, score, as `run_suite`."""
+    ordered = sorted(results, key=lambda r: suite.order(r.name))
+    final = finish(suite.spec, ordered)
+    return SuiteResult(
+        spec_path=suite.source,
+        spec_hash=suite.spec_hash,
+        base_model=base_model,
+        adapter=adapter,
+        started_at=started_at,
+        finished_at=datetime.now(UTC).isoformat(),
+        wall_s=sum(r.duration_s for r in final),
+        sway_version=__version__,
+        probes=tuple(final),
+        score=score_suite(suite.spec, final),
+        backend_stats=dict(backend_stats or {}),
+        backend_kind=backend_kind,
+    )
+
+
 def evaluate(
     spec: SuiteSpec,
     entries: list[Entry],
@@ -275,7 +303,6 @@ def needs_model(entries: list[Entry]) -> bool:
     """True when an enabled entry needs the backend: a probe operation or null calibration."""
     return any(
         e.spec.enabled
-        and e.probe is not None
         and (bool(e.probe.needs) or isinstance(e.spec, NullAdapterSpec))
         for e in entries
     )

@@ -31,14 +31,3 @@ class Backend(Protocol):
     def execute(self, requests: Sequence[Request]) -> list[Result]: ...
 
     def close(self) -> None: ...
-
-
-@runtime_checkable
-class AdapterBackend(Backend, Protocol):
-    """A backend holding one base model whose trained adapter can be swapped in place."""
-
-    base_id: str
-
-    def load_adapter(self, path: str) -> None: ...
-
-    def counters(self) -> dict[str, float]: ...

@@ -50,21 +50,12 @@ PROBES: dict[str, type[Probe]] = {
     )
 }
 
-# Upstream kinds not implemented here yet: accepted so upstream files load, reported as SKIP.
-PLANNED: dict[str, str] = {}
-
-
-class PlannedSpec(ProbeSpec):
-    """The common fields of an entry whose kind is not implemented yet; its knobs pass through."""
-
-    model_config = ProbeSpec.model_config | {"extra": "allow"}
-
 
 @dataclass(frozen=True)
 class Entry:
-    """One validated suite entry: the probe (None for a planned kind), its spec, its category."""
+    """One validated suite entry: its probe, its spec, its category."""
 
-    probe: Probe | None
+    probe: Probe
     spec: ProbeSpec
     category: str
 
@@ -75,18 +66,12 @@ def validate_entry(raw: Any, path: str) -> tuple[Entry | None, list[tuple[str, s
     kind = raw.get("kind")
     if not isinstance(kind, str):
         return None, [(f"{path}.kind", "missing: every entry needs a kind")]
-    if kind in PROBES:
-        cls = PROBES[kind]
-        spec_cls: type[ProbeSpec] = cls.spec_cls
-    elif kind in PLANNED:
-        spec_cls = PlannedSpec
-    else:
-        known = sorted([*PROBES, *PLANNED])
+    if kind not in PROBES:
+        known = sorted(PROBES)
         return None, [(f"{path}.kind", f"unknown probe kind {kind!r}; known kinds: {known}")]
+    spec_cls: type[ProbeSpec] = PROBES[kind].spec_cls
     try:
         spec = spec_cls.model_validate(raw)
     except ValidationError as exc:
         return None, problems_of(exc, path)
-    if kind in PROBES:
-        return Entry(PROBES[kind](), spec, PROBES[kind].category), []
-    return Entry(None, spec, PLANNED[kind]), []
+    return Entry(PROBES[kind](), spec, PROBES[kind].category), []

@@ -61,10 +61,17 @@ def test_one_partition_writes_duckdb_and_one_mlflow_run(home, instance, fx) -> N
     assert meta["verdict"].value == "pass" and meta["z"].value >= 3
     assert "mlflow_run" in meta and "plot" in meta and "items" in meta
 
-    # Again: a new Dagster run replaces the rows (no duplicates) and gets its own MLflow run.
+    # Again: a new Dagster run is a second evaluation beside the first (history is kept), the
+    # reads show the latest complete one, and it gets its own MLflow run.
     again = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=key, instance=instance)
     assert again.success
-    assert store.row_counts() | {"runs": 1} == counts | {"runs": 1}
+    doubled = {t: 2 * n for t, n in counts.items() if t != "adapters"}
+    assert store.row_counts() == {**doubled, "adapters": 1}
+    runs = store.runs()
+    assert {r["status"] for r in runs} == {"complete"} and len(runs) == 2
+    latest = {r["run_id"] for r in store.probe_results(key)}
+    assert latest == {f"{again.run_id}:{key}"}
+    assert len(store.probe_results(run_id=f"{result.run_id}:{key}")) == 3  # still queryable
     assert len(client.search_runs([exp.experiment_id])) == 2
 
 
@@ -83,3 +90,21 @@ def test_gate_check_per_adapter(home, instance, fx) -> None:  # type: ignore[no-
     assert nan_rows and {r["verdict"] for r in nan_rows} == {"error"}
     board = store.leaderboard()
     assert board[0]["adapter_id"].startswith("doc-strong-")
+
+
+def test_a_run_hashes_the_adapter_weights_once(home, instance, fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every asset verifies its partition against its key, but an unchanged weights file is
+    read and hashed once per run (it was read by each of the run's four model assets)."""
+    import sway_dagster.adapter_store as adapter_store
+
+    reads: list[object] = []
+    original = adapter_store.read_adapter
+
+    def spy(*args: object, **kwargs: object) -> object:
+        reads.append(args[0])
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adapter_store, "read_adapter", spy)
+    _, results = evaluate(home, instance, ["doc-strong"], fx)
+    assert all(r.success for r in results.values())
+    assert len(reads) == 1 + 1  # the scan that found it, then the whole run

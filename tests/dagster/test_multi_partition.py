@@ -87,7 +87,13 @@ def test_one_ranged_run_evaluates_every_adapter_with_one_base_load(home, instanc
     assert calib[keys["nan"]]["calibrated_probes"].value == 0
 
     store = ResultStore(home.database)
-    rows = {r["adapter_id"]: r for r in store.probe_results() if r["probe"] == "delta_kl_doc"}
+    assert store.probe_results() == []  # no evaluation is complete before sway_score: unseen
+    rows = {
+        key: r
+        for key in keys.values()
+        for r in store.probe_results(run_id=f"{result.run_id}:{key}")
+        if r["probe"] == "delta_kl_doc"
+    }
     assert set(rows) == set(keys.values())
     assert {r["dagster_run_id"] for r in rows.values()} == {result.run_id}
 
@@ -102,6 +108,7 @@ def test_one_ranged_run_evaluates_every_adapter_with_one_base_load(home, instanc
         gates[name] = check.passed
     assert gates == {"doc-strong": True, "noise": False, "zero": False, "nan": False}
     assert store.row_counts()["scores"] == 4
+    assert {r["adapter_id"] for r in store.probe_results()} == set(keys.values())
     # the score runs opened no model session: they record the configured kind
     assert {r["backend_kind"] for r in store.runs()} == {"hf"}
 
@@ -175,7 +182,8 @@ def test_an_adapter_that_fails_preflight_in_a_range_gets_error_rows(
     }
     assert "preflight failed" in calib[keys["huge"]]["error"].value
     assert calib[keys["doc-strong"]]["calibrated_probes"].value == 2  # delta_kl, ablation
-    rows = ResultStore(home.database).probe_results()
+    store = ResultStore(home.database)
+    rows = [r for k in keys.values() for r in store.probe_results(run_id=f"{result.run_id}:{k}")]
     verdicts = {(r["adapter_id"], r["probe"]): r["verdict"] for r in rows}
     assert verdicts[keys["huge"], "null_baseline"] == "error"
     assert verdicts[keys["huge"], "delta_kl_doc"] == "error"

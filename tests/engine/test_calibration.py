@@ -239,8 +239,9 @@ def test_without_a_null_entry_nothing_passes_on_a_fixed_threshold() -> None:
 
 def test_a_nan_null_never_leads_to_a_pass_through_the_store(tmp_path: Path) -> None:
     """The Dagster path reads nulls back from DuckDB, where NaN is NULL: still no PASS."""
-    from sway_dagster.evaluation import matrix_from_store
-    from sway_engine.store import NullRow, ResultStore
+    from sway_dagster.evaluation import null_matrix_for
+    from sway_engine.calibration import NullCell
+    from sway_engine.store import ResultStore
     from sway_engine.suite import Suite
 
     spec_path = tmp_path / "sway.yaml"
@@ -259,11 +260,11 @@ def test_a_nan_null_never_leads_to_a_pass_through_the_store(tmp_path: Path) -> N
     suite = Suite.load(spec_path)
     store = ResultStore(tmp_path / "sway.duckdb")
     rows = [
-        NullRow("dkl", "delta_kl", 1000 + i, 1.0, math.nan if i == 2 else 0.01 * (1 + i % 4))
+        NullCell("dkl", "delta_kl", 1000 + i, 1.0, math.nan if i == 2 else 0.01 * (1 + i % 4))
         for i in range(8)
     ]
-    store.write_null_calibration("k-00000000", suite.spec_hash, rows)
-    matrix = matrix_from_store(store, "k-00000000", suite)
+    store.write_null_cells("run-1", "k-00000000", suite.spec_hash, rows)
+    matrix = null_matrix_for(store, "k-00000000", suite, "run-1")
     assert matrix is not None
     r = run_entry(suite.entries[1], js_backend({}), matrix)
     assert r.verdict == Verdict.WARN and "1 of 8 null draws are not finite" in r.message

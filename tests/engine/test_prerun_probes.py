@@ -22,7 +22,7 @@ from sway_engine.errors import ProbeSkip
 from sway_engine.fixtures import FixturePaths
 from sway_engine.probes.base import Context
 from sway_engine.probes.gradient_ghost import GradientGhost, GradientGhostSpec, layer_label
-from sway_engine.probes.registry import PLANNED, PROBES
+from sway_engine.probes.registry import PROBES
 from sway_engine.probes.training_drift import (
     TrainingDrift,
     TrainingDriftSpec,
@@ -429,7 +429,7 @@ def test_missing_state_skips(tmp_path: Path) -> None:
 
 def test_registered_uncalibrated_and_model_free() -> None:
     for kind, cls in (("training_drift", TrainingDrift), ("gradient_ghost", GradientGhost)):
-        assert PROBES[kind] is cls and kind not in PLANNED
+        assert PROBES[kind] is cls
         assert cls.needs == frozenset() and cls.calibrated is False
         assert cls.category == "calibration"
     assert TrainingDriftSpec(name="t").spike_sigma == 6.0

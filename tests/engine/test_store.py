@@ -11,11 +11,11 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from sway_engine.calibration import NullCell, NullPlan
 from sway_engine.result import NullStats, ProbeResult, SuiteResult, SwayScore, Verdict
 from sway_engine.store import (
     MIGRATIONS,
     AdapterRecord,
-    NullRow,
     ResultStore,
     RunRecord,
     StoreError,
@@ -136,6 +136,7 @@ def test_newer_schema_is_refused(store: ResultStore) -> None:
 
 
 def test_write_suite_twice_keeps_one_copy(store: ResultStore) -> None:
+    """A retried write of the same run replaces that run's rows (no duplicates)."""
     suite = _suite_abc()
     assert store.write_suite("a1", suite, gate_passed=True, run_id="run-1") == 3
     assert store.write_suite("a1", suite, gate_passed=True, run_id="run-1") == 3
@@ -144,7 +145,7 @@ def test_write_suite_twice_keeps_one_copy(store: ResultStore) -> None:
     assert counts["scores"] == 1
     assert counts["runs"] == 1
     [run] = store.runs()
-    assert run["forward_passes"] == 90
+    assert run["forward_passes"] == 90 and run["status"] == "complete" and run["origin"] == "cli"
     assert run["cache_hits"] == 30
     assert run["tokens_forwarded"] is None
     assert run["stats"]["requests"] == 120.0
@@ -154,12 +155,55 @@ def test_write_suite_twice_keeps_one_copy(store: ResultStore) -> None:
     assert score["findings"] == ["adherence above null"]
 
 
-def test_write_probe_result_replaces_same_probe_and_spec(store: ResultStore) -> None:
-    assert store.write_probe_result("a1", SPEC, _probe("delta_kl"), dagster_run_id="d1") == 1
-    store.write_probe_result("a1", SPEC, _probe("delta_kl", Verdict.FAIL, score=0.2), "d2")
-    store.write_probe_result("a1", "spec-bbbb", _probe("delta_kl"))
-    rows = store.probe_results("a1")
-    assert [(r["spec_hash"], r["verdict"]) for r in rows] == [(SPEC, "fail"), ("spec-bbbb", "pass")]
+def test_re_evaluating_keeps_history_and_reads_show_the_latest(store: ResultStore) -> None:
+    store.write_suite("a1", _suite_abc(0.75), gate_passed=True, run_id="run-1")
+    failing = _suite(0.1, (_probe("delta_kl", Verdict.ERROR, raw=None),))
+    store.write_suite("a1", replace_times(failing, "2025-01-03"), gate_passed=False, run_id="run-2")
+    assert [r["run_id"] for r in store.probe_results("a1")] == ["run-2"]
+    old = store.probe_results(run_id="run-1")
+    assert {r["probe"]: r["verdict"] for r in old}["delta_kl"] == "pass"  # not overwritten
+    assert store.row_counts()["probe_results"] == 4 and len(store.runs()) == 2
+
+
+def replace_times(suite: SuiteResult, day: str) -> SuiteResult:
+    return SuiteResult(
+        **{
+            **suite.__dict__,
+            "started_at": f"{day}T00:00:00+00:00",
+            "finished_at": f"{day}T00:01:00",
+        }
+    )
+
+
+def test_an_incomplete_run_is_never_shown_and_cannot_spoil_a_complete_one(
+    store: ResultStore,
+) -> None:
+    """Run A passes and scores; run B writes an ERROR row and dies before its score: the reads
+    and the leaderboard still show A whole (before, B's row overwrote A's and the leaderboard
+    said gate_passed with n_error 1)."""
+    store.write_suite("a1", _suite(0.8, (_probe("delta_kl"), _probe("style"))), True, "run-A")
+    store.begin_run(RunRecord("run-B", "a1", SPEC, dagster_run_id="d-B"))
+    store.write_probe_results("run-B", "a1", SPEC, [_probe("delta_kl", Verdict.ERROR)], "d-B")
+    [board] = store.leaderboard()
+    assert (board["run_id"], board["gate_passed"], board["n_error"]) == ("run-A", True, 0)
+    assert {r["verdict"] for r in store.probe_results("a1")} == {"pass"}
+    assert store.latest_run("a1", SPEC, status="incomplete")["run_id"] == "run-B"  # type: ignore[index]
+    store.fail_run("run-B", "worker killed")
+    assert {r["run_id"]: r["status"] for r in store.runs()} == {
+        "run-A": "complete",
+        "run-B": "failed",
+    }
+
+
+def test_probe_rows_of_a_run_replace_only_that_run(store: ResultStore) -> None:
+    store.begin_run(RunRecord("r1", "a1", SPEC))
+    assert store.write_probe_results("r1", "a1", SPEC, [_probe("delta_kl")], "d1") == 1
+    store.write_probe_results("r1", "a1", SPEC, [_probe("delta_kl", Verdict.FAIL, score=0.2)], "d2")
+    store.begin_run(RunRecord("r2", "a1", "spec-bbbb"))
+    store.write_probe_results("r2", "a1", "spec-bbbb", [_probe("delta_kl")])
+    assert store.probe_results("a1") == []  # neither run is complete
+    rows = store.probe_results(run_id="r1")
+    assert [(r["spec_hash"], r["verdict"]) for r in rows] == [(SPEC, "fail")]
     current = rows[0]
     assert current["dagster_run_id"] == "d2"
     assert current["score"] == pytest.approx(0.2)
@@ -167,22 +211,27 @@ def test_write_probe_result_replaces_same_probe_and_spec(store: ResultStore) -> 
     assert (current["null_mean"], current["null_std"], current["null_n"]) == (0.05, 0.02, 6)
     assert current["evidence"] == {"top_tokens": ["a", "b"], "ratio": 1.5}
     assert store.probe_results("nobody") == []
+    [back] = store.results_of("r1", {"delta_kl": 2.0})
+    assert back.verdict is Verdict.FAIL and back.weight == 2.0 and back.ci_95 == (0.35, 0.49)
 
 
-def test_null_calibration_replaced_per_probe(store: ResultStore) -> None:
-    first = [NullRow("delta_kl", "delta_kl", seed, 1.0, 0.1 * seed) for seed in range(4)]
-    first += [NullRow("style", "style", 0, 1.0, 0.3)]
-    assert store.write_null_calibration("a1", SPEC, first) == 5
+def test_null_cells_replaced_per_probe_within_a_run(store: ResultStore) -> None:
+    first = [NullCell("delta_kl", "delta_kl", seed, 1.0, 0.1 * seed) for seed in range(4)]
+    first += [NullCell("style", "style", 0, 1.0, 0.3)]
+    assert store.write_null_cells("r1", "a1", SPEC, first) == 5
     second = [
-        NullRow("delta_kl", "delta_kl", seed, scale, 0.2)
+        NullCell("delta_kl", "delta_kl", seed, scale, 0.2)
         for seed in range(2)
         for scale in (0.5, 1.0)
     ]
-    assert store.write_null_calibration("a1", SPEC, second) == 4
-    rows = store.null_calibration("a1")
+    assert store.write_null_cells("r1", "a1", SPEC, second) == 4
+    rows = store.null_calibration(run_id="r1")
     assert len([r for r in rows if r["probe"] == "delta_kl"]) == 4
     assert {r["raw"] for r in rows if r["probe"] == "delta_kl"} == {0.2}
     assert [r["raw"] for r in rows if r["probe"] == "style"] == [0.3]
+    plan = NullPlan((0, 1), (0.5, 1.0), "matched", 0.02)
+    matrix = store.null_matrix("r1", plan)
+    assert len(matrix.cells) == 5 and matrix.stats("delta_kl") is not None
 
 
 def test_non_finite_floats_stored_as_null(store: ResultStore) -> None:
@@ -194,9 +243,8 @@ def test_non_finite_floats_stored_as_null(store: ResultStore) -> None:
         ci_95=(math.nan, 1.0),
         evidence={"bad": math.nan, "nested": [math.inf, 1.0]},
     )
-    store.write_probe_result("a1", SPEC, probe)
-    store.write_null_calibration("a1", SPEC, [NullRow("delta_kl", "delta_kl", 0, 1.0, math.nan)])
-    store.write_score("a1", SPEC, _suite(math.nan, ()).score, gate_passed=False)
+    store.write_suite("a1", _suite(math.nan, (probe,)), gate_passed=False, run_id="r1")
+    store.write_null_cells("r1", "a1", SPEC, [NullCell("delta_kl", "delta_kl", 0, 1.0, math.nan)])
     [row] = store.probe_results("a1")
     assert (row["raw"], row["z"], row["p"], row["ci_lo"], row["ci_hi"]) == (
         None,
@@ -206,6 +254,9 @@ def test_non_finite_floats_stored_as_null(store: ResultStore) -> None:
         1.0,
     )
     assert row["evidence"] == {"bad": None, "nested": [None, 1.0]}
+    # a NaN null comes back as NaN (never silently dropped: the probe then refuses to calibrate)
+    matrix = store.null_matrix("r1", NullPlan((0,), (1.0,), "matched", 0.02))
+    assert math.isnan(matrix.cells[0].raw)
     con = duckdb.connect(str(store.path), read_only=True)
     try:
         nans = con.execute(
@@ -218,19 +269,18 @@ def test_non_finite_floats_stored_as_null(store: ResultStore) -> None:
     assert nans == (0,)
 
 
-def test_leaderboard_ranks_latest_score_per_adapter(store: ResultStore) -> None:
-    store.upsert_adapter(AdapterRecord("a1", "Alpha", "/adapters/a1", target_modules=("q_proj",)))
-    store.upsert_adapter(AdapterRecord("a2", "Beta", "/adapters/a2"))
+def test_leaderboard_ranks_the_latest_run_per_adapter_within_one_suite(store: ResultStore) -> None:
+    store.record_adapter(AdapterRecord("a1", "Alpha", "/adapters/a1", target_modules=("q_proj",)))
+    store.record_adapter(AdapterRecord("a2", "Beta", "/adapters/a2"))
     store.write_suite("a1", _suite_abc(0.55), gate_passed=False, run_id="r1")
-    store.write_suite("a2", _suite_abc(0.80), gate_passed=True, run_id="r2")
+    store.write_suite("a2", _suite_abc(0.80), gate_passed=False, run_id="r2")
     store.write_suite("a3", _suite_abc(0.65), gate_passed=True, run_id="r3")
-    store.write_suite("a1", _suite_abc(0.90, spec_hash="spec-new"), gate_passed=True, run_id="r4")
+    newer = replace_times(_suite_abc(0.90, spec_hash="spec-new"), "2025-02-01")
+    store.write_suite("a1", newer, gate_passed=True, run_id="r4")
 
-    board = store.leaderboard()
-    assert [(r["rank"], r["adapter_id"], r["name"]) for r in board] == [
-        (1, "a1", "Alpha"),
-        (2, "a2", "Beta"),
-        (3, "a3", "a3"),
+    board = store.leaderboard()  # the newest run's suite: spec-new, a1 alone
+    assert [(r["rank"], r["adapter_id"], r["name"], r["run_id"]) for r in board] == [
+        (1, "a1", "Alpha", "r4")
     ]
     top = board[0]
     assert (top["spec_hash"], top["overall"], top["band"], top["gate_passed"]) == (
@@ -241,16 +291,17 @@ def test_leaderboard_ranks_latest_score_per_adapter(store: ResultStore) -> None:
     )
     assert (top["n_pass"], top["n_fail"], top["n_error"], top["n_probes"]) == (1, 1, 1, 3)
 
-    old_spec = store.leaderboard(SPEC)
+    old_spec = store.leaderboard(SPEC)  # gate-passing first, then by overall
     assert [(r["adapter_id"], r["overall"]) for r in old_spec] == [
-        ("a2", 0.8),
         ("a3", 0.65),
+        ("a2", 0.8),
         ("a1", 0.55),
     ]
     assert store.leaderboard("spec-none") == []
 
 
-def test_upsert_adapter_and_seen_ids(store: ResultStore) -> None:
+def test_a_failed_check_never_erases_what_a_good_one_recorded(store: ResultStore) -> None:
+    """Moving an adapter and re-materialising once turned sha256/rank/path into None/''."""
     record = AdapterRecord(
         "a1",
         "Alpha",
@@ -263,22 +314,55 @@ def test_upsert_adapter_and_seen_ids(store: ResultStore) -> None:
         target_modules=("q_proj", "v_proj"),
         preflight_ok=True,
     )
-    store.upsert_adapter(record)
-    store.upsert_adapter(
-        AdapterRecord(
-            "a1", "Alpha v2", "/adapters/a1", preflight_ok=False, preflight_message="NaN in lora_B"
-        )
+    store.record_adapter(record)
+    store.record_adapter(
+        AdapterRecord("a1", "a1", "", preflight_ok=False, preflight_message="no such directory")
     )
     [row] = store.adapters()
-    assert (row["name"], row["preflight_ok"], row["preflight_message"]) == (
-        "Alpha v2",
-        False,
-        "NaN in lora_B",
+    assert (row["path"], row["sha256"], row["rank"], row["alpha"]) == (
+        "/adapters/a1",
+        "ab" * 32,
+        8,
+        16.0,
     )
-    assert row["target_modules"] == []
-    store.write_run(RunRecord("r9", "a9", SPEC, stats={"wall_s": 1.0}))
-    store.write_null_calibration("a8", SPEC, [NullRow("p", "k", 0, 1.0, 0.0)])
+    assert row["target_modules"] == ["q_proj", "v_proj"]
+    assert (row["preflight_ok"], row["preflight_message"]) == (False, "no such directory")
+    store.begin_run(RunRecord("r9", "a9", SPEC, stats={"wall_s": 1.0}))
+    store.write_null_cells("r8", "a8", SPEC, [NullCell("p", "k", 0, 1.0, 0.0)])
     assert store.seen_adapter_ids() == {"a1", "a8", "a9"}
+
+
+def test_a_store_written_before_runs_migrates_its_rows_into_one_complete_run(
+    tmp_path: Path,
+) -> None:
+    """Rows of schema 4 (one copy per adapter and spec) become that adapter's complete run."""
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, description VARCHAR, "
+        "applied_at TIMESTAMP)"
+    )
+    for step in MIGRATIONS[:4]:
+        for statement in step.statements:
+            con.execute(statement)
+        con.execute("INSERT INTO schema_migrations VALUES (?, ?, now())", [step.version, "x"])
+    con.execute(
+        "INSERT INTO probe_results (adapter_id, spec_hash, probe, verdict, dagster_run_id) "
+        "VALUES ('a1', 's', 'delta_kl', 'pass', 'model-run'), ('a2', 's', 'delta_kl', 'fail', NULL)"
+    )
+    con.execute(
+        "INSERT INTO scores (adapter_id, spec_hash, overall, gate_passed, dagster_run_id) "
+        "VALUES ('a1', 's', 0.9, true, 'score-run')"
+    )
+    con.execute("INSERT INTO runs (run_id, adapter_id, spec_hash) VALUES ('score-run', 'a1', 's')")
+    con.close()
+    store = ResultStore(path)
+    assert store.migrate() == MIGRATIONS[-1].version
+    assert [r["run_id"] for r in store.probe_results("a1")] == ["score-run"]
+    assert [r["adapter_id"] for r in store.leaderboard("s")] == ["a1"]
+    assert store.probe_results("a2") == []  # never scored: an incomplete legacy run
+    statuses = {r["run_id"]: r["status"] for r in store.runs()}
+    assert statuses == {"score-run": "complete", "legacy:a2:s": "incomplete"}
 
 
 def test_writer_waits_for_lock_held_by_another_process(store: ResultStore) -> None:
@@ -302,7 +386,7 @@ def test_writer_gives_up_with_store_error_naming_file(tmp_path: Path) -> None:
     try:
         start = time.monotonic()
         with pytest.raises(StoreError) as caught:
-            store.write_score("a1", SPEC, _suite_abc().score, gate_passed=True)
+            store.write_suite("a1", _suite_abc(), gate_passed=True, run_id="r1")
         assert time.monotonic() - start < 5.0
     finally:
         holder.kill()

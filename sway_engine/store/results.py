@@ -1,0 +1,584 @@
+"""The result store: adapters, evaluations (runs) and their rows, append-only.
+
+Every evaluation is a run. Its null cells and probe rows carry its `run_id`; they become
+visible when the run completes, in the same transaction that writes its final probe rows,
+score and run row. A run that dies stays incomplete and is never shown; re-evaluating adds a
+new run and keeps the old one queryable. Reads return rows of the latest *complete* run per
+(adapter, spec) unless a run is named. Nothing here deletes another run's rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sway_engine.calibration import NullCell, NullMatrix, NullPlan
+from sway_engine.result import NullStats, ProbeResult, SuiteResult, SwayScore, Verdict, finite
+from sway_engine.store.db import (
+    Database,
+    StoreError,
+    count,
+    json_text,
+    naive_utc,
+    now,
+    parse_time,
+)
+from sway_engine.store.schema import DATA_TABLES
+
+if TYPE_CHECKING:
+    import duckdb
+
+COMPLETE, INCOMPLETE, FAILED = "complete", "incomplete", "failed"
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One registered adapter, as found on disk and checked by preflight."""
+
+    adapter_id: str
+    name: str
+    path: str
+    sha256: str | None = None
+    size_bytes: int | None = None
+    base_model: str | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    target_modules: tuple[str, ...] = ()
+    preflight_ok: bool | None = None
+    preflight_message: str | None = None
+    registered_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One evaluation of one adapter: provenance, timings, backend counters and status."""
+
+    run_id: str
+    adapter_id: str
+    spec_hash: str
+    engine_version: str | None = None
+    dagster_run_id: str | None = None
+    mlflow_run_id: str | None = None
+    backend_kind: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    wall_s: float | None = None
+    forward_passes: int | None = None
+    tokens_forwarded: int | None = None
+    cache_hits: int | None = None
+    stats: Mapping[str, Any] = field(default_factory=dict)
+    status: str = INCOMPLETE
+    origin: str | None = None
+    message: str | None = None
+
+
+def run_record(
+    run_id: str,
+    adapter_id: str,
+    suite: SuiteResult,
+    *,
+    dagster_run_id: str | None = None,
+    mlflow_run_id: str | None = None,
+    origin: str = "cli",
+) -> RunRecord:
+    """The complete run row of a finished suite result."""
+    st = suite.backend_stats
+    return RunRecord(
+        run_id=run_id,
+        adapter_id=adapter_id,
+        spec_hash=suite.spec_hash,
+        engine_version=suite.sway_version,
+        dagster_run_id=dagster_run_id,
+        mlflow_run_id=mlflow_run_id,
+        backend_kind=suite.backend_kind,
+        started_at=parse_time("started_at", suite.started_at),
+        finished_at=parse_time("finished_at", suite.finished_at),
+        wall_s=suite.wall_s,
+        forward_passes=count(st.get("forward_passes")),
+        tokens_forwarded=count(st.get("tokens_forwarded")),
+        cache_hits=count(st.get("cache_hits")),
+        stats=dict(st),
+        status=COMPLETE,
+        origin=origin,
+    )
+
+
+class ResultStore(Database):
+    """Adapters, runs and their rows in one DuckDB file (`Database` for the connections)."""
+
+    # ---- adapters ----
+
+    def record_adapter(self, record: AdapterRecord) -> None:
+        """Add or update an adapter. A failed check never erases what an earlier good one
+        recorded (path, hash, size, base, rank, alpha, targets): it only sets the preflight."""
+        row = [
+            record.adapter_id,
+            record.name,
+            record.path or None,
+            record.sha256,
+            record.size_bytes,
+            record.base_model,
+            record.rank,
+            finite(record.alpha),
+            json_text(list(record.target_modules)) if record.target_modules else None,
+            record.preflight_ok,
+            record.preflight_message,
+            naive_utc(record.registered_at) or now(),
+        ]
+        keep = ("name", "path", "sha256", "size_bytes", "base_model", "rank", "alpha")
+        merge = ", ".join(f"{c} = coalesce(EXCLUDED.{c}, adapters.{c})" for c in keep)
+        self.run(
+            lambda con: con.execute(
+                "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"ON CONFLICT (adapter_id) DO UPDATE SET {merge}, "
+                "target_modules = coalesce(EXCLUDED.target_modules, adapters.target_modules), "
+                "preflight_ok = EXCLUDED.preflight_ok, "
+                "preflight_message = EXCLUDED.preflight_message",
+                row,
+            )
+        )
+
+    def adapters(self) -> list[dict[str, Any]]:
+        """Every registered adapter."""
+        return self.query("SELECT * FROM adapters ORDER BY adapter_id")
+
+    # ---- an evaluation's lifecycle ----
+
+    def begin_run(self, record: RunRecord) -> None:
+        """Register an incomplete run (a no-op when the run exists)."""
+        self.run(lambda con: _put_run(con, record, only_new=True))
+
+    def write_null_cells(
+        self, run_id: str, adapter_id: str, spec_hash: str, cells: Iterable[NullCell]
+    ) -> int:
+        """The run's null samples of the probes present in `cells` (replacing this run's own
+        earlier samples of those probes, a retried step); return rows written."""
+        listed = list(cells)
+        values = [
+            [adapter_id, spec_hash, c.probe, c.kind, c.seed, finite(c.rank_scale), finite(c.raw)]
+            + [run_id]
+            for c in listed
+        ]
+
+        def work(con: duckdb.DuckDBPyConnection) -> int:
+            for probe in sorted({c.probe for c in listed}):
+                con.execute(
+                    "DELETE FROM null_calibration WHERE run_id = ? AND adapter_id = ? "
+                    "AND probe = ?",
+                    [run_id, adapter_id, probe],
+                )
+            if values:
+                con.executemany(
+                    "INSERT INTO null_calibration (adapter_id, spec_hash, probe, kind, seed, "
+                    "rank_scale, raw, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    values,
+                )
+            return len(values)
+
+        return self.run(work)
+
+    def write_probe_results(
+        self,
+        run_id: str,
+        adapter_id: str,
+        spec_hash: str,
+        results: Iterable[ProbeResult],
+        dagster_run_id: str | None = None,
+    ) -> int:
+        """The run's rows of these probes (replacing only this run's own rows of them)."""
+        listed = list(results)
+        at = now()
+
+        def work(con: duckdb.DuckDBPyConnection) -> int:
+            for r in listed:
+                _put_probe(con, run_id, adapter_id, spec_hash, r, dagster_run_id, at)
+            return len(listed)
+
+        return self.run(work)
+
+    def complete_run(self, record: RunRecord, suite: SuiteResult, gate_passed: bool) -> int:
+        """Make a run visible: its final probe rows, its score and its run row, in one
+        transaction. Returns the probe rows written."""
+        record = replace(record, status=COMPLETE, spec_hash=suite.spec_hash)
+        at = now()
+
+        def work(con: duckdb.DuckDBPyConnection) -> int:
+            for r in suite.probes:
+                _put_probe(
+                    con,
+                    record.run_id,
+                    record.adapter_id,
+                    suite.spec_hash,
+                    r,
+                    _computed_in(con, record.run_id, r.name) or record.dagster_run_id,
+                    at,
+                )
+            _put_score(con, record, suite.score, gate_passed, at)
+            _put_run(con, record)
+            return len(suite.probes)
+
+        return self.run(work)
+
+    def write_suite(
+        self,
+        adapter_id: str,
+        suite: SuiteResult,
+        gate_passed: bool,
+        run_id: str,
+        dagster_run_id: str | None = None,
+        mlflow_run_id: str | None = None,
+        origin: str = "cli",
+    ) -> int:
+        """A whole evaluation at once (the CLI path): rows, score and run in one transaction."""
+        record = run_record(
+            run_id,
+            adapter_id,
+            suite,
+            dagster_run_id=dagster_run_id,
+            mlflow_run_id=mlflow_run_id,
+            origin=origin,
+        )
+        return self.complete_run(record, suite, gate_passed)
+
+    def fail_run(self, run_id: str, message: str) -> None:
+        """Mark an incomplete run failed (its rows stay invisible, for the record)."""
+        self.run(
+            lambda con: con.execute(
+                "UPDATE runs SET status = ?, message = ? WHERE run_id = ? AND status = ?",
+                [FAILED, message, run_id, INCOMPLETE],
+            )
+        )
+
+    # ---- reads ----
+
+    def latest_run(
+        self, adapter_id: str, spec_hash: str, *, status: str | None = None
+    ) -> dict[str, Any] | None:
+        """The newest run of (adapter, spec), of `status` if given."""
+        sql = "SELECT * FROM runs WHERE adapter_id = ? AND spec_hash = ?"
+        params: list[Any] = [adapter_id, spec_hash]
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        rows = self.query(sql + " ORDER BY started_at DESC NULLS LAST, run_id DESC LIMIT 1", params)
+        return rows[0] if rows else None
+
+    def probe_results(
+        self, adapter_id: str | None = None, *, run_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Probe rows (JSON decoded): of `run_id`, else of the latest complete run of every
+        (adapter, spec), optionally of one adapter."""
+        return self._rows("probe_results", adapter_id, run_id, "probe")
+
+    def null_calibration(
+        self, adapter_id: str | None = None, *, run_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Null samples: of `run_id`, else of the latest complete run per (adapter, spec)."""
+        return self._rows("null_calibration", adapter_id, run_id, "probe, rank_scale, seed")
+
+    def results_of(
+        self, run_id: str, weights: Mapping[str, float] | None = None
+    ) -> list[ProbeResult]:
+        """The run's probe rows as engine results (declaration order is the caller's)."""
+        weights = weights or {}
+        return [
+            replace(result_from_row(r), weight=weights.get(r["probe"], 1.0))
+            for r in self.probe_results(run_id=run_id)
+        ]
+
+    def null_matrix(self, run_id: str, plan: NullPlan) -> NullMatrix:
+        """The run's null samples as the engine's matrix. A NaN sample (stored as NULL) comes
+        back as NaN, so its probe refuses to calibrate rather than calibrating on the rest."""
+        cells = tuple(
+            NullCell(
+                r["probe"],
+                r["kind"],
+                int(r["seed"]),
+                float(r["rank_scale"]),
+                math.nan if r["raw"] is None else float(r["raw"]),
+            )
+            for r in self.null_calibration(run_id=run_id)
+        )
+        return NullMatrix(plan=plan, cells=cells)
+
+    def scores(self) -> list[dict[str, Any]]:
+        """Scores of complete runs, newest first."""
+        return self.query(
+            "SELECT s.* FROM scores s JOIN runs r USING (run_id) WHERE r.status = 'complete' "
+            "ORDER BY s.recorded_at DESC, s.adapter_id"
+        )
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run (any status), newest first."""
+        return self.query("SELECT * FROM runs ORDER BY started_at DESC NULLS LAST, run_id")
+
+    def leaderboard(self, spec_hash: str | None = None) -> list[dict[str, Any]]:
+        """The latest complete run of each adapter under one suite (`spec_hash`, else the
+        suite of the newest complete run): gate-passing adapters first, then by overall.
+        Adapters evaluated with different suites are never ranked together."""
+        if spec_hash is None:
+            newest = self.query(
+                "SELECT spec_hash FROM runs WHERE status = 'complete' "
+                "ORDER BY finished_at DESC NULLS LAST, started_at DESC NULLS LAST LIMIT 1"
+            )
+            if not newest:
+                return []
+            spec_hash = newest[0]["spec_hash"]
+        sql = """
+            WITH latest AS (
+                SELECT r.run_id, r.adapter_id FROM runs r
+                WHERE r.status = 'complete' AND r.spec_hash = ?
+                  AND EXISTS (SELECT 1 FROM scores s WHERE s.run_id = r.run_id)
+                QUALIFY row_number() OVER (
+                    PARTITION BY r.adapter_id
+                    ORDER BY r.finished_at DESC NULLS LAST, r.started_at DESC NULLS LAST,
+                        r.run_id DESC
+                ) = 1
+            ),
+            counts AS (
+                SELECT run_id,
+                    count(*) FILTER (WHERE verdict = 'pass') AS n_pass,
+                    count(*) FILTER (WHERE verdict = 'fail') AS n_fail,
+                    count(*) FILTER (WHERE verdict = 'error') AS n_error,
+                    count(*) AS n_probes
+                FROM probe_results GROUP BY run_id
+            )
+            SELECT
+                row_number() OVER (
+                    ORDER BY s.gate_passed DESC NULLS LAST, s.overall DESC NULLS LAST,
+                        l.adapter_id
+                ) AS rank,
+                l.adapter_id,
+                coalesce(a.name, l.adapter_id) AS name,
+                s.spec_hash,
+                l.run_id,
+                s.overall,
+                s.band,
+                s.gate_passed,
+                coalesce(c.n_pass, 0) AS n_pass,
+                coalesce(c.n_fail, 0) AS n_fail,
+                coalesce(c.n_error, 0) AS n_error,
+                coalesce(c.n_probes, 0) AS n_probes,
+                s.recorded_at
+            FROM latest l
+            JOIN scores s ON s.run_id = l.run_id
+            LEFT JOIN adapters a ON a.adapter_id = l.adapter_id
+            LEFT JOIN counts c ON c.run_id = l.run_id
+            ORDER BY rank
+        """
+        return self.query(sql, [spec_hash])
+
+    def row_counts(self) -> dict[str, int]:
+        """Number of rows in each data table (every run, complete or not)."""
+
+        def work(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for table in DATA_TABLES:
+                row = con.execute(f"SELECT count(*) FROM {table}").fetchone()
+                counts[table] = int(row[0]) if row else 0
+            return counts
+
+        return self.run(work)
+
+    def seen_adapter_ids(self) -> set[str]:
+        """Adapter ids that appear in any table."""
+        union = " UNION ".join(f"SELECT adapter_id FROM {t}" for t in DATA_TABLES)
+        rows = self.query(f"SELECT DISTINCT adapter_id FROM ({union}) WHERE adapter_id IS NOT NULL")
+        return {r["adapter_id"] for r in rows}
+
+    def _rows(
+        self, table: str, adapter_id: str | None, run_id: str | None, order: str
+    ) -> list[dict[str, Any]]:
+        params: list[Any] = []
+        if run_id is not None:
+            where = "t.run_id = ?"
+            params.append(run_id)
+        else:
+            where = """t.run_id IN (
+                SELECT run_id FROM runs WHERE status = 'complete'
+                QUALIFY row_number() OVER (
+                    PARTITION BY adapter_id, spec_hash
+                    ORDER BY finished_at DESC NULLS LAST, started_at DESC NULLS LAST,
+                        run_id DESC
+                ) = 1)"""
+        if adapter_id is not None:
+            where += " AND t.adapter_id = ?"
+            params.append(adapter_id)
+        return self.query(
+            f"SELECT t.* FROM {table} t WHERE {where} ORDER BY t.adapter_id, t.spec_hash, {order}",
+            params,
+        )
+
+
+def result_from_row(row: Mapping[str, Any]) -> ProbeResult:
+    """A stored probe row as the engine's result (null samples are not stored per row)."""
+    null = None
+    if row.get("null_n"):
+        null = NullStats(
+            mean=_num(row["null_mean"]),
+            std=_num(row["null_std"]),
+            n=int(row["null_n"]),
+            samples=(),
+            degenerate=row["null_std"] is None,
+        )
+    ci = (row["ci_lo"], row["ci_hi"]) if row.get("ci_lo") is not None else None
+    evidence = row.get("evidence")
+    return ProbeResult(
+        name=row["probe"],
+        kind=row["kind"],
+        category=row["category"],
+        verdict=Verdict(row["verdict"]),
+        message=row["message"] or "",
+        score=row["score"],
+        raw=row["raw"],
+        z=row["z"],
+        p=row["p"],
+        ci_95=ci,
+        null=null,
+        evidence=evidence if isinstance(evidence, dict) else {},
+        duration_s=row["duration_s"] or 0.0,
+    )
+
+
+def _num(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _computed_in(con: duckdb.DuckDBPyConnection, run_id: str, probe: str) -> str | None:
+    """The Dagster run that computed the run's stored row of `probe` (kept on rewrite)."""
+    row = con.execute(
+        "SELECT dagster_run_id FROM probe_results WHERE run_id = ? AND probe = ? LIMIT 1",
+        [run_id, probe],
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _put_probe(
+    con: duckdb.DuckDBPyConnection,
+    run_id: str,
+    adapter_id: str,
+    spec_hash: str,
+    result: ProbeResult,
+    dagster_run_id: str | None,
+    recorded_at: datetime,
+) -> None:
+    con.execute(
+        "DELETE FROM probe_results WHERE run_id = ? AND adapter_id = ? AND probe = ?",
+        [run_id, adapter_id, result.name],
+    )
+    ci_lo, ci_hi = result.ci_95 if result.ci_95 is not None else (None, None)
+    null = result.null
+    con.execute(
+        "INSERT INTO probe_results (adapter_id, spec_hash, probe, kind, category, verdict, "
+        "score, raw, z, p, ci_lo, ci_hi, null_mean, null_std, null_n, message, evidence, "
+        "duration_s, dagster_run_id, recorded_at, run_id) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            adapter_id,
+            spec_hash,
+            result.name,
+            result.kind,
+            result.category,
+            result.verdict.value,
+            finite(result.score),
+            finite(result.raw),
+            finite(result.z),
+            finite(result.p),
+            finite(ci_lo),
+            finite(ci_hi),
+            finite(null.mean) if null else None,
+            finite(null.std) if null else None,
+            null.n if null else None,
+            result.message,
+            json_text(result.evidence),
+            finite(result.duration_s),
+            dagster_run_id,
+            recorded_at,
+            run_id,
+        ],
+    )
+
+
+def _put_score(
+    con: duckdb.DuckDBPyConnection,
+    record: RunRecord,
+    score: SwayScore,
+    gate_passed: bool,
+    recorded_at: datetime,
+) -> None:
+    con.execute("DELETE FROM scores WHERE run_id = ?", [record.run_id])
+    con.execute(
+        "INSERT INTO scores (adapter_id, spec_hash, overall, band, components, gate_passed, "
+        "findings, dagster_run_id, recorded_at, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            record.adapter_id,
+            record.spec_hash,
+            finite(score.overall),
+            score.band,
+            json_text(score.components),
+            gate_passed,
+            json_text(list(score.findings)),
+            record.dagster_run_id,
+            recorded_at,
+            record.run_id,
+        ],
+    )
+
+
+_RUN_COLUMNS = (
+    "run_id, adapter_id, spec_hash, engine_version, dagster_run_id, mlflow_run_id, "
+    "backend_kind, started_at, finished_at, wall_s, forward_passes, tokens_forwarded, "
+    "cache_hits, stats, status, origin, message"
+)
+
+
+def _put_run(con: duckdb.DuckDBPyConnection, record: RunRecord, *, only_new: bool = False) -> None:
+    values = [
+        record.run_id,
+        record.adapter_id,
+        record.spec_hash,
+        record.engine_version,
+        record.dagster_run_id,
+        record.mlflow_run_id,
+        record.backend_kind,
+        naive_utc(record.started_at) or (now() if only_new else None),
+        naive_utc(record.finished_at) or (None if only_new else now()),
+        finite(record.wall_s),
+        record.forward_passes,
+        record.tokens_forwarded,
+        record.cache_hits,
+        json_text(dict(record.stats)),
+        record.status,
+        record.origin,
+        record.message,
+    ]
+    if only_new:
+        conflict = "DO NOTHING"
+    else:
+        sets = [c.strip() for c in _RUN_COLUMNS.split(",") if c.strip() != "run_id"]
+        keep = {"started_at", "origin", "dagster_run_id", "mlflow_run_id"}
+        conflict = "DO UPDATE SET " + ", ".join(
+            f"{c} = coalesce(EXCLUDED.{c}, runs.{c})" if c in keep else f"{c} = EXCLUDED.{c}"
+            for c in sets
+        )
+    marks = ", ".join("?" for _ in values)
+    con.execute(
+        f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES ({marks}) ON CONFLICT (run_id) {conflict}",
+        values,
+    )
+
+
+__all__ = [
+    "COMPLETE",
+    "FAILED",
+    "INCOMPLETE",
+    "AdapterRecord",
+    "ResultStore",
+    "RunRecord",
+    "StoreError",
+    "result_from_row",
+    "run_record",
+]
