@@ -288,17 +288,20 @@ class ApiBackend(_Built):
 
     def _engine_for(self, adapter: str | None) -> Any:
         if self._backend is None:
-            from sway_engine.backends.api import APIBackend as Engine
-
-            self._backend = Engine(
-                self.endpoint,
-                self.model,
+            spec = ModelSpec(
+                kind="api",
+                base=self.model,
+                endpoint=self.endpoint,
+                allow_insecure_http=self.allow_insecure_http,
+            )
+            self._backend = build_kind(
+                spec,
                 timeout_s=self.timeout_s,
                 max_retries=self.max_retries,
                 max_top_k=self.max_top_k,
                 concurrency=self.concurrency,
-                allow_insecure_http=self.allow_insecure_http,
             )
+            note_load(self, f"{self.model} at {self.endpoint} (api)")
         return self._backend
 
 

@@ -302,8 +302,7 @@ def evaluate(
 def needs_model(entries: list[Entry]) -> bool:
     """True when an enabled entry needs the backend: a probe operation or null calibration."""
     return any(
-        e.spec.enabled
-        and (bool(e.probe.needs) or isinstance(e.spec, NullAdapterSpec))
+        e.spec.enabled and (bool(e.probe.needs) or isinstance(e.spec, NullAdapterSpec))
         for e in entries
     )
 

@@ -15,8 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sway_engine import stats
 from sway_engine.adapters import AdapterInfo, read_adapter
 from sway_engine.backends.base import ALL_CAPABILITIES
+from sway_engine.backends.hf_lora import (
+    add_row_updates,
+    add_slot,
+    layers_take_config,
+    plain_linear,
+    replace_cfg,
+    segments,
+)
 from sway_engine.backends.rows import (
     Plan,
     Row,
@@ -46,7 +55,6 @@ if TYPE_CHECKING:
     import torch
 
 BASE_NAME = "__base__"
-LN2 = math.log(2.0)
 
 
 def _import_stack() -> tuple[Any, Any, Any]:
@@ -244,7 +252,7 @@ class HFBackend:
         New views are added as slots of the LoRA layers already on the model, not through
         PEFT's `add_adapter`, whose module scan and per-adapter bookkeeping grow with the
         number of adapters (100 views on the fixture: 51 s that way, 11 s through PEFT's
-        `update_layer`, well under a second as plain slots; see `_add_slot`).
+        `update_layer`, well under a second as plain slots; see `add_slot`).
         """
         todo = list(
             dict.fromkeys(
@@ -268,11 +276,11 @@ class HFBackend:
                     f"view {view.key} derives from adapter {view.adapter!r}, which is not "
                     "registered (HFBackend.add_adapter registers one)"
                 )
-        fast = _layers_take_config(self._layers()) or _plain_linear(self._layers())
+        fast = layers_take_config(self._layers()) or plain_linear(self._layers())
         made: list[tuple[Finetuned | Scaled | Null, str, list[Any]]] = []
         for view in todo:
             src = self._names[Finetuned(view.adapter).key]
-            cfg = _replace_cfg(self._peft.peft_config[src], view)
+            cfg = replace_cfg(self._peft.peft_config[src], view)
             self._views_made += 1
             name = f"v{self._generation}_{self._views_made}"
             if fast:
@@ -306,13 +314,13 @@ class HFBackend:
         """
         self._peft.peft_config[name] = cfg
         layers = [m for m in self._layers() if src in m.lora_A]
-        plain = _plain_linear(layers, src)
+        plain = plain_linear(layers, src)
         for layer in layers:
             r = int(layer.r[src])
             if isinstance(view, Null):
                 r = max(1, round(r * view.rank_scale))
             if plain:
-                _add_slot(self._torch, layer, src, name, r, bool(cfg.use_rslora))
+                add_slot(self._torch, layer, src, name, r, bool(cfg.use_rslora))
                 continue
             layer.update_layer(name, r, lora_alpha=layer.lora_alpha[src], config=cfg)
             for part in (layer.lora_A, layer.lora_B, layer.lora_dropout):
@@ -449,7 +457,7 @@ class HFBackend:
             kwargs["logits_to_keep"] = 1
         with torch.inference_mode():
             if self._peft is not None and self._row_lora_ready():
-                self._row_plan = _segments([r.adapter for r in batch])
+                self._row_plan = segments([r.adapter for r in batch])
                 try:
                     logits = self._base_model(**kwargs).logits
                 finally:
@@ -486,11 +494,11 @@ class HFBackend:
         each LoRA layer adds each adapter's update to its block of rows (rows are sorted
         by adapter, so a block is a slice: no gather, no scatter): two matmuls and one
         in-place add per adapter, the same arithmetic as PEFT's. Plain linear LoRA only
-        (as `_add_slot`); anything else keeps PEFT's path.
+        (as `add_slot`); anything else keeps PEFT's path.
         """
         layers = self._layers()
         if self._row_lora is None:
-            self._row_lora = _plain_linear(layers)
+            self._row_lora = plain_linear(layers)
         if not self._row_lora:
             return False
         for layer in layers:
@@ -513,7 +521,7 @@ class HFBackend:
         if plan is None:
             return None
         table = self._factors.setdefault(id(layer), {})
-        return _add_row_updates(self._torch, layer, table, args[0], output, plan)
+        return add_row_updates(self._torch, layer, table, args[0], output, plan)
 
     def _assemble(self, req: Request, plan: tuple[Any, list[Row]], rows: dict[Row, Any]) -> Result:
         torch = self._torch
@@ -529,7 +537,7 @@ class HFBackend:
         if isinstance(req, Divergence):
             la = _finite_or_raise(values[0], req.view_a, req.prompt)
             lb = _finite_or_raise(values[1], req.view_b, req.prompt)
-            return _exact_divergence(torch, la, lb, req.evidence_k, self._decode_top)
+            return _exact_divergence(la, lb, req.evidence_k, self._decode_top)
         if isinstance(req, RollingLogprob | ContinuationLogprob):
             return logprob_result(req, meta, values)
         raise BackendError(f"hf backend cannot answer {type(req).__name__}")
@@ -583,7 +591,7 @@ class HFBackend:
             model = self._peft
             kwargs["adapter_names"] = names
         with torch.inference_mode():
-            self._row_plan = _segments(names) if mixed else None
+            self._row_plan = segments(names) if mixed else None
             try:
                 gen = model.generate(
                     input_ids=enc["input_ids"].to(self.device),
@@ -617,151 +625,6 @@ class HFBackend:
             self._torch.cuda.empty_cache()
 
 
-def _plain_linear(layers: list[Any], src: str | None = None) -> bool:
-    """True when every layer's LoRA (of `src`, else of all adapters) is plain nn.Linear A, B.
-
-    Plain LoRA (no DoRA or other variant, no bias on B) is what `_add_slot` can register.
-    """
-    import torch
-
-    linear = torch.nn.Linear
-    for layer in layers:
-        names = [src] if src is not None else list(layer.lora_A)
-        for n in names:
-            if not (
-                isinstance(layer.lora_A[n], linear)
-                and isinstance(layer.lora_B[n], linear)
-                and layer.lora_B[n].bias is None
-                and n not in getattr(layer, "lora_variant", {})
-            ):
-                return False
-    return bool(layers)
-
-
-def _add_slot(torch: Any, layer: Any, src: str, name: str, r: int, rslora: bool) -> None:
-    """Register LoRA adapter `name` (rank r, src's alpha) on one layer, weights left unset.
-
-    Sets exactly what PEFT's mixed-batch forward and `delete_adapter` read: the A and B
-    modules (`_fill` overwrites their default init), a no-op dropout (inference),
-    r, alpha and scaling. O(1) per layer, where `update_layer` revisits every adapter.
-    """
-    nn = torch.nn
-    like = layer.lora_A[src].weight
-    kw = {"device": like.device, "dtype": like.dtype, "bias": False}
-    a = nn.Linear(layer.lora_A[src].in_features, r, **kw)  # (skip_init is 10x slower)
-    b = nn.Linear(r, layer.lora_B[src].out_features, **kw)
-    for module in (a, b):
-        module.train(False)
-        module.requires_grad_(False)
-    alpha = layer.lora_alpha[src]
-    layer.r[name] = r
-    layer.lora_alpha[name] = alpha
-    layer.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
-    layer.lora_dropout[name] = nn.Identity()
-    layer.lora_A[name] = a
-    layer.lora_B[name] = b
-    for attr, value in (("use_rslora", rslora), ("use_dora", False), ("lora_bias", False)):
-        table = getattr(layer, attr, None)
-        if isinstance(table, dict):
-            table[name] = value
-
-
-def _segments(adapters: list[str]) -> list[tuple[str, int, int]]:
-    """Runs of equal adapter names: (name, start, end) over rows sorted by adapter."""
-    out: list[tuple[str, int, int]] = []
-    start = 0
-    for i in range(1, len(adapters) + 1):
-        if i == len(adapters) or adapters[i] != adapters[start]:
-            out.append((adapters[start], start, i))
-            start = i
-    return out
-
-
-def _add_row_updates(
-    torch: Any,
-    layer: Any,
-    table: dict[Any, Any],
-    x: Any,
-    out: Any,
-    plan: list[tuple[str, int, int]],
-) -> Any:
-    """out[s:e] += scaling * B A x[s:e] for each adapter block this layer adapts.
-
-    Base rows and adapters that do not target this layer are left as they are. `table`
-    caches (A, B, scaling) per adapter name for this layer (names are never reused). Runs of
-    adjacent blocks of equal size and rank (the nulls and scaled views of one prompt list)
-    go through one batched matmul pair instead of one pair per view: the same arithmetic,
-    a fraction of the Python dispatch at every decode step.
-    """
-    runs: list[list[tuple[str, int, int, tuple[Any, Any, float]]]] = []
-    for name, start, end in plan:
-        f = table.get(name)
-        if f is None:
-            if name not in layer.lora_A:
-                runs.append([])
-                continue
-            f = table[name] = (
-                layer.lora_A[name].weight,
-                layer.lora_B[name].weight,
-                float(layer.scaling[name]),
-            )
-        last = runs[-1][-1] if runs and runs[-1] else None
-        if (
-            last is not None
-            and last[2] == start
-            and last[2] - last[1] == end - start
-            and last[3][0].shape == f[0].shape
-        ):
-            runs[-1].append((name, start, end, f))
-        else:
-            runs.append([(name, start, end, f)])
-    linear = torch.nn.functional.linear
-    for run in runs:
-        if len(run) == 1:
-            _, start, end, (a, b, scaling) = run[0]
-            d = linear(linear(x[start:end].to(a.dtype), a), b)
-            out[start:end].add_(d.to(out.dtype), alpha=scaling)
-        elif run:
-            key = tuple(r[0] for r in run)
-            stacked = table.get(key)
-            if stacked is None:
-                a_all = torch.stack([r[3][0] for r in run]).transpose(1, 2)  # (G, in, r)
-                b_all = torch.stack([r[3][1] for r in run]).transpose(1, 2)  # (G, r, out)
-                scale = torch.tensor([r[3][2] for r in run], dtype=a_all.dtype)
-                stacked = table[key] = (a_all, b_all, scale.to(a_all.device)[:, None, None])
-            a_all, b_all, scale = stacked
-            start, end, groups = run[0][1], run[-1][2], len(run)
-            block = x[start:end].to(a_all.dtype).reshape(groups, -1, x.shape[-1])
-            d = torch.bmm(torch.bmm(block, a_all), b_all) * scale
-            out[start:end].add_(d.reshape(out[start:end].shape).to(out.dtype))
-    return out
-
-
-def _layers_take_config(layers: list[Any]) -> bool:
-    """True when this PEFT's LoraLayer.update_layer takes a LoraConfig (peft >= 0.18)."""
-    if not layers:
-        return False
-    import inspect
-
-    return "config" in inspect.signature(layers[0].update_layer).parameters
-
-
-def _replace_cfg(cfg: Any, view: View) -> Any:
-    """A LoRA config for a derived view: same targets and alpha; nulls may change rank."""
-    import copy
-
-    new = copy.deepcopy(cfg)
-    new.inference_mode = True
-    if isinstance(view, Null):
-        new.r = max(1, round(cfg.r * view.rank_scale))
-        new.rank_pattern = {
-            k: max(1, round(v * view.rank_scale)) for k, v in cfg.rank_pattern.items()
-        }
-    elif not isinstance(view, Scaled | Finetuned):
-        raise BackendError(f"cannot register view {view!r}")
-    return new
-
-
 def _finite_or_raise(logp: Any, view: View, prompt: str) -> Any:
     import torch
 
@@ -773,20 +636,15 @@ def _finite_or_raise(logp: Any, view: View, prompt: str) -> Any:
     return logp
 
 
-def _exact_divergence(torch: Any, la: Any, lb: Any, k: int, decode: Any) -> DivergenceResult:
-    """JS and both KLs from fp32 log-softmax rows, accumulated in fp64 (identical rows give 0)."""
-    la, lb = la.double(), lb.double()
-    pa, pb = la.exp(), lb.exp()
-    lm = torch.logaddexp(la, lb) - LN2
-
-    def kl(p: Any, lp: Any, lq: Any) -> float:
-        return max(float(torch.where(p > 0, p * (lp - lq), 0.0).sum()), 0.0)
-
-    js = min(0.5 * (kl(pa, la, lm) + kl(pb, lb, lm)), LN2)
+def _exact_divergence(la: Any, lb: Any, k: int, decode: Any) -> DivergenceResult:
+    """JS and both KLs of two fp32 log-softmax rows, in fp64 with `stats` (the one
+    implementation, shared with the MLX backend; identical rows give 0)."""
+    a = la.double().cpu().numpy()
+    b = lb.double().cpu().numpy()
     return DivergenceResult(
-        js=js,
-        kl_b_a=kl(pb, lb, la),
-        kl_a_b=kl(pa, la, lb),
+        js=stats.js(a, b),
+        kl_b_a=stats.kl(b, a),
+        kl_a_b=stats.kl(a, b),
         exact=True,
         top_a=decode(la, k),
         top_b=decode(lb, k),

@@ -15,11 +15,10 @@ import pytest
 import yaml
 
 from sway_engine import stats
-from sway_engine.backends.api import (
-    APIBackend,
+from sway_engine.backends.api import APIBackend, completions_url
+from sway_engine.backends.api_shapes import (
     Position,
     char_spans,
-    completions_url,
     parse_positions,
     parse_prompt_logprobs,
     top_dist,
@@ -186,7 +185,7 @@ def test_top_dist_rejects_values_that_are_not_log_probs() -> None:
 
 
 def _alt(tok: str, lp: float) -> Any:
-    from sway_engine.backends.api import Alt
+    from sway_engine.backends.api_shapes import Alt
 
     return Alt(tok, None, lp)
 

@@ -1,0 +1,159 @@
+"""LoRA layer surgery for the HF backend: derived views as plain slots on PEFT's LoRA layers,
+and the batched row update that applies every view's factors to its block of a batch.
+
+PEFT's own mixed-batch path loops over every adapter in every layer; these functions do the
+same arithmetic per block of rows (DESIGN.md, "Scoring forwards bypass PEFT's LoRA path").
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sway_engine.errors import BackendError
+from sway_engine.views import Finetuned, Null, Scaled, View
+
+
+def plain_linear(layers: list[Any], src: str | None = None) -> bool:
+    """True when every layer's LoRA (of `src`, else of all adapters) is plain nn.Linear A, B.
+
+    Plain LoRA (no DoRA or other variant, no bias on B) is what `add_slot` can register.
+    """
+    import torch
+
+    linear = torch.nn.Linear
+    for layer in layers:
+        names = [src] if src is not None else list(layer.lora_A)
+        for n in names:
+            if not (
+                isinstance(layer.lora_A[n], linear)
+                and isinstance(layer.lora_B[n], linear)
+                and layer.lora_B[n].bias is None
+                and n not in getattr(layer, "lora_variant", {})
+            ):
+                return False
+    return bool(layers)
+
+
+def add_slot(torch: Any, layer: Any, src: str, name: str, r: int, rslora: bool) -> None:
+    """Register LoRA adapter `name` (rank r, src's alpha) on one layer, weights left unset.
+
+    Sets exactly what PEFT's mixed-batch forward and `delete_adapter` read: the A and B
+    modules (`_fill` overwrites their default init), a no-op dropout (inference),
+    r, alpha and scaling. O(1) per layer, where `update_layer` revisits every adapter.
+    """
+    nn = torch.nn
+    like = layer.lora_A[src].weight
+    kw = {"device": like.device, "dtype": like.dtype, "bias": False}
+    a = nn.Linear(layer.lora_A[src].in_features, r, **kw)  # (skip_init is 10x slower)
+    b = nn.Linear(r, layer.lora_B[src].out_features, **kw)
+    for module in (a, b):
+        module.train(False)
+        module.requires_grad_(False)
+    alpha = layer.lora_alpha[src]
+    layer.r[name] = r
+    layer.lora_alpha[name] = alpha
+    layer.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+    layer.lora_dropout[name] = nn.Identity()
+    layer.lora_A[name] = a
+    layer.lora_B[name] = b
+    for attr, value in (("use_rslora", rslora), ("use_dora", False), ("lora_bias", False)):
+        table = getattr(layer, attr, None)
+        if isinstance(table, dict):
+            table[name] = value
+
+
+def segments(adapters: list[str]) -> list[tuple[str, int, int]]:
+    """Runs of equal adapter names: (name, start, end) over rows sorted by adapter."""
+    out: list[tuple[str, int, int]] = []
+    start = 0
+    for i in range(1, len(adapters) + 1):
+        if i == len(adapters) or adapters[i] != adapters[start]:
+            out.append((adapters[start], start, i))
+            start = i
+    return out
+
+
+def add_row_updates(
+    torch: Any,
+    layer: Any,
+    table: dict[Any, Any],
+    x: Any,
+    out: Any,
+    plan: list[tuple[str, int, int]],
+) -> Any:
+    """out[s:e] += scaling * B A x[s:e] for each adapter block this layer adapts.
+
+    Base rows and adapters that do not target this layer are left as they are. `table`
+    caches (A, B, scaling) per adapter name for this layer (names are never reused). Runs of
+    adjacent blocks of equal size and rank (the nulls and scaled views of one prompt list)
+    go through one batched matmul pair instead of one pair per view: the same arithmetic,
+    a fraction of the Python dispatch at every decode step.
+    """
+    runs: list[list[tuple[str, int, int, tuple[Any, Any, float]]]] = []
+    for name, start, end in plan:
+        f = table.get(name)
+        if f is None:
+            if name not in layer.lora_A:
+                runs.append([])
+                continue
+            f = table[name] = (
+                layer.lora_A[name].weight,
+                layer.lora_B[name].weight,
+                float(layer.scaling[name]),
+            )
+        last = runs[-1][-1] if runs and runs[-1] else None
+        if (
+            last is not None
+            and last[2] == start
+            and last[2] - last[1] == end - start
+            and last[3][0].shape == f[0].shape
+        ):
+            runs[-1].append((name, start, end, f))
+        else:
+            runs.append([(name, start, end, f)])
+    linear = torch.nn.functional.linear
+    for run in runs:
+        if len(run) == 1:
+            _, start, end, (a, b, scaling) = run[0]
+            d = linear(linear(x[start:end].to(a.dtype), a), b)
+            out[start:end].add_(d.to(out.dtype), alpha=scaling)
+        elif run:
+            key = tuple(r[0] for r in run)
+            stacked = table.get(key)
+            if stacked is None:
+                a_all = torch.stack([r[3][0] for r in run]).transpose(1, 2)  # (G, in, r)
+                b_all = torch.stack([r[3][1] for r in run]).transpose(1, 2)  # (G, r, out)
+                scale = torch.tensor([r[3][2] for r in run], dtype=a_all.dtype)
+                stacked = table[key] = (a_all, b_all, scale.to(a_all.device)[:, None, None])
+            a_all, b_all, scale = stacked
+            start, end, groups = run[0][1], run[-1][2], len(run)
+            block = x[start:end].to(a_all.dtype).reshape(groups, -1, x.shape[-1])
+            d = torch.bmm(torch.bmm(block, a_all), b_all) * scale
+            out[start:end].add_(d.reshape(out[start:end].shape).to(out.dtype))
+    return out
+
+
+def layers_take_config(layers: list[Any]) -> bool:
+    """True when this PEFT's LoraLayer.update_layer takes a LoraConfig (peft >= 0.18)."""
+    if not layers:
+        return False
+    import inspect
+
+    return "config" in inspect.signature(layers[0].update_layer).parameters
+
+
+def replace_cfg(cfg: Any, view: View) -> Any:
+    """A LoRA config for a derived view: same targets and alpha; nulls may change rank."""
+    import copy
+
+    new = copy.deepcopy(cfg)
+    new.inference_mode = True
+    if isinstance(view, Null):
+        new.r = max(1, round(cfg.r * view.rank_scale))
+        new.rank_pattern = {
+            k: max(1, round(v * view.rank_scale)) for k, v in cfg.rank_pattern.items()
+        }
+    elif not isinstance(view, Scaled | Finetuned):
+        raise BackendError(f"cannot register view {view!r}")
+    return new
