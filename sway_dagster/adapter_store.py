@@ -34,7 +34,7 @@ class Candidate:
     stamp: str | None = None
 
 
-class AdapterStore(dg.ConfigurableResource):
+class AdapterStoreResource(dg.ConfigurableResource):
     """A folder whose subdirectories are PEFT LoRA adapters (one adapter per directory)."""
 
     model_config = ConfigDict(extra="forbid")

@@ -15,7 +15,7 @@ from typing import Any
 import dagster as dg
 from dagster import AssetExecutionContext
 
-from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.evaluation import (
     Session,
     ensure_run,
@@ -27,7 +27,7 @@ from sway_dagster.evaluation import (
     png_markdown,
 )
 from sway_dagster.partitions import adapters
-from sway_dagster.resources import MlflowTracker, ModelBackend, ResultStore
+from sway_dagster.resources import MlflowResource, ModelResource, ResultStoreResource
 from sway_engine.calibration import NullMatrix
 from sway_engine.errors import AdapterError
 from sway_engine.probes.null_adapter import NullAdapterSpec
@@ -99,7 +99,9 @@ def _manifest_asset() -> dg.AssetsDefinition:
         backfill_policy=MODEL_BACKFILL,
     )
     def adapter_manifest(
-        context: AssetExecutionContext, adapter_store: AdapterStore, results: ResultStore
+        context: AssetExecutionContext,
+        adapter_store: AdapterStoreResource,
+        results: ResultStoreResource,
     ) -> dg.MaterializeResult:
         """Config, rank, alpha, targets, weights hash and a finiteness preflight."""
         store = results.store()
@@ -112,7 +114,7 @@ def _manifest_asset() -> dg.AssetsDefinition:
 
 
 def _manifest(
-    context: AssetExecutionContext, key: str, adapter_store: AdapterStore, store: Any
+    context: AssetExecutionContext, key: str, adapter_store: AdapterStoreResource, store: Any
 ) -> dict[str, Any]:
     try:
         info = adapter_store.verify(key)
@@ -172,9 +174,9 @@ def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefin
     )
     def null_calibration(
         context: AssetExecutionContext,
-        backend: ModelBackend,
-        adapter_store: AdapterStore,
-        results: ResultStore,
+        backend: ModelResource,
+        adapter_store: AdapterStoreResource,
+        results: ResultStoreResource,
     ) -> dg.MaterializeResult:
         """Each calibrated probe's raw metric under each null adapter (probe x seed x rank)."""
         store = results.store()
@@ -271,10 +273,10 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
     )
     def probe(
         context: AssetExecutionContext,
-        backend: ModelBackend,
-        adapter_store: AdapterStore,
-        results: ResultStore,
-        mlflow: MlflowTracker,
+        backend: ModelResource,
+        adapter_store: AdapterStoreResource,
+        results: ResultStoreResource,
+        mlflow: MlflowResource,
     ) -> dg.MaterializeResult:
         store = results.store()
 
@@ -303,7 +305,7 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
 def _store_probe(
     context: AssetExecutionContext,
     store: Any,
-    mlflow: MlflowTracker,
+    mlflow: MlflowResource,
     session: Session,
     result: ProbeResult,
     suite: Suite,
@@ -385,9 +387,9 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
     )
     def sway_score(
         context: AssetExecutionContext,
-        backend: ModelBackend,
-        results: ResultStore,
-        mlflow: MlflowTracker,
+        backend: ModelResource,
+        results: ResultStoreResource,
+        mlflow: MlflowResource,
     ) -> dg.MaterializeResult:
         """Composite score and band from the stored probe rows; the gate decision as a check."""
         if len(context.partition_keys) != 1:
@@ -489,7 +491,7 @@ def _params(suite: Suite, store: Any, key: str) -> dict[str, str | int | float]:
     owners=OWNERS,
     automation_condition=dg.AutomationCondition.eager(),
 )
-def leaderboard(results: ResultStore) -> dg.MaterializeResult:
+def leaderboard(results: ResultStoreResource) -> dg.MaterializeResult:
     """Every evaluated adapter, ranked by overall score (latest score per adapter)."""
     rows = results.store().leaderboard()
     columns = [

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dagster as dg
 
-from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.assets import build_assets, leaderboard
-from sway_dagster.resources import MlflowTracker, ModelBackend, ResultStore, backend_for
+from sway_dagster.resources import MlflowResource, ModelResource, ResultStoreResource, backend_for
 from sway_dagster.sensors import make_adapter_sensor
 from sway_dagster.settings import Settings
 from sway_engine.suite import Suite
@@ -19,7 +19,7 @@ JOB_NAME = "evaluate_adapter"
 
 
 def build_definitions(
-    settings: Settings | None = None, backend: ModelBackend | None = None
+    settings: Settings | None = None, backend: ModelResource | None = None
 ) -> dg.Definitions:
     """The code location for a sway home; `backend` overrides the resource the suite's
     `models` choose (hf, api, custom, a fallback list; two composed when not differential)."""
@@ -50,9 +50,9 @@ def build_definitions(
         sensors=[make_adapter_sensor(JOB_NAME), automation],
         resources={
             "backend": backend or backend_for(suite.spec, trace_dir=str(settings.traces)),
-            "adapter_store": AdapterStore(root=str(settings.adapters_dir)),
-            "results": ResultStore(database=str(settings.database)),
-            "mlflow": MlflowTracker(
+            "adapter_store": AdapterStoreResource(root=str(settings.adapters_dir)),
+            "results": ResultStoreResource(database=str(settings.database)),
+            "mlflow": MlflowResource(
                 tracking_uri=settings.mlflow_uri,
                 experiment=f"sway-{suite.path.stem}",
                 artifact_root=str(settings.mlflow_artifacts),

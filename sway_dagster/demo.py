@@ -115,11 +115,11 @@ def register_adapters(
     adding its partitions; returns every run it requested."""
     import dagster as dg
 
-    from sway_dagster.adapter_store import AdapterStore
+    from sway_dagster.adapter_store import AdapterStoreResource
 
     sensor = defs.resolve_sensor_def("adapter_sensor")
     store = defs.resources["adapter_store"]
-    assert isinstance(store, AdapterStore)
+    assert isinstance(store, AdapterStoreResource)
     cursor: str | None = None
     requests: list[dg.RunRequest] = []
     deadline = time.monotonic() + budget_s

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 import dagster as dg
 
-from sway_dagster.adapter_store import AdapterStore
-from sway_dagster.resources import MlflowTracker, ModelBackend
+from sway_dagster.adapter_store import AdapterStoreResource
+from sway_dagster.resources import MlflowResource, ModelResource
 from sway_engine import __version__
 from sway_engine.adapters import AdapterInfo
 from sway_engine.backends.instrumentation import Instrumented
@@ -42,8 +42,8 @@ class Session:
 
 def per_adapter(
     keys: Sequence[str],
-    backend: ModelBackend,
-    adapters: AdapterStore,
+    backend: ModelResource,
+    adapters: AdapterStoreResource,
     compute: Callable[[Session], T],
 ) -> list[tuple[Session, T]]:
     """compute(session) for every partition of the run, in key order.
@@ -91,14 +91,14 @@ def per_adapter(
     return [out[i] for i in range(len(keys))]
 
 
-def _verified(key: str, adapters: AdapterStore) -> Session:
+def _verified(key: str, adapters: AdapterStoreResource) -> Session:
     try:
         return Session(key, adapters.verify(key, check_finite=False), None, None)
     except SwayError as exc:
         return Session(key, None, None, str(exc))
 
 
-def open_session(key: str, backend: ModelBackend, adapters: AdapterStore) -> Session:
+def open_session(key: str, backend: ModelResource, adapters: AdapterStoreResource) -> Session:
     """Verify the partition's weights and load them onto the (already loaded) base.
 
     Only the hash is checked here: the tensors' finiteness is checked once, by the manifest
@@ -159,7 +159,7 @@ def null_matrix_for(store: DuckStore, key: str, suite: Suite, run_id: str) -> Nu
 
 
 def mlflow_run(
-    tracker: MlflowTracker, key: str, dagster_run_id: str, info: AdapterInfo | None
+    tracker: MlflowResource, key: str, dagster_run_id: str, info: AdapterInfo | None
 ) -> tuple[Any, str]:
     """The MLflow run of this (adapter, Dagster run), created once, found again on retry."""
     tracking = tracker.tracking()

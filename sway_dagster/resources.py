@@ -2,7 +2,7 @@
 
 Heavy state lives in private attributes. A backend loads its base model on the first
 `session()` of a run (set up lazily so a run that needs no model, or a nested resource
-that a TwoModelBackend dedupes, never loads one) and frees it in teardown.
+that a TwoModelResource dedupes, never loads one) and frees it in teardown.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def note_load(resource: dg.ConfigurableResource, what: str) -> None:
         log.info(f"{LOAD_MESSAGE} {what}")
 
 
-class ModelBackend(_Strict):
+class ModelResource(_Strict):
     """A backend resource: `session(adapter)` gives an instrumented engine backend."""
 
     trace_dir: str = ""
@@ -64,7 +64,7 @@ class ModelBackend(_Strict):
         return {}
 
     def engine(self) -> Any:
-        """The loaded engine backend; a TwoModelBackend takes its base view from it."""
+        """The loaded engine backend; a TwoModelResource takes its base view from it."""
         raise NotImplementedError
 
     def served_kind(self) -> str:
@@ -76,15 +76,15 @@ class ModelBackend(_Strict):
             return str(session.kind)
         return CONFIGURED_KIND.get(type(self).__name__, type(self).__name__)
 
-    def same_model(self, other: ModelBackend) -> bool:
-        """True when `other` would load the very same model (a TwoModelBackend loads once)."""
+    def same_model(self, other: ModelResource) -> bool:
+        """True when `other` would load the very same model (a TwoModelResource loads once)."""
         return False
 
     def _trace(self) -> Path | None:
         return Path(self.trace_dir) / "trace.jsonl" if self.trace_dir else None
 
 
-class _LocalModel(ModelBackend):
+class _LocalModel(ModelResource):
     """A base model loaded in this process once per run; adapters swap in place."""
 
     base: str
@@ -114,7 +114,7 @@ class _LocalModel(ModelBackend):
     def model_id(self) -> str:
         return self.base
 
-    def same_model(self, other: ModelBackend) -> bool:
+    def same_model(self, other: ModelResource) -> bool:
         keys = ("base", "dtype", "device", "trust_remote_code")
         return type(other) is type(self) and all(
             getattr(self, k) == getattr(other, k) for k in keys
@@ -168,14 +168,14 @@ class _LocalModel(ModelBackend):
         self._registered = None
 
 
-class HFBackend(_LocalModel):
+class HFModelResource(_LocalModel):
     """torch/transformers/peft: the base loads once per run; adapters swap in place."""
 
     def _load(self) -> Any:
         return build_kind(self._spec("hf"), batch_tokens=self.batch_tokens)
 
 
-class MLXBackend(_LocalModel):
+class MLXModelResource(_LocalModel):
     """mlx-lm (Apple silicon, or Linux CPU through mlx[cpu]): the base loads once per run;
     views and adapters swap LoRA weights in place; PEFT adapters are converted (cached)."""
 
@@ -187,12 +187,12 @@ class MLXBackend(_LocalModel):
         return build_kind(self._spec("mlx"), **options)
 
 
-class TwoModelBackend(ModelBackend):
+class TwoModelResource(ModelResource):
     """Base view from `base`, fine-tuned view from `ft` (any kinds); one load when both name
     one model."""
 
-    base: ModelBackend
-    ft: ModelBackend
+    base: ModelResource
+    ft: ModelResource
     _session: Instrumented | None = PrivateAttr(default=None)
     _adapter: str | None = PrivateAttr(default=None)
 
@@ -216,7 +216,7 @@ class TwoModelBackend(ModelBackend):
         return self.ft.counters()
 
 
-class _Built(ModelBackend):
+class _Built(ModelResource):
     """A backend built from a ModelSpec by the engine's factory (`backends.build`).
 
     The adapter under evaluation is swapped in place where the engine can (`load_adapter`),
@@ -271,7 +271,7 @@ class _Built(ModelBackend):
         self._adapter = self._loaded = None
 
 
-class ApiBackend(_Built):
+class ApiModelResource(_Built):
     """An OpenAI-compatible completions endpoint serving one fixed model. The key comes from
     SWAY_API_KEY / OPENAI_API_KEY in the environment, never from config."""
 
@@ -305,7 +305,7 @@ class ApiBackend(_Built):
         return self._backend
 
 
-class CustomBackend(_Built):
+class CustomModelResource(_Built):
     """A user class (`entry_point: pkg.mod:Class`), built with the partition's adapter."""
 
     entry_point: str
@@ -320,7 +320,7 @@ class CustomBackend(_Built):
         )
 
 
-class PriorityBackend(_Built):
+class PriorityModelResource(_Built):
     """Kinds tried in order (e.g. ["mlx", "hf"]); the first that loads serves the run."""
 
     kinds: list[str]
@@ -332,7 +332,7 @@ class PriorityBackend(_Built):
     entry_point: str | None = None
 
     @model_validator(mode="after")
-    def _kinds_are_valid(self) -> PriorityBackend:
+    def _kinds_are_valid(self) -> PriorityModelResource:
         self.spec_for(None)  # the same rules as a spec's `fallback`, at construction
         return self
 
@@ -341,7 +341,7 @@ class PriorityBackend(_Built):
 
     def spec_for(self, adapter: str | None) -> ModelSpec:
         if not self.kinds:
-            raise ValueError("PriorityBackend needs at least one kind to try")
+            raise ValueError("PriorityModelResource needs at least one kind to try")
         return ModelSpec.model_validate(
             {
                 "kind": self.kinds[0],
@@ -357,10 +357,10 @@ class PriorityBackend(_Built):
         )
 
 
-def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelBackend:
+def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelResource:
     """The backend resource for one side of a suite's `models`."""
     if model.fallback:
-        return PriorityBackend(
+        return PriorityModelResource(
             kinds=[model.kind, *model.fallback],
             base=model.base,
             dtype=model.dtype,
@@ -371,7 +371,7 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelBackend:
             trace_dir=trace_dir,
         )
     if model.kind == "hf":
-        return HFBackend(
+        return HFModelResource(
             base=model.base,
             dtype=model.dtype,
             device=model.device,
@@ -379,7 +379,7 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelBackend:
             trace_dir=trace_dir,
         )
     if model.kind == "mlx":
-        return MLXBackend(
+        return MLXModelResource(
             base=model.base,
             dtype=model.dtype,
             device=model.device,
@@ -388,7 +388,7 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelBackend:
         )
     if model.kind == "api":
         assert model.endpoint is not None  # the spec requires it
-        return ApiBackend(
+        return ApiModelResource(
             endpoint=model.endpoint,
             model=model.base,
             allow_insecure_http=model.allow_insecure_http,
@@ -396,32 +396,34 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelBackend:
         )
     if model.kind == "custom":
         assert model.entry_point is not None  # the spec requires it
-        return CustomBackend(entry_point=model.entry_point, base=model.base, trace_dir=trace_dir)
+        return CustomModelResource(
+            entry_point=model.entry_point, base=model.base, trace_dir=trace_dir
+        )
     raise ValueError(f"backend kind {model.kind!r} has no Dagster resource")
 
 
-def backend_for(spec: SuiteSpec, trace_dir: str = "") -> ModelBackend:
+def backend_for(spec: SuiteSpec, trace_dir: str = "") -> ModelResource:
     """The suite's backend resource: one model, or two composed (`differential: false`)."""
     ft = resource_for(spec.models.ft, trace_dir)
     if spec.defaults.differential:
         check_one_model(spec.models.ft)
         return ft
-    return TwoModelBackend(
+    return TwoModelResource(
         base=resource_for(spec.models.base, trace_dir), ft=ft, trace_dir=trace_dir
     )
 
 
 # The engine kind each resource class serves, where the class alone decides it.
 CONFIGURED_KIND = {
-    "HFBackend": "hf",
-    "MLXBackend": "mlx",
-    "ApiBackend": "api",
-    "CustomBackend": "custom",
-    "TwoModelBackend": "two_model",
+    "HFModelResource": "hf",
+    "MLXModelResource": "mlx",
+    "ApiModelResource": "api",
+    "CustomModelResource": "custom",
+    "TwoModelResource": "two_model",
 }
 
 
-class ResultStore(_Strict):
+class ResultStoreResource(_Strict):
     """The DuckDB result store (short connections, retried writes, numbered migrations)."""
 
     database: str
@@ -430,7 +432,7 @@ class ResultStore(_Strict):
         return DuckStore(self.database)
 
 
-class MlflowTracker(_Strict):
+class MlflowResource(_Strict):
     """MLflow through an explicit MlflowClient: one run per (adapter, Dagster run)."""
 
     tracking_uri: str

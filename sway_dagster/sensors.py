@@ -6,7 +6,7 @@ import json
 
 import dagster as dg
 
-from sway_dagster.adapter_store import AdapterStore, Candidate
+from sway_dagster.adapter_store import AdapterStoreResource, Candidate
 from sway_dagster.partitions import ADAPTERS, adapters
 
 ADAPTER_FILES = dg.AssetKey("adapter_files")
@@ -18,7 +18,7 @@ def make_adapter_sensor(
     minimum_interval_seconds: int = 30,
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
 ) -> dg.SensorDefinition:
-    """Build the sensor that scans `AdapterStore.root` and requests `job_name` per new adapter."""
+    """The sensor that scans `AdapterStoreResource.root`, one `job_name` run per new adapter."""
 
     @dg.sensor(
         job_name=job_name,
@@ -28,7 +28,7 @@ def make_adapter_sensor(
         "settled adapter directory whose weights have not been seen yet.",
     )
     def adapter_sensor(
-        context: dg.SensorEvaluationContext, adapter_store: AdapterStore
+        context: dg.SensorEvaluationContext, adapter_store: AdapterStoreResource
     ) -> dg.SensorResult | dg.SkipReason:
         root = adapter_store.root_path
         if not root.is_dir():

@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.definitions import JOB_NAME, build_definitions
-from sway_dagster.resources import CustomBackend, PriorityBackend
+from sway_dagster.resources import CustomModelResource, PriorityModelResource
 from sway_engine.backends.hf import HFBackend
 from sway_engine.cli import main
 from sway_engine.requests import Request, Result
@@ -61,7 +61,7 @@ def test_custom_kind_through_the_cli(fx, tmp_path: Path) -> None:  # type: ignor
 def materialize(home, instance, fx) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
     defs = build_definitions(home)
     add_adapter(home, fx.adapters["doc-strong"])
-    (cand,) = AdapterStore(root=str(home.adapters_dir), settle_seconds=0).scan()
+    (cand,) = AdapterStoreResource(root=str(home.adapters_dir), settle_seconds=0).scan()
     assert cand.key is not None
     instance.add_dynamic_partitions("adapters", [cand.key])
     result = defs.resolve_job_def(JOB_NAME).execute_in_process(
@@ -74,7 +74,7 @@ def materialize(home, instance, fx) -> tuple[Any, str]:  # type: ignore[no-untyp
 def test_custom_kind_materializes_in_dagster(home, instance, fx) -> None:  # type: ignore[no-untyped-def]
     home.suite.write_text(custom_suite(fx.suite))
     defs, key = materialize(home, instance, fx)
-    assert isinstance(defs.resources["backend"], CustomBackend)
+    assert isinstance(defs.resources["backend"], CustomModelResource)
     store = ResultStore(home.database)
     rows = {r["probe"]: r for r in store.probe_results(key)}
     assert rows["delta_kl_doc"]["verdict"] == "pass"
@@ -90,7 +90,7 @@ def test_fallback_materializes_on_the_kind_that_loaded(home, instance, fx) -> No
         )
     home.suite.write_text(yaml.safe_dump(data, sort_keys=False))
     defs, key = materialize(home, instance, fx)
-    assert isinstance(defs.resources["backend"], PriorityBackend)
+    assert isinstance(defs.resources["backend"], PriorityModelResource)
     store = ResultStore(home.database)
     assert [r["backend_kind"] for r in store.runs()] == ["hf"]
     rows = {r["probe"]: r for r in store.probe_results(key)}

@@ -6,7 +6,7 @@ import dagster as dg
 import pytest
 from mlflow import MlflowClient
 
-from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.definitions import JOB_NAME, build_definitions
 from sway_engine.adapters import read_adapter
 from sway_engine.store import ResultStore
@@ -19,7 +19,7 @@ def evaluate(settings, instance, names, fx):  # type: ignore[no-untyped-def]
     keys = []
     for name in names:
         add_adapter(settings, fx.adapters[name])
-    for cand in AdapterStore(root=str(settings.adapters_dir), settle_seconds=0).scan():
+    for cand in AdapterStoreResource(root=str(settings.adapters_dir), settle_seconds=0).scan():
         if cand.key is not None:
             keys.append(cand.key)
     instance.add_dynamic_partitions("adapters", keys)

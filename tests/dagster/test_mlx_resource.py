@@ -1,12 +1,12 @@
-"""The MLXBackend resource: a suite with `kind: mlx` evaluates a partition on mlx-lm."""
+"""The MLXModelResource resource: a suite with `kind: mlx` evaluates a partition on mlx-lm."""
 
 from __future__ import annotations
 
 import pytest
 
-from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.definitions import JOB_NAME, build_definitions
-from sway_dagster.resources import HFBackend, MLXBackend
+from sway_dagster.resources import HFModelResource, MLXModelResource
 from sway_engine.store import ResultStore
 from tests.dagster.conftest import add_adapter, model_loads
 
@@ -18,11 +18,11 @@ def test_suite_kind_mlx_picks_the_mlx_resource_and_materializes(
     home.suite.write_text(fx.suite.read_text().replace("kind: hf", "kind: mlx"))
     defs = build_definitions(home)
     resource = defs.resources["backend"]
-    assert isinstance(resource, MLXBackend) and resource.base == str(fx.base)
-    assert not resource.same_model(HFBackend(base=str(fx.base)))
+    assert isinstance(resource, MLXModelResource) and resource.base == str(fx.base)
+    assert not resource.same_model(HFModelResource(base=str(fx.base)))
 
     add_adapter(home, fx.adapters["doc-strong"])
-    (cand,) = AdapterStore(root=str(home.adapters_dir), settle_seconds=0).scan()
+    (cand,) = AdapterStoreResource(root=str(home.adapters_dir), settle_seconds=0).scan()
     assert cand.key is not None
     instance.add_dynamic_partitions("adapters", [cand.key])
     result = defs.resolve_job_def(JOB_NAME).execute_in_process(
@@ -42,4 +42,4 @@ def test_mlx_resource_rejects_unknown_config(fx) -> None:  # type: ignore[no-unt
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="bogus"):
-        MLXBackend(base=str(fx.base), bogus=1)  # type: ignore[call-arg]
+        MLXModelResource(base=str(fx.base), bogus=1)  # type: ignore[call-arg]

@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.settings import Settings
 from tests.dagster.conftest import REPO, add_adapter, model_loads
 
@@ -36,7 +36,7 @@ def launched(home: Settings, fx, tmp_path: Path):  # type: ignore[no-untyped-def
     env = {**os.environ, "SWAY_HOME": str(home.home), "DAGSTER_HOME": str(dagster_home)}
     keys = {
         c.name: str(c.key)
-        for c in AdapterStore(root=str(home.adapters_dir), settle_seconds=0).scan()
+        for c in AdapterStoreResource(root=str(home.adapters_dir), settle_seconds=0).scan()
     }
     with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
         instance.add_dynamic_partitions("adapters", list(keys.values()))

@@ -12,7 +12,7 @@ from dagster._core.storage.tags import (
 )
 from mlflow import MlflowClient
 
-from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.assets import MODEL_BACKFILL, SCORE_BACKFILL
 from sway_dagster.definitions import JOB_NAME, build_definitions
 from sway_engine.store import ResultStore
@@ -28,7 +28,7 @@ def registered(settings, instance, fx, names):  # type: ignore[no-untyped-def]
         add_adapter(settings, fx.adapters[name])
     keys = [
         c.key
-        for c in AdapterStore(root=str(settings.adapters_dir), settle_seconds=0).scan()
+        for c in AdapterStoreResource(root=str(settings.adapters_dir), settle_seconds=0).scan()
         if c.key is not None
     ]
     instance.add_dynamic_partitions("adapters", keys)
@@ -161,7 +161,7 @@ def test_an_adapter_that_fails_preflight_in_a_range_gets_error_rows(
     add_adapter(home, fx.adapters["doc-strong"])
     keys = {
         c.key.rsplit("-", 1)[0]: c.key
-        for c in AdapterStore(root=str(home.adapters_dir), settle_seconds=0).scan()
+        for c in AdapterStoreResource(root=str(home.adapters_dir), settle_seconds=0).scan()
         if c.key is not None
     }
     instance.add_dynamic_partitions("adapters", list(keys.values()))

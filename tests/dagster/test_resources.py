@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from sway_dagster.definitions import JOB_NAME, build_definitions
-from sway_dagster.resources import HFBackend, TwoModelBackend
+from sway_dagster.resources import HFModelResource, TwoModelResource
 from sway_engine.backends.hf import HFBackend as Engine
 from sway_engine.store import ResultStore
 from tests.conftest import count_constructions
@@ -15,7 +15,9 @@ from tests.dagster.conftest import add_adapter
 
 def test_two_model_on_one_model_loads_once(fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     loads = count_constructions(monkeypatch, Engine)
-    res = TwoModelBackend(base=HFBackend(base=str(fx.base)), ft=HFBackend(base=str(fx.base)))
+    res = TwoModelResource(
+        base=HFModelResource(base=str(fx.base)), ft=HFModelResource(base=str(fx.base))
+    )
     res.session(str(fx.adapters["doc-strong"]))
     res.session(str(fx.adapters["zero"]))
     assert len(loads) == 1
@@ -23,8 +25,8 @@ def test_two_model_on_one_model_loads_once(fx, monkeypatch) -> None:  # type: ig
 
 def test_two_model_on_two_models_composes(fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     loads = count_constructions(monkeypatch, Engine)
-    res = TwoModelBackend(
-        base=HFBackend(base=str(fx.base), dtype="fp32"), ft=HFBackend(base=str(fx.base))
+    res = TwoModelResource(
+        base=HFModelResource(base=str(fx.base), dtype="fp32"), ft=HFModelResource(base=str(fx.base))
     )
     session = res.session(str(fx.adapters["doc-strong"]))
     assert len(loads) == 2
@@ -33,18 +35,18 @@ def test_two_model_on_two_models_composes(fx, monkeypatch) -> None:  # type: ign
 
 def test_unknown_resource_config_is_rejected(fx) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValidationError, match="bogus"):
-        HFBackend(base=str(fx.base), bogus=1)  # type: ignore[call-arg]
+        HFModelResource(base=str(fx.base), bogus=1)  # type: ignore[call-arg]
 
 
 def test_job_runs_with_a_two_model_backend(home, instance, fx) -> None:  # type: ignore[no-untyped-def]
-    backend = TwoModelBackend(
-        base=HFBackend(base=str(fx.base), dtype="fp32"), ft=HFBackend(base=str(fx.base))
+    backend = TwoModelResource(
+        base=HFModelResource(base=str(fx.base), dtype="fp32"), ft=HFModelResource(base=str(fx.base))
     )
     defs = build_definitions(home, backend=backend)
     add_adapter(home, fx.adapters["doc-strong"])
-    from sway_dagster.adapter_store import AdapterStore
+    from sway_dagster.adapter_store import AdapterStoreResource
 
-    (cand,) = AdapterStore(root=str(home.adapters_dir), settle_seconds=0).scan()
+    (cand,) = AdapterStoreResource(root=str(home.adapters_dir), settle_seconds=0).scan()
     assert cand.key is not None
     instance.add_dynamic_partitions("adapters", [cand.key])
     result = defs.resolve_job_def(JOB_NAME).execute_in_process(

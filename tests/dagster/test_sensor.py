@@ -1,4 +1,4 @@
-"""The adapter sensor and AdapterStore against real directories and a real Dagster instance."""
+"""The adapter sensor and AdapterStoreResource on real directories and a real Dagster instance."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 from safetensors.numpy import save_file
 
-from sway_dagster.adapter_store import AdapterStore
+from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.partitions import adapters, partition_key, slug, split_key
 from sway_dagster.sensors import adapter_sensor, make_adapter_sensor
 from sway_engine.adapters import CONFIG, WEIGHTS, weights_sha256
@@ -97,7 +97,7 @@ class Ticker:
             instance_ref=self.instance.get_ref(),
             definitions=DEFS,
             cursor=self.cursor,
-            resources={"adapter_store": AdapterStore(root=str(self.root))},
+            resources={"adapter_store": AdapterStoreResource(root=str(self.root))},
         )
         ctx.log.addHandler(self.caplog.handler)
         return ctx
@@ -241,7 +241,7 @@ def test_non_adapter_and_invalid_dirs_are_skipped_and_logged(
     for p in (tmp_path / "notes", dora, pickled):
         settle(p)
 
-    scan = {c.name: c for c in AdapterStore(root=str(tmp_path)).scan()}
+    scan = {c.name: c for c in AdapterStoreResource(root=str(tmp_path)).scan()}
     assert list(scan) == ["dora", "notes", "pickled"]
     assert scan["notes"].status == "not_adapter"
     assert scan["notes"].reason == f"not an adapter (no {CONFIG})"
@@ -259,7 +259,7 @@ def test_missing_root_is_logged_not_raised(
     instance: dg.DagsterInstance, tmp_path: Path, caplog
 ) -> None:
     root = tmp_path / "nowhere"
-    assert AdapterStore(root=str(root)).scan() == []
+    assert AdapterStoreResource(root=str(root)).scan() == []
     Ticker(instance, root, caplog).skip()
     assert f"adapter root {root} does not exist" in caplog.text
 
@@ -267,7 +267,7 @@ def test_missing_root_is_logged_not_raised(
 def test_slug_collision_is_invalid(tmp_path: Path) -> None:
     make_adapter(tmp_path, "A b")
     make_adapter(tmp_path, "a-b")
-    store = AdapterStore(root=str(tmp_path))
+    store = AdapterStoreResource(root=str(tmp_path))
     assert {c.status for c in store.scan()} == {"invalid"}
     with pytest.raises(AdapterError, match="all match partition"):
         store.path_for("a-b-0123abcd")
@@ -287,7 +287,7 @@ def test_partition_key_slugs_names() -> None:
 
 def test_path_for_and_verify_round_trip(tmp_path: Path) -> None:
     path = make_adapter(tmp_path, "My Adapter,v2!")
-    store = AdapterStore(root=str(tmp_path))
+    store = AdapterStoreResource(root=str(tmp_path))
     [candidate] = store.scan()
     key = candidate.key
     assert key == partition_key("My Adapter,v2!", weights_sha256(path))
@@ -306,7 +306,7 @@ def test_path_for_and_verify_round_trip(tmp_path: Path) -> None:
 
 def test_scan_reuses_known_hash_only_for_unchanged_weights(tmp_path: Path) -> None:
     path = make_adapter(tmp_path, "a1")
-    store = AdapterStore(root=str(tmp_path))
+    store = AdapterStoreResource(root=str(tmp_path))
     [first] = store.scan()
     assert first.stamp is not None
     fake = "f" * 64
@@ -321,7 +321,7 @@ def test_scan_reuses_known_hash_only_for_unchanged_weights(tmp_path: Path) -> No
 
 def test_unknown_config_key_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="extra_forbidden|Extra inputs"):
-        AdapterStore(root=str(tmp_path), settle_second=1.0)  # type: ignore[call-arg]
+        AdapterStoreResource(root=str(tmp_path), settle_second=1.0)  # type: ignore[call-arg]
 
 
 def test_sensor_factory_options() -> None:
@@ -339,6 +339,6 @@ def test_sensor_factory_options() -> None:
             assets=DEFS.assets,
             jobs=DEFS.jobs,
             sensors=[adapter_sensor],
-            resources={"adapter_store": AdapterStore(root="/nonexistent")},
+            resources={"adapter_store": AdapterStoreResource(root="/nonexistent")},
         )
     )

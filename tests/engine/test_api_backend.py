@@ -650,7 +650,7 @@ def test_one_dagster_materialization_on_two_real_servers(  # type: ignore[no-unt
     import dagster as dg
     from mlflow import MlflowClient
 
-    from sway_dagster.adapter_store import AdapterStore
+    from sway_dagster.adapter_store import AdapterStoreResource
     from sway_dagster.definitions import JOB_NAME, build_definitions
     from sway_dagster.settings import Settings
     from sway_engine.store import ResultStore
@@ -663,7 +663,7 @@ def test_one_dagster_materialization_on_two_real_servers(  # type: ignore[no-unt
     home = Settings.from_env({"SWAY_HOME": str(root)})
     shutil.copytree(fx.adapters["doc-strong"], home.adapters_dir / "doc-strong")
     defs = build_definitions(home)
-    (cand,) = AdapterStore(root=str(home.adapters_dir), settle_seconds=0).scan()
+    (cand,) = AdapterStoreResource(root=str(home.adapters_dir), settle_seconds=0).scan()
     assert cand.key is not None
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("adapters", [cand.key])
@@ -683,14 +683,14 @@ def test_one_dagster_materialization_on_two_real_servers(  # type: ignore[no-unt
 
 
 def test_dagster_resources_choose_and_compose_api_endpoints(tmp_path: Path) -> None:
-    from sway_dagster.resources import ApiBackend, TwoModelBackend, backend_for
+    from sway_dagster.resources import ApiModelResource, TwoModelResource, backend_for
 
     base, ft = FakeServer(), FakeServer(shift=0.5)
     try:
         spec, _ = parse_spec(yaml.safe_load(_fake_spec(tmp_path, base.url, ft.url).read_text()))
         res = backend_for(spec)
-        assert isinstance(res, TwoModelBackend)
-        assert isinstance(res.base, ApiBackend) and isinstance(res.ft, ApiBackend)
+        assert isinstance(res, TwoModelResource)
+        assert isinstance(res.base, ApiModelResource) and isinstance(res.ft, ApiModelResource)
         assert (res.base.endpoint, res.ft.endpoint, res.model_id()) == (base.url, ft.url, "fake")
         session = res.session("/adapters/a-1")
         assert session.kind == "two_model" and session.capabilities == {

@@ -183,7 +183,7 @@ def test_custom_fails_hf_serves_and_duckdb_records_hf(
 
 
 def test_priority_resource_swaps_adapters_on_the_chosen_kind(fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from sway_dagster.resources import PriorityBackend as Resource
+    from sway_dagster.resources import PriorityModelResource as Resource
     from sway_engine.backends.hf import HFBackend
 
     loads = count_constructions(monkeypatch, HFBackend)
@@ -197,7 +197,7 @@ def test_priority_resource_swaps_adapters_on_the_chosen_kind(fx, monkeypatch) ->
 
 
 def test_priority_resource_validates_its_kinds_when_configured() -> None:
-    from sway_dagster.resources import PriorityBackend as Resource
+    from sway_dagster.resources import PriorityModelResource as Resource
 
     with pytest.raises(ValidationError, match=r"repeats kind\(s\) \['hf'\]"):
         Resource(kinds=["hf", "hf"], base="/m")
