@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 from collections import Counter
@@ -62,11 +63,19 @@ class AdapterStoreResource(dg.ConfigurableResource):
         dirs = self._subdirs()
         slugs = Counter(slug(p.name) for p in dirs)
         out = []
+        root = self.root_path.resolve()
         for path in dirs:
+            if not path.resolve().is_relative_to(root):
+                why = f"a symlink that leads outside the adapter root ({path.resolve()}); ignored"
+                out.append(Candidate(path.name, path, "invalid", reason=why))
+                continue
             try:
                 out.append(self._classify(path, now, known, slugs))
             except OSError as exc:
                 out.append(Candidate(path.name, path, "invalid", reason=f"cannot read it: {exc}"))
+            except Exception as exc:  # noqa: BLE001 - one odd folder must never stop the tick
+                why = f"{type(exc).__name__}: {exc}"
+                out.append(Candidate(path.name, path, "invalid", reason=why))
         return out
 
     def path_for(self, key: str) -> Path:
@@ -75,7 +84,12 @@ class AdapterStoreResource(dg.ConfigurableResource):
         root = self.root_path
         if not root.is_dir():
             raise AdapterError(f"adapter root {root} does not exist (looking for partition {key})")
-        matches = [p for p in self._subdirs() if slug(p.name) == base]
+        inside = root.resolve()
+        matches = [
+            p
+            for p in self._subdirs()
+            if slug(p.name) == base and p.resolve().is_relative_to(inside)
+        ]
         if not matches:
             raise AdapterError(
                 f"no directory in {root} matches partition {key}; "
@@ -162,15 +176,20 @@ class AdapterStoreResource(dg.ConfigurableResource):
         )
 
     def _recently_modified(self, path: Path, now: float) -> str:
-        """Why `path` looks unsettled ('' when every file is older than settle_seconds)."""
-        try:
-            for f in path.rglob("*"):
-                st = f.stat()
+        """Why `path` looks unsettled ('' when every file is older than settle_seconds).
+
+        Symlinks are not followed (a link to a large tree is not walked every tick) and a
+        dangling one is not a file being written."""
+        for folder, _, files in os.walk(path, followlinks=False):
+            for name in files:
+                f = Path(folder) / name
+                try:
+                    st = f.lstat()
+                except FileNotFoundError:
+                    return f"{f.relative_to(path)} vanished during the scan"
                 age = now - st.st_mtime
                 if stat.S_ISREG(st.st_mode) and age < self.settle_seconds:
                     return f"{f.relative_to(path)} modified {max(age, 0.0):.1f}s ago"
-        except FileNotFoundError as exc:
-            return f"{exc.filename} vanished during the scan"
         return ""
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -60,32 +62,62 @@ def read_adapter(path: str | Path, *, check_finite: bool = True) -> AdapterInfo:
         raise AdapterError(
             f"{w_path} is missing: the adapter has no weights (still being written?)"
         )
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{cfg_path} is not valid JSON: {exc}") from exc
-    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    cfg = _read_config(cfg_path)
+    peft_type = str(cfg.get("peft_type") or "LORA").upper()
     if peft_type != "LORA":
         raise AdapterError(f"{cfg_path}: peft_type {peft_type} is not supported (LoRA only)")
     if cfg.get("use_dora"):
         raise AdapterError(f"{cfg_path}: DoRA adapters are not supported yet (use_dora: true)")
-    rank = int(cfg.get("r", 0))
-    if rank <= 0:
-        raise AdapterError(f"{cfg_path}: rank r must be positive, got {cfg.get('r')!r}")
+    rank = _whole(cfg_path, "r", cfg.get("r"))
+    alpha = _number(cfg_path, "lora_alpha", cfg.get("lora_alpha", rank))
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(
+            f"{cfg_path}: target_modules must be a list of module names, got {targets!r}"
+        )
     num = _check_tensors(w_path) if check_finite else 0
     return AdapterInfo(
         path=path,
         rank=rank,
-        alpha=float(cfg.get("lora_alpha", rank)),
+        alpha=alpha,
         target_modules=tuple(sorted(str(t) for t in targets)),
         base_model=str(cfg.get("base_model_name_or_path") or ""),
         sha256=weights_sha256(path),
         size_bytes=w_path.stat().st_size,
         num_tensors=num,
     )
+
+
+def _read_config(cfg_path: Path) -> dict[str, Any]:
+    """The config as a JSON object; anything else is an AdapterError naming the file."""
+    try:
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"{cfg_path} is not UTF-8 text ({exc.reason}): re-export it") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{cfg_path} is not valid JSON: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise AdapterError(
+            f"{cfg_path} must hold a JSON object (PEFT's LoraConfig), got {type(cfg).__name__}"
+        )
+    return cfg
+
+
+def _whole(cfg_path: Path, field: str, value: Any) -> int:
+    """A positive whole number (a rank of 4.7 is not 4: it is a broken config)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise AdapterError(f"{cfg_path}: {field} must be a positive whole number, got {value!r}")
+    if value <= 0:
+        raise AdapterError(f"{cfg_path}: rank r must be positive, got {value!r}")
+    return int(value)
+
+
+def _number(cfg_path: Path, field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise AdapterError(f"{cfg_path}: {field} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _check_tensors(w_path: Path) -> int:

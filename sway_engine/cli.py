@@ -1,6 +1,8 @@
 """The `sway` command: run, gate, check, autogen, doctor, convert-adapter, fixtures build.
 
-Exit codes: 0 ok, 1 gate failed, 2 bad input (spec, adapter, missing extra).
+Exit codes: 0 ok, 1 gate failed (or, for `run` and `check`, a probe errored or the verdict is
+not PASS), 2 bad input (spec, adapter, paths, missing extra), 3 internal error (a bug: the
+traceback is printed with --debug).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from sway_engine.errors import SwayError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sway", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command")
 
     def outputs(p: argparse.ArgumentParser) -> None:
@@ -76,6 +79,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place a bug becomes exit code 3
+        if args.debug:
+            raise
+        print(
+            f"internal error: {type(exc).__name__}: {exc} (a bug in sway: run again with "
+            "--debug for the traceback, and report it)",
+            file=sys.stderr,
+        )
+        return 3
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.version:
         from sway_engine import __version__
 
@@ -97,8 +117,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SwayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as exc:
+        print(
+            f"error: a file is not UTF-8 text ({exc.reason}): re-save it as UTF-8", file=sys.stderr
+        )
+        return 2
     _parser().print_help()
     return 2
+
+
+def _writable(paths: Sequence[Path | None]) -> None:
+    """Refuse an output path whose folder does not exist before any model loads (the whole
+    evaluation was lost at the end, and gate printed no verdict)."""
+    for path in paths:
+        if path is not None and not Path(path).parent.is_dir():
+            raise SwayError(f"{path}: its folder {Path(path).parent} does not exist; create it")
 
 
 def _run(args: argparse.Namespace, *, gate: bool) -> int:
@@ -115,6 +148,7 @@ def _run(args: argparse.Namespace, *, gate: bool) -> int:
             update={"defaults": spec.defaults.model_copy(update={"score_weights": weights})}
         )
     threshold = getattr(args, "threshold", None)
+    _writable([args.json, args.markdown, args.junit, args.trace])
     return _evaluate_and_report(spec, entries, args, str(args.spec), gate, threshold)
 
 
@@ -153,6 +187,10 @@ def _evaluate_and_report(
     if gate:
         print(("gate passed — " if passed else "gate FAILED — ") + why)
         return 0 if passed else 1
+    errored = [p.name for p in result.probes if p.verdict.value == "error"]
+    if errored:
+        print(f"{len(errored)} probe(s) errored: {', '.join(errored)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -235,7 +273,15 @@ def _check(args: argparse.Namespace) -> int:
         raise SwayError(f"{args.adapter}: no base_model_name_or_path in its config; pass --base")
     prompts = DEFAULT_CHECK_PROMPTS
     if args.prompts:
-        prompts = [ln.strip() for ln in args.prompts.read_text().splitlines() if ln.strip()]
+        try:
+            text = args.prompts.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SwayError(
+                f"--prompts {args.prompts}: cannot read: {exc.strerror or exc}"
+            ) from exc
+        prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if not prompts:
+            raise SwayError(f"--prompts {args.prompts}: no prompts (one per line)")
     data = {
         "version": 1,
         "models": {
@@ -254,7 +300,7 @@ def _check(args: argparse.Namespace) -> int:
     dkl = result.probe("delta_kl")
     z = f"{dkl.z:+.2f}σ" if dkl.z is not None else "uncalibrated"
     print(f"{info.path.name}: delta_kl {dkl.verdict.value.upper()} (z={z}): {dkl.message}")
-    return 0
+    return 0 if dkl.verdict.value == "pass" else 1
 
 
 DEFAULT_CHECK_PROMPTS = [

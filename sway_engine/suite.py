@@ -102,6 +102,9 @@ def load_spec(path: str | Path) -> tuple[SuiteSpec, list[Any]]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SpecError([("<file>", f"cannot read: {exc.strerror or exc}")], source=source) from exc
+    except UnicodeDecodeError as exc:
+        why = f"not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8"
+        raise SpecError([("<file>", why)], source=source) from exc
     except yaml.YAMLError as exc:
         raise SpecError([("<file>", f"invalid YAML: {exc}")], source=source) from exc
     return parse_spec(data, source=source, base_dir=path.resolve().parent)
@@ -110,6 +113,7 @@ def load_spec(path: str | Path) -> tuple[SuiteSpec, list[Any]]:
 def parse_spec(
     data: Any, *, source: str = "<memory>", base_dir: Path | None = None
 ) -> tuple[SuiteSpec, list[Any]]:
+    data = _null_key(data)
     if not isinstance(data, dict):
         raise SpecError([("<root>", "the spec must be a YAML mapping")], source=source)
     problems: list[tuple[str, str]] = []
@@ -134,6 +138,21 @@ def parse_spec(
     if problems or spec is None:
         raise SpecError(problems, source=source)
     return spec, [_with_alpha(e, spec.defaults.alpha) for e in entries]
+
+
+def _null_key(data: Any) -> Any:
+    """`defaults: {null: {...}}` written in plain YAML: `null` is YAML's None, so the key
+    arrives as None (users saw "defaults.None: Keys should be strings"). Read it as "null";
+    `nulls:` and the quoted `"null":` work too."""
+    if not isinstance(data, dict) or not isinstance(data.get("defaults"), dict):
+        return data
+    defaults = dict(data["defaults"])
+    for alias in (None, "nulls"):
+        if alias in defaults:
+            if "null" in defaults:
+                continue  # both given: pydantic reports the unknown key
+            defaults["null"] = defaults.pop(alias)
+    return {**data, "defaults": defaults}
 
 
 def _with_alpha(entry: Any, alpha: float) -> Any:

@@ -7,6 +7,7 @@ The CLI runner and the Dagster resources build every engine backend here. Heavy 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 from sway_engine.backends.base import Backend
 from sway_engine.errors import BackendError, SwayError
@@ -32,6 +33,15 @@ def build_backend(model: ModelSpec, *, base: ModelSpec | None = None, **options:
         return TwoModelBackend(base_backend, ft_backend)
     check_one_model(model)
     return build_side(model, **options)
+
+
+def local_model_exists(base: str) -> None:
+    """A base written as a path must exist (transformers would report a malformed repo id)."""
+    if base.startswith(("/", "./", "../", "~")) and not Path(base).expanduser().exists():
+        raise BackendError(
+            f"base model {base}: no such directory (a local path; for a hub model give its id, "
+            "e.g. HuggingFaceTB/SmolLM2-135M)"
+        )
 
 
 def check_one_model(model: ModelSpec) -> None:
@@ -61,6 +71,8 @@ def build_side(model: ModelSpec, **options: object) -> Backend:
 
 def build_kind(model: ModelSpec, **options: object) -> Backend:
     """A backend of exactly `model.kind` (no fallback); `options` go to its constructor."""
+    if model.kind in ("hf", "mlx"):
+        local_model_exists(model.base)
     if model.kind == "api":
         from sway_engine.backends.api import APIBackend
 

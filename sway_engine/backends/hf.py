@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from sway_engine import stats
-from sway_engine.adapters import AdapterInfo, read_adapter
+from sway_engine.adapters import WEIGHTS, AdapterInfo, read_adapter
 from sway_engine.backends.base import ALL_CAPABILITIES
 from sway_engine.backends.hf_lora import (
     add_row_updates,
@@ -37,6 +37,7 @@ from sway_engine.backends.rows import (
 )
 from sway_engine.backends.rows import plan as plan_rows
 from sway_engine.errors import AdapterError, BackendError
+from sway_engine.nulls import PEFT_PREFIX
 from sway_engine.requests import (
     ContinuationLogprob,
     Divergence,
@@ -158,6 +159,7 @@ class HFBackend:
     def load_adapter(self, path: str) -> None:
         """Swap the trained adapter in place; derived views are rebuilt on demand."""
         info = read_adapter(path)
+        self._check_modules(info)
         _, _, peft = _import_stack()
         self._generation += 1
         name = f"ft{self._generation}"
@@ -202,6 +204,7 @@ class HFBackend:
         if key in self._names:
             raise BackendError(f"an adapter labelled {label!r} is already registered")
         info = read_adapter(str(path))
+        self._check_modules(info)
         name = f"ft{self._generation}_{len(self.extra_adapters) + 1}"
         try:
             self._peft.load_adapter(str(info.path), adapter_name=name, is_trainable=False)
@@ -218,6 +221,27 @@ class HFBackend:
         self.extra_adapters[label] = info
         self._counters["adapters_loaded"] += 1
         return label
+
+    def _check_modules(self, info: AdapterInfo) -> None:
+        """Every module the adapter's tensors name must exist in the base. PEFT only warns about
+        keys it cannot place, and an adapter whose keys were renamed on export (model.layers ->
+        model.blocks) then runs as the base and is scored as "did nothing"."""
+        from safetensors import safe_open
+
+        with safe_open(str(info.path / WEIGHTS), "np") as weights:
+            keys = list(weights.keys())
+        wanted = {k.split(".lora_")[0].removeprefix(PEFT_PREFIX) for k in keys if ".lora_" in k}
+        have = {n for n, _ in self._base_model.named_modules()}
+        missing = sorted(m for m in wanted if m not in have)
+        if missing or not wanted:
+            shown = ", ".join(missing[:3]) + (
+                f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            )
+            raise AdapterError(
+                f"adapter {info.path} does not fit base {self.base_id!r}: "
+                + (f"no module {shown} in the base" if missing else "no LoRA tensors")
+                + " (keys renamed on export, or the adapter belongs to another model)"
+            )
 
     def _adapter_name(self, view: View) -> str:
         """The name rows of `view` are computed under. A view whose update is exactly zero in

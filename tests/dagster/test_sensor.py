@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.partitions import adapters, partition_key, slug, split_key
 from sway_dagster.sensors import adapter_sensor, make_adapter_sensor
-from sway_engine.adapters import CONFIG, WEIGHTS, weights_sha256
+from sway_engine.adapters import CONFIG, WEIGHTS, read_adapter, weights_sha256
 from sway_engine.errors import AdapterError
 
 LORA_CONFIG = {
@@ -342,3 +342,57 @@ def test_sensor_factory_options() -> None:
             resources={"adapter_store": AdapterStoreResource(root="/nonexistent")},
         )
     )
+
+
+BROKEN_CONFIGS = {
+    "r-word": json.dumps({**LORA_CONFIG, "r": "sixteen"}).encode(),
+    "a-list": b"[]",
+    "null": b"null",
+    "not-utf8": b'{"r": 4, "name": "\xff\xfe"}',
+    "alpha-word": json.dumps({**LORA_CONFIG, "lora_alpha": "eight"}).encode(),
+    "fractional-rank": json.dumps({**LORA_CONFIG, "r": 4.7}).encode(),
+    "targets-number": json.dumps({**LORA_CONFIG, "target_modules": 7}).encode(),
+}
+
+
+def test_a_malformed_config_is_reported_and_every_other_adapter_still_registers(
+    ticker: Ticker, tmp_path: Path
+) -> None:
+    """Each of these raised out of the tick and stopped the sensor for every adapter."""
+    for name, raw in BROKEN_CONFIGS.items():
+        path = tmp_path / name
+        write_weights(path)
+        (path / CONFIG).write_bytes(raw)
+        settle(path)
+    good = make_adapter(tmp_path, "good")
+    result = ticker.new()
+    assert [r.partition_key for r in runs(result)] == [f"good-{weights_sha256(good)[:8]}"]
+    for name in BROKEN_CONFIGS:
+        assert f"skipping {name}:" in ticker.caplog.text, name
+    with pytest.raises(AdapterError, match="positive whole number, got 4.7"):
+        read_adapter(tmp_path / "fractional-rank")
+
+
+def test_a_symlink_out_of_the_root_is_never_registered_or_resolved(tmp_path: Path) -> None:
+    root, outside = tmp_path / "adapters", tmp_path / "outside"
+    root.mkdir()
+    secret = make_adapter(outside, "secret_adapter")
+    (root / "escape").symlink_to(secret, target_is_directory=True)
+    inside = make_adapter(root, "real")
+    (root / "alias").symlink_to(inside, target_is_directory=True)
+    store = AdapterStoreResource(root=str(root), settle_seconds=0)
+    by_name = {c.name: c for c in store.scan()}
+    assert by_name["escape"].status == "invalid" and "outside the adapter root" in (
+        by_name["escape"].reason
+    )
+    assert by_name["escape"].key is None and str(secret) not in str(by_name["escape"].key)
+    key = f"escape-{weights_sha256(secret)[:8]}"
+    with pytest.raises(AdapterError, match="no directory"):
+        store.path_for(key)
+
+
+def test_a_dangling_symlink_inside_an_adapter_does_not_hold_it_back(tmp_path: Path) -> None:
+    path = make_adapter(tmp_path, "with-link")
+    (path / "notes.txt").symlink_to(tmp_path / "gone.txt")
+    (c,) = AdapterStoreResource(root=str(tmp_path), settle_seconds=5).scan()
+    assert c.status == "ready", c.reason

@@ -228,3 +228,20 @@ def test_add_adapter_refuses_bad_labels_and_unknown_adapters(fx) -> None:  # typ
     backend.load_adapter(str(fx.adapters["noise"]))  # a new primary drops the added ones
     with pytest.raises(BackendError, match="labelled 'weak'"):
         backend.execute([NextToken(PROMPTS[0], Finetuned("weak"), 4)])
+
+
+def test_an_adapter_whose_keys_do_not_fit_the_base_is_refused_by_name(fx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Keys renamed on export (model.layers -> model.blocks): PEFT only warned, the adapter ran
+    as the base, and delta_kl said FAIL "mean js 0.0000" instead of naming the problem."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "renamed"
+    bad.mkdir()
+    shutil.copy(fx.adapters["doc-strong"] / "adapter_config.json", bad / "adapter_config.json")
+    tensors = load_file(str(fx.adapters["doc-strong"] / "adapter_model.safetensors"))
+    renamed = {k.replace("model.layers", "model.blocks"): v for k, v in tensors.items()}
+    save_file(renamed, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"no module model\.blocks\.0\..* in the base"):
+        HFBackend(str(fx.base), bad)
