@@ -506,7 +506,7 @@ STARTUP = {
     "import sway_dagster": "import sway_dagster",
     "code location": (
         "import os, sys; from sway_dagster.definitions import build_definitions; "
-        "from sway_dagster.settings import Settings; "
+        "from sway_engine.home import Settings; "
         "build_definitions(Settings.from_env({'SWAY_HOME': sys.argv[1]}))"
     ),
 }

@@ -18,9 +18,9 @@ from dagster import AssetExecutionContext
 from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.evaluation import (
     Session,
+    adapter_tags,
     ensure_run,
     evaluation_id,
-    mlflow_run,
     null_matrix_for,
     num,
     per_adapter,
@@ -30,10 +30,9 @@ from sway_dagster.partitions import adapters
 from sway_dagster.resources import MlflowResource, ModelResource, ResultStoreResource
 from sway_engine.calibration import NullMatrix
 from sway_engine.errors import AdapterError
+from sway_engine.mirror import plot_of
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
-from sway_engine.report import plots
-from sway_engine.report.text import to_json, to_markdown
 from sway_engine.result import ProbeResult, Verdict
 from sway_engine.runner import (
     calibrate_suite,
@@ -316,8 +315,9 @@ def _store_probe(
         context.log.error(f"{key}: {session.error}")
     run = ensure_run(store, run_id, key, suite, kind)
     written = store.write_probe_results(run, key, suite.spec_hash, [result], run_id)
-    tracking, mlflow_id = mlflow_run(mlflow, key, run_id, session.info)
-    tracking.log_probe(mlflow_id, result)
+    url = mlflow.mirror(store, context.log.warning).preview(
+        key, run_id, adapter_tags(key, session.info), result
+    )
     metadata: dict[str, Any] = {
         "verdict": result.verdict.value,
         "raw": num(result.raw),
@@ -329,11 +329,9 @@ def _store_probe(
     }
     if result.items:
         metadata["items"] = _items_table(result)
-    png = _plot(result)
+    png = plot_of(result)
     if png is not None:
         metadata["plot"] = png_markdown(png, result.name)
-        tracking.log_figure_png(mlflow_id, png, f"plots/{result.name}.png")
-    url = tracking.run_url(mlflow_id)
     if url:
         metadata["mlflow_run"] = dg.MetadataValue.url(url)
     return metadata
@@ -351,16 +349,6 @@ def _items_table(result: ProbeResult) -> dg.MetadataValue:
     return dg.MetadataValue.table(
         records, schema=dg.TableSchema(columns=[dg.TableColumn(c) for c in columns])
     )
-
-
-def _plot(result: ProbeResult) -> bytes | None:
-    if result.kind == "adapter_ablation" and "curve" in result.evidence:
-        return plots.ablation_curve(
-            result.name, result.evidence["lambdas"], result.evidence["curve"]
-        )
-    if result.null is not None and result.null.samples:
-        return plots.null_histogram(result.name, result.null.samples, result.raw)
-    return None
 
 
 def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
@@ -401,7 +389,6 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
         key = context.partition_key
         store = results.store()
         run = _run_to_complete(store, key, suite)
-        rows = store.probe_results(run_id=run["run_id"])
         suite_result = score_stored(
             suite,
             store.results_of(run["run_id"], {e.spec.name: e.spec.weight for e in suite.entries}),
@@ -411,31 +398,23 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
             backend_stats=backend.counters(),
         )
         passed, why = gate(suite.spec, suite_result)
-        # The MLflow run is the one the probes logged to: the Dagster run that evaluated most
-        # of them (this run, or the multi-partition run of a backfill).
-        probe_runs = [r["dagster_run_id"] for r in rows if r["dagster_run_id"]]
-        evaluated_in = max(set(probe_runs), key=probe_runs.count, default=context.run.run_id)
-        tracking, run_id = mlflow_run(mlflow, key, evaluated_in, None)
         record = run_record(
             run["run_id"],
             key,
             suite_result,
             dagster_run_id=run.get("dagster_run_id") or context.run.run_id,
-            mlflow_run_id=run_id,
             origin="dagster",
         )
         store.complete_run(record, suite_result, passed)
+        # DuckDB holds the evaluation now; MLflow gets its copy (and older pending copies),
+        # and a failure there leaves the copy pending instead of failing this step.
+        mirror = mlflow.mirror(store, context.log.warning)
+        trace = Path(backend.trace_dir) / "trace.jsonl" if backend.trace_dir else None
+        published = mirror.publish(run["run_id"], _params(suite, store, key), trace)
+        if published.synced:
+            mirror.catch_up()
         probe_results = suite_result.probes
         composite = suite_result.score
-        tracking.log_suite(run_id, suite_result, _params(suite, store, key))
-        tracking.log_json(run_id, json.loads(to_json(suite_result)), "results.json")
-        tracking.log_text(run_id, to_markdown(suite_result), "report.md")
-        trace = backend.trace_dir
-        if trace:
-            path = Path(trace) / "trace.jsonl"
-            if path.exists():
-                tracking.log_artifact_file(run_id, path)
-        tracking.finish(run_id)
         verdicts = {v.value: sum(r.verdict == v for r in probe_results) for v in Verdict}
         warned = verdicts["warn"] > 0
         check = dg.AssetCheckResult(
@@ -453,10 +432,10 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
             **{f"component.{c}": v for c, v in composite.components.items()},
             **{f"n_{k}": v for k, v in verdicts.items()},
             "findings": "\n".join(composite.findings),
+            "mlflow": "copied" if published.synced else f"pending: {published.error}",
         }
-        url = tracking.run_url(run_id)
-        if url:
-            metadata["mlflow_run"] = dg.MetadataValue.url(url)
+        if published.url:
+            metadata["mlflow_run"] = dg.MetadataValue.url(published.url)
         return dg.MaterializeResult(metadata=metadata, check_results=[check])
 
     return sway_score

@@ -1,6 +1,6 @@
 """The code location: assets from the configured suite, resources bound in one place.
 
-Configuration comes from the environment (see sway_dagster.settings): SWAY_HOME,
+Configuration comes from the environment (see sway_engine.home): SWAY_HOME,
 SWAY_SUITE, SWAY_ADAPTERS_DIR, MLFLOW_TRACKING_URI, SWAY_MLFLOW_UI.
 """
 
@@ -12,7 +12,7 @@ from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.assets import build_assets, leaderboard
 from sway_dagster.resources import MlflowResource, ModelResource, ResultStoreResource, backend_for
 from sway_dagster.sensors import make_adapter_sensor
-from sway_dagster.settings import Settings
+from sway_engine.home import Settings
 from sway_engine.suite import Suite
 
 JOB_NAME = "evaluate_adapter"

@@ -152,7 +152,7 @@ def evaluate_all(home: Path, *, tick_budget_s: float = TICK_BUDGET_S) -> list[st
     import dagster as dg
 
     from sway_dagster.definitions import JOB_NAME, build_definitions
-    from sway_dagster.settings import Settings
+    from sway_engine.home import Settings
 
     os.environ["DAGSTER_HOME"] = str(home / "dagster")
     settings = Settings.from_env({"SWAY_HOME": str(home)})

@@ -5,12 +5,12 @@ the MLflow run. Assets talk to each other through DuckDB, never through process 
 import base64
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import dagster as dg
 
 from sway_dagster.adapter_store import AdapterStoreResource
-from sway_dagster.resources import MlflowResource, ModelResource
+from sway_dagster.resources import ModelResource
 from sway_engine import __version__
 from sway_engine.adapters import AdapterInfo
 from sway_engine.backends.instrumentation import Instrumented
@@ -158,15 +158,12 @@ def null_matrix_for(store: DuckStore, key: str, suite: Suite, run_id: str) -> Nu
     return matrix
 
 
-def mlflow_run(
-    tracker: MlflowResource, key: str, dagster_run_id: str, info: AdapterInfo | None
-) -> tuple[Any, str]:
-    """The MLflow run of this (adapter, Dagster run), created once, found again on retry."""
-    tracking = tracker.tracking()
+def adapter_tags(key: str, info: AdapterInfo | None) -> dict[str, str]:
+    """Tags of the adapter's MLflow run beside its adapter id and Dagster run."""
     tags = {"dagster.partition": key, "sway.engine_version": __version__}
     if info is not None:
         tags["sway.adapter_sha"] = info.sha256
-    return tracking, tracking.run_for(key, dagster_run_id, tags)
+    return tags
 
 
 def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:

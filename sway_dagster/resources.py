@@ -7,7 +7,7 @@ that a TwoModelResource dedupes, never loads one) and frees it in teardown.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +16,7 @@ from pydantic import ConfigDict, PrivateAttr, model_validator
 
 from sway_engine.backends.build import build_kind, build_side, check_one_model
 from sway_engine.backends.instrumentation import Instrumented
+from sway_engine.mirror import Mirror
 from sway_engine.multi import Registration, register
 from sway_engine.spec import ModelSpec, SuiteSpec
 from sway_engine.store import ResultStore as DuckStore
@@ -433,17 +434,24 @@ class ResultStoreResource(_Strict):
 
 
 class MlflowResource(_Strict):
-    """MLflow through an explicit MlflowClient: one run per (adapter, Dagster run)."""
+    """MLflow, the mirror of the result store: one run per (adapter, Dagster run), one client
+    per resource. Its faults never fail a step (sway_engine.mirror)."""
 
     tracking_uri: str
     experiment: str = "sway"
     artifact_root: str = ""
     ui_url: str = ""
+    _tracking: MlflowTracking | None = PrivateAttr(default=None)
 
     def tracking(self) -> MlflowTracking:
-        return MlflowTracking(
-            tracking_uri=self.tracking_uri,
-            experiment=self.experiment,
-            artifact_root=self.artifact_root or None,
-            ui_url=self.ui_url or None,
-        )
+        if self._tracking is None:
+            self._tracking = MlflowTracking(
+                tracking_uri=self.tracking_uri,
+                experiment=self.experiment,
+                artifact_root=self.artifact_root or None,
+                ui_url=self.ui_url or None,
+            )
+        return self._tracking
+
+    def mirror(self, store: DuckStore, warn: Callable[[str], None]) -> Mirror:
+        return Mirror(self.tracking(), store, warn)

@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("src", type=Path, help="PEFT adapter directory")
     convert.add_argument("dst", type=Path, help="output directory (mlx-lm adapter_path)")
     convert.add_argument("--overwrite", action="store_true", help="replace an mlx-lm adapter there")
+    sync = sub.add_parser(
+        "sync-mlflow", help="copy evaluations whose MLflow copy is pending (MLflow was down)"
+    )
+    sync.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
+    sync.add_argument("--tracking-uri", help="MLflow (default: $MLFLOW_TRACKING_URI or the home's)")
     fixtures = sub.add_parser("fixtures", help="the tiny local model and adapters")
     fsub = fixtures.add_subparsers(dest="fixtures_command", required=True)
     build = fsub.add_parser("build", help="build (or reuse) the fixtures")
@@ -114,6 +119,8 @@ def _main(args: argparse.Namespace) -> int:
             return _autogen(args)
         if args.command == "doctor":
             return _doctor_calibration(args)
+        if args.command == "sync-mlflow":
+            return _sync_mlflow(args)
     except SwayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -192,6 +199,42 @@ def _evaluate_and_report(
         print(f"{len(errored)} probe(s) errored: {', '.join(errored)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _sync_mlflow(args: argparse.Namespace) -> int:
+    """Copy every pending evaluation of the home's store to MLflow, grouped by the experiment
+    each was meant for; exit 1 while any stays pending."""
+    import os
+    from collections import Counter
+
+    from sway_engine.home import Settings
+    from sway_engine.mirror import Mirror
+    from sway_engine.store import ResultStore
+    from sway_engine.tracking import MlflowTracking
+
+    env = dict(os.environ)
+    if args.home is not None:
+        env["SWAY_HOME"] = str(args.home)
+    settings = Settings.from_env(env)
+    if not settings.database.is_file():
+        raise SwayError(f"{settings.database}: no result store there (set --home or SWAY_HOME)")
+    store = ResultStore(settings.database)
+    pending = store.mlflow_pending()
+    experiments = Counter((r.get("mlflow_params") or {}).get("experiment", "sway") for r in pending)
+    left = 0
+    for experiment in sorted(experiments):
+        tracking = MlflowTracking(
+            args.tracking_uri or settings.mlflow_uri,
+            experiment,
+            artifact_root=settings.mlflow_artifacts,
+        )
+        done = Mirror(tracking, store, warn=lambda m: print(m, file=sys.stderr)).catch_up(None)
+        copied = sum(p.synced for p in done)
+        left += experiments[experiment] - copied
+        print(f"{experiment}: {copied} of {experiments[experiment]} evaluation(s) copied")
+    if not pending:
+        print("nothing pending: every evaluation in the store is in MLflow")
+    return 1 if left else 0
 
 
 def _doctor_calibration(args: argparse.Namespace) -> int:

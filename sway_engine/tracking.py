@@ -6,6 +6,7 @@ mlflow is imported lazily: importing it takes seconds and most sway commands nev
 from __future__ import annotations
 
 import json
+import os
 import re
 import tempfile
 import time
@@ -27,6 +28,12 @@ TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 SECRET_MARKERS = ("key", "token", "secret", "password")
 PROBE_METRICS = ("raw", "z", "p", "score")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# At most about 2 + 4 s of backoff and 10 s per request: a dead server costs seconds, not minutes.
+CLIENT_DEADLINES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 
 
 class TrackingError(SwayError):
@@ -52,10 +59,16 @@ class MlflowTracking:
 
     @property
     def client(self) -> MlflowClient:
-        """The `MlflowClient` bound to `tracking_uri`, created on first use."""
+        """The `MlflowClient` bound to `tracking_uri`, created on first use.
+
+        MLflow's HTTP defaults (7 retries with exponential backoff, 120 s per request) hold a
+        step for about 250 s when the server is down; sway mirrors to MLflow and never waits
+        that long, so unless the user set them, requests get CLIENT_DEADLINES."""
         if self._client is None:
             from mlflow import MlflowClient
 
+            for name, value in CLIENT_DEADLINES.items():
+                os.environ.setdefault(name, value)
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         return self._client
 
@@ -209,13 +222,22 @@ class MlflowTracking:
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
-        """Turn MLflow's exceptions into TrackingError naming `what` and the tracking URI."""
+        """Turn whatever the client raises into TrackingError naming `what` and the tracking
+        URI: MLflow's own exceptions, and what leaks past them (a locked sqlite store raises
+        sqlalchemy's OperationalError, a refused connection requests' ConnectionError)."""
         from mlflow.exceptions import MlflowException
 
         try:
             yield
+        except TrackingError:
+            raise
         except MlflowException as exc:
             raise TrackingError(f"{what} at {self.tracking_uri}: {exc.message}") from exc
+        except Exception as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise TrackingError(
+                f"{what} at {self.tracking_uri}: {type(exc).__name__}: {detail}"
+            ) from exc
 
 
 def is_secret_name(name: str) -> bool:

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sway_engine.calibration import NullCell, NullMatrix, NullPlan
-from sway_engine.result import ProbeResult, SuiteResult, finite
+from sway_engine.result import ProbeResult, SuiteResult, SwayScore, finite
 from sway_engine.store.db import (
     Database,
     StoreError,
@@ -38,6 +38,8 @@ from sway_engine.store.rows import (
     result_from_row,
 )
 from sway_engine.store.schema import DATA_TABLES
+
+MLFLOW_SYNCED, MLFLOW_PENDING = "synced", "pending"
 
 if TYPE_CHECKING:
     import duckdb
@@ -375,6 +377,83 @@ class ResultStore(Database):
         rows = self.query(f"SELECT DISTINCT adapter_id FROM ({union}) WHERE adapter_id IS NOT NULL")
         return {r["adapter_id"] for r in rows}
 
+    # ---- the MLflow mirror ----
+
+    def run_row(self, run_id: str) -> dict[str, Any] | None:
+        """The run's ledger row, or None."""
+        rows = self.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        return rows[0] if rows else None
+
+    def mark_mlflow(
+        self,
+        run_id: str,
+        status: str,
+        *,
+        mlflow_run_id: str | None = None,
+        error: str | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record whether the run's copy reached MLflow (`synced`) or is owed (`pending`)."""
+        if status not in (MLFLOW_SYNCED, MLFLOW_PENDING):
+            raise StoreError(f"mlflow status {status!r} is not {MLFLOW_SYNCED} or {MLFLOW_PENDING}")
+        self.run(
+            lambda con: con.execute(
+                "UPDATE runs SET mlflow_status = ?, mlflow_error = ?, "
+                "mlflow_run_id = coalesce(?, mlflow_run_id), "
+                "mlflow_params = coalesce(?, mlflow_params) WHERE run_id = ?",
+                [status, error, mlflow_run_id, None if params is None else json_text(params)]
+                + [run_id],
+            )
+        )
+
+    def mlflow_pending(self) -> list[dict[str, Any]]:
+        """Complete runs whose MLflow copy is owed, oldest first."""
+        return self.query(
+            "SELECT * FROM runs WHERE status = 'complete' AND mlflow_status = ? "
+            "ORDER BY finished_at NULLS LAST, run_id",
+            [MLFLOW_PENDING],
+        )
+
+    def suite_of(self, run_id: str) -> SuiteResult:
+        """A complete run rebuilt from its rows: probe results (with their null samples), the
+        score and the run's ledger fields. What MLflow and reports are written from."""
+        run = self.run_row(run_id)
+        scores = self.query("SELECT * FROM scores WHERE run_id = ?", [run_id])
+        if run is None or run["status"] != COMPLETE or not scores:
+            raise StoreError(f"run {run_id}: no complete evaluation of that id in {self.path}")
+        samples: dict[str, list[float]] = {}
+        for cell in self.null_calibration(run_id=run_id):
+            if cell["rank_scale"] == 1.0 and cell["raw"] is not None:
+                samples.setdefault(cell["probe"], []).append(float(cell["raw"]))
+        probes = tuple(
+            replace(r, null=replace(r.null, samples=tuple(samples.get(r.name, ()))))
+            if r.null is not None
+            else r
+            for r in self.results_of(run_id)
+        )
+        adapter = next((a for a in self.adapters() if a["adapter_id"] == run["adapter_id"]), {})
+        row = scores[0]
+        return SuiteResult(
+            spec_path="",
+            spec_hash=run["spec_hash"] or "",
+            base_model=adapter.get("base_model") or "",
+            adapter=run["adapter_id"],
+            started_at=_iso(run["started_at"]),
+            finished_at=_iso(run["finished_at"]),
+            wall_s=run["wall_s"] or 0.0,
+            sway_version=run["engine_version"] or "",
+            probes=probes,
+            score=SwayScore(
+                overall=math.nan if row["overall"] is None else row["overall"],
+                band=row["band"] or "",
+                components=dict(row["components"] or {}),
+                weights={},
+                findings=tuple(row["findings"] or ()),
+            ),
+            backend_stats=dict(run["stats"] or {}),
+            backend_kind=run["backend_kind"] or "",
+        )
+
     def _rows(
         self, table: str, adapter_id: str | None, run_id: str | None, order: str
     ) -> list[dict[str, Any]]:
@@ -399,8 +478,14 @@ class ResultStore(Database):
         )
 
 
+def _iso(moment: datetime | None) -> str:
+    return moment.isoformat() if moment is not None else ""
+
+
 __all__ = [
     "COMPLETE",
+    "MLFLOW_PENDING",
+    "MLFLOW_SYNCED",
     "FAILED",
     "INCOMPLETE",
     "AdapterRecord",

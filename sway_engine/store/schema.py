@@ -8,7 +8,9 @@ from dataclasses import dataclass
 # The run id given to rows written before runs existed (one evaluation per adapter and spec).
 LEGACY_ID = "'legacy:' || adapter_id || ':' || spec_hash"
 DATA_TABLES = ("adapters", "null_calibration", "probe_results", "scores", "runs")
-JSON_COLUMNS = frozenset({"target_modules", "evidence", "components", "findings", "stats"})
+JSON_COLUMNS = frozenset(
+    {"target_modules", "evidence", "components", "findings", "stats", "mlflow_params"}
+)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             """INSERT INTO runs (run_id, adapter_id, spec_hash, status, origin)
                 SELECT DISTINCT run_id, adapter_id, spec_hash, 'incomplete', 'legacy'
                 FROM probe_results WHERE run_id NOT IN (SELECT run_id FROM runs)""",
+        ),
+    ),
+    Migration(
+        6,
+        "MLflow is a mirror: each run records whether its copy reached MLflow",
+        (
+            "ALTER TABLE runs ADD COLUMN mlflow_status VARCHAR",
+            "ALTER TABLE runs ADD COLUMN mlflow_error VARCHAR",
+            "ALTER TABLE runs ADD COLUMN mlflow_params VARCHAR",
         ),
     ),
 )

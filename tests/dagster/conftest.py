@@ -21,8 +21,8 @@ import dagster as dg
 import pytest
 from dagster_graphql import DagsterGraphQLClient
 
-from sway_dagster.settings import Settings
 from sway_engine.adapters import read_adapter
+from sway_engine.home import Settings
 
 T = TypeVar("T")
 

@@ -19,7 +19,7 @@ import dagster as dg
 import pytest
 
 from sway_dagster.adapter_store import AdapterStoreResource
-from sway_dagster.settings import Settings
+from sway_engine.home import Settings
 from tests.dagster.conftest import REPO, add_adapter, model_loads
 
 BIN = Path(sys.executable).parent

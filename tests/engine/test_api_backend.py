@@ -652,7 +652,7 @@ def test_one_dagster_materialization_on_two_real_servers(  # type: ignore[no-unt
 
     from sway_dagster.adapter_store import AdapterStoreResource
     from sway_dagster.definitions import JOB_NAME, build_definitions
-    from sway_dagster.settings import Settings
+    from sway_engine.home import Settings
     from sway_engine.store import ResultStore
 
     monkeypatch.setenv("SWAY_API_KEY", SECRET)  # mlx-lm ignores it; it must still not leak

@@ -1,4 +1,7 @@
-"""Where things live: one home folder (SWAY_HOME, default .sway_home/) holds everything."""
+"""Where things live: one home folder (SWAY_HOME, default .sway_home/) holds everything.
+
+The engine owns it so the CLI and Dagster record into the same store and MLflow.
+"""
 
 from __future__ import annotations
 
