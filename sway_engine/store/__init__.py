@@ -4,7 +4,7 @@
 the numbered migrations, `results.py` what sway writes and reads: append-only evaluations.
 """
 
-from sway_engine.store.db import Database, StoreError
+from sway_engine.store.db import Database, StoreError, snapshot
 from sway_engine.store.results import (
     COMPLETE,
     FAILED,
@@ -30,4 +30,5 @@ __all__ = [
     "StoreError",
     "result_from_row",
     "run_record",
+    "snapshot",
 ]

@@ -1,11 +1,17 @@
 """One DuckDB file, short-lived connections: every call opens a connection, runs one
 transaction and closes it, so several processes (Dagster steps, the CLI, a notebook) share a
-file; writers wait for another process's lock with jittered backoff."""
+file; writers wait for another process's lock with jittered backoff.
+
+DuckDB lets one process write or many read (read-only), never both. So sway's reads open
+read-only (they run beside a notebook's read-only connection), writes wait up to
+`lock_timeout_s` (a minute: the rows of a computed probe are worth waiting for), and a
+notebook that wants to keep a connection open takes a private copy with `snapshot`."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -37,7 +43,7 @@ class Database:
         self,
         database: str | Path,
         *,
-        lock_timeout_s: float = 10.0,
+        lock_timeout_s: float = 60.0,
         retry_initial_s: float = 0.05,
         retry_max_s: float = 1.0,
     ) -> None:
@@ -76,7 +82,14 @@ class Database:
             names = [d[0] for d in cursor.description or []]
             return [decode_row(dict(zip(names, row, strict=True))) for row in cursor.fetchall()]
 
-        return self.run(work)
+        return self.read(work)
+
+    def read(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run `work` on a read-only connection (it must not write). A store not yet created
+        or migrated is migrated first, which writes once."""
+        if not self._migrated and not self._current_readonly():
+            self.migrate()
+        return self._transact(work, read_only=True)
 
     def run(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Migrate if this store has not yet, then run `work` in one transaction."""
@@ -84,27 +97,42 @@ class Database:
             self.migrate()
         return self._transact(work)
 
-    def _transact(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    def _current_readonly(self) -> bool:
+        """True when the file exists at the schema this sway knows (checked read-only)."""
+        if not self.path.is_file():
+            return False
+        try:
+            version = self._transact(_applied_version, read_only=True)
+        except StoreError:
+            return False
+        self._migrated = version == MIGRATIONS[-1].version
+        return self._migrated
+
+    def _transact(
+        self, work: Callable[[duckdb.DuckDBPyConnection], T], *, read_only: bool = False
+    ) -> T:
         """Run `work` in one transaction on a fresh connection, retrying lock and conflicts."""
         deadline = time.monotonic() + self.lock_timeout_s
         delay = self.retry_initial_s
         while True:
             try:
-                return self._attempt(work)
+                return self._attempt(work, read_only)
             except _Contended as busy:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise StoreError(
                         f"{self.path}: another process holds the lock on this DuckDB database "
-                        f"(gave up after {self.lock_timeout_s:g} s): {busy}"
+                        f"(gave up after {self.lock_timeout_s:g} s){_holder(str(busy))}. A "
+                        "connection left open blocks every writer (a notebook: close it, or read "
+                        "a private copy from sway_engine.store.snapshot)"
                     ) from busy.__cause__
                 time.sleep(min(delay * (0.5 + random.random()), remaining))
                 delay = min(delay * 2, self.retry_max_s)
 
-    def _attempt(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    def _attempt(self, work: Callable[[duckdb.DuckDBPyConnection], T], read_only: bool) -> T:
         import duckdb
 
-        con = self._connect()
+        con = self._connect(read_only)
         try:
             con.begin()
             try:
@@ -123,7 +151,7 @@ class Database:
         finally:
             con.close()
 
-    def _connect(self) -> duckdb.DuckDBPyConnection:
+    def _connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
         import duckdb
 
         self._refuse_foreign_file()
@@ -132,7 +160,7 @@ class Database:
         except OSError as exc:
             raise StoreError(f"{self.path}: cannot create its folder: {exc}") from exc
         try:
-            return duckdb.connect(str(self.path))
+            return duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.IOException as exc:
             text = str(exc)
             if "lock" in text.lower():
@@ -162,6 +190,62 @@ class Database:
 
 class _Contended(Exception):
     """Internal: the file lock is held elsewhere or the transaction conflicted; retry."""
+
+
+def snapshot(database: str | Path, dest: str | Path | None = None) -> duckdb.DuckDBPyConnection:
+    """A read-only connection to a private, consistent copy of the store (taken under a brief
+    shared lock), for notebooks: keep it open as long as you like, evaluations keep writing.
+    The copy goes to `dest`, else to a temporary file removed when the process exits."""
+    import atexit
+    import os
+    import tempfile
+
+    import duckdb
+
+    source = Path(database).expanduser().absolute()
+    if not source.is_file():
+        raise StoreError(f"{source}: no result store there")
+    if dest is None:
+        handle, name = tempfile.mkstemp(prefix="sway-snapshot-", suffix=".duckdb")
+        os.close(handle)
+        os.unlink(name)
+        target = Path(name)
+        atexit.register(lambda: target.unlink(missing_ok=True))
+    else:
+        target = Path(dest).expanduser().absolute()
+        if target.exists():
+            raise StoreError(f"{target}: already exists; snapshot writes only new files")
+    copier = duckdb.connect()
+    try:
+        copier.execute(f"ATTACH {_literal(source)} AS live (READ_ONLY)")
+        copier.execute(f"ATTACH {_literal(target)} AS copy")
+        copier.execute("COPY FROM DATABASE live TO copy")
+    except duckdb.Error as exc:
+        raise StoreError(f"{source}: cannot copy a snapshot: {exc}") from exc
+    finally:
+        copier.close()
+    return duckdb.connect(str(target), read_only=True)
+
+
+def _literal(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _holder(message: str) -> str:
+    """', held by PID N (program)' from DuckDB's lock error, when it names the holder."""
+    found = re.search(r"held in (.+?) \(PID (\d+)\)", message)
+    return f", held by PID {found.group(2)} ({found.group(1)})" if found else ""
+
+
+def _applied_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The applied schema version, 0 for a store without a migrations table (read-only)."""
+    tables = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_migrations'"
+    ).fetchone()
+    if not tables or not tables[0]:
+        return 0
+    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    return int(row[0]) if row else 0
 
 
 def _prepare_migrations(con: duckdb.DuckDBPyConnection) -> int:

@@ -369,7 +369,7 @@ class ResultStore(Database):
                 counts[table] = int(row[0]) if row else 0
             return counts
 
-        return self.run(work)
+        return self.read(work)
 
     def seen_adapter_ids(self) -> set[str]:
         """Adapter ids that appear in any table."""

@@ -19,6 +19,7 @@ from sway_engine.store import (
     ResultStore,
     RunRecord,
     StoreError,
+    snapshot,
 )
 
 SPEC = "spec-aaaa"
@@ -82,11 +83,12 @@ def _suite_abc(overall: float = 0.75, spec_hash: str = SPEC) -> SuiteResult:
     )
 
 
-def _hold_lock(database: Path, seconds: float) -> subprocess.Popen[str]:
-    """Start a process that holds a write connection on `database` for `seconds`."""
+def _hold_lock(database: Path, seconds: float, *, read_only: bool = False) -> subprocess.Popen[str]:
+    """Start a process that holds a connection on `database` for `seconds` (a write
+    connection, or a notebook's read-only one)."""
     code = (
         "import sys, time, duckdb\n"
-        f"con = duckdb.connect({str(database)!r})\n"
+        f"con = duckdb.connect({str(database)!r}, read_only={read_only})\n"
         "con.execute('SELECT 1')\n"
         "print('locked', flush=True)\n"
         f"time.sleep({seconds})\n"
@@ -412,3 +414,45 @@ def test_suite_with_bad_time_writes_nothing(store: ResultStore) -> None:
     with pytest.raises(StoreError, match="suite.started_at"):
         store.write_suite("a1", broken, gate_passed=True, run_id="run-1")
     assert sum(store.row_counts().values()) == 0
+
+
+def test_reads_run_beside_a_notebooks_read_only_connection(store: ResultStore) -> None:
+    """Issue 14 item 8: sway's readers opened the file read-write and failed while a notebook
+    held it; a reader now opens read-only, and a writer names the holder and the way out."""
+    store.write_suite("a1", _suite_abc(), gate_passed=True, run_id="run-1")
+    notebook = _hold_lock(store.path, 30.0, read_only=True)
+    try:
+        reader = ResultStore(store.path)  # a fresh process's view: nothing cached
+        assert reader.row_counts()["probe_results"] == 3
+        assert [r["adapter_id"] for r in reader.leaderboard()] == ["a1"]
+        impatient = ResultStore(store.path, lock_timeout_s=0.3)
+        with pytest.raises(StoreError) as caught:
+            impatient.write_suite("a2", _suite_abc(), gate_passed=True, run_id="run-2")
+    finally:
+        notebook.kill()
+        notebook.wait(timeout=30)
+    message = str(caught.value)
+    assert f"held by PID {notebook.pid}" in message and "snapshot" in message
+    assert store.row_counts()["runs"] == 1  # the refused write left nothing half-done
+
+
+def test_a_snapshot_stays_open_while_evaluations_keep_writing(
+    store: ResultStore, tmp_path: Path
+) -> None:
+    store.write_suite("a1", _suite_abc(), gate_passed=True, run_id="run-1")
+    before = sorted(store.path.parent.iterdir())
+    notebook = snapshot(store.path)
+    try:
+        store.write_suite("a2", _suite_abc(), gate_passed=True, run_id="run-2")  # not blocked
+        rows = notebook.execute("SELECT adapter_id FROM runs ORDER BY adapter_id").fetchall()
+        assert rows == [("a1",)]  # the copy as it was taken
+        with pytest.raises(duckdb.Error):
+            notebook.execute("DELETE FROM runs")  # read-only
+    finally:
+        notebook.close()
+    assert store.row_counts()["runs"] == 2
+    assert sorted(store.path.parent.iterdir()) == before  # the copy is elsewhere
+    kept = tmp_path / "kept.duckdb"
+    snapshot(store.path, kept).close()
+    with pytest.raises(StoreError, match="already exists"):
+        snapshot(store.path, kept)
