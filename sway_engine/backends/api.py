@@ -5,6 +5,8 @@ size cap, which log-prob request style it takes, prompt echo, seeds); only what 
 declared as a capability, so probes needing the rest SKIP. Responses are parsed by their
 shape (OpenAI legacy, vLLM echo / prompt_logprobs, mlx-lm and chat-style `content` lists).
 One endpoint serves one model: a differential run composes two (`TwoModelBackend`).
+Every HTTP attempt has a deadline for the whole exchange, and the retries of one request a
+budget (see `_post`), so a stalled or dribbling server cannot hold a run indefinitely.
 The API key comes from the environment and never appears in a message, log or repr; it is
 sent only to the configured endpoint (redirects are refused) and never over plain http to a
 host other than loopback unless the spec opts in (`allow_insecure_http`).
@@ -12,11 +14,13 @@ host other than loopback unless the spec opts in (`allow_insecure_http`).
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import json
 import logging
 import os
+import socket
 import threading
 import time
 import urllib.error
@@ -29,10 +33,16 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from sway_engine.backends.api_shapes import (
+    CHOICE,
+    AnswerError,
     Position,
     char_spans,
+    completion_text,
+    first_choice,
+    parse_body,
     parse_positions,
     parse_prompt_logprobs,
+    require_positions,
     top_dist,
 )
 from sway_engine.backends.base import CONTINUATION, GENERATE, NEXT_TOKEN, ROLLING
@@ -55,6 +65,7 @@ log = logging.getLogger(__name__)
 
 KEY_ENV = ("SWAY_API_KEY", "OPENAI_API_KEY")
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_BUDGET = 2.0  # one request, retries and backoff included, ends within this many timeouts
 PROBE_PROMPT = "The quick brown fox jumps over"
 TopStyle = Literal["legacy", "chat"]
 EchoStyle = Literal["echo", "prompt_logprobs"]
@@ -110,7 +121,9 @@ class APIBackend:
     """Scores one served model through an OpenAI-compatible completions endpoint.
 
     Base and fine-tuned views both name the served model; scaled and null views need the
-    weights, so they are rejected. `features` records what discovery found.
+    weights, so they are rejected. `features` records what discovery found. `timeout_s` bounds
+    each HTTP attempt from connect to last byte; one request with its retries ends within
+    RETRY_BUDGET * timeout_s.
     """
 
     kind = "api"
@@ -147,7 +160,7 @@ class APIBackend:
         if self._key:
             _check_key_transport(self.url, source, allow_insecure_http)
             log.info("api backend %s: sending the key from %s", self.url, source)
-        self._opener = urllib.request.build_opener(_RefuseRedirects)
+        self._opener = urllib.request.build_opener(_RefuseRedirects, _HTTPHandler, _HTTPSHandler)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._counters: dict[str, float] = {
@@ -193,7 +206,9 @@ class APIBackend:
     # ---- discovery ----
 
     def _discover(self, max_top_k: int) -> None:
-        """Probe what the endpoint supports; a dead or unauthorised endpoint raises here."""
+        """Probe what the endpoint supports; a dead or unauthorised endpoint raises here, and so
+        does one whose answers are not JSON objects with choices. Log-probs in a shape that
+        cannot be read only mean that request style is unsupported."""
         self._post({"prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0})
         for style in ("legacy", "chat"):
             cap = self._top_k_cap(style, max_top_k)
@@ -218,8 +233,8 @@ class APIBackend:
         def returned(k: int) -> int:
             try:
                 body = self._post(self._next_payload(PROBE_PROMPT, k, style))
-                positions = parse_positions(_choice(body, self.url))
-            except (_HTTPStatus, ValueError):
+                positions = parse_positions(self._choice(body))
+            except (_HTTPStatus, AnswerError):
                 return 0
             return min(k, len(positions[0].top)) if positions else 0
 
@@ -242,7 +257,7 @@ class APIBackend:
         for style in styles:
             try:
                 prompt = self._prompt_positions(PROBE_PROMPT, style)
-            except (_HTTPStatus, ValueError):
+            except (_HTTPStatus, AnswerError):
                 continue
             if len(prompt) >= 2 and any(p.logprob is not None for p in prompt):
                 return style
@@ -271,11 +286,13 @@ class APIBackend:
         else:
             payload["prompt_logprobs"] = 0
         body = self._post(payload)
-        choice = _choice(body, self.url)
+        choice = self._choice(body)
         if style == "prompt_logprobs":
             positions = parse_prompt_logprobs(choice)
             if positions is None:
-                raise ValueError("no usable prompt_logprobs in the response")
+                raise AnswerError(
+                    f"{CHOICE}.prompt_logprobs", "is missing or does not name the prompt tokens"
+                )
             return positions
         positions = parse_positions(choice)
         usage = body.get("usage") if isinstance(body.get("usage"), Mapping) else {}
@@ -283,14 +300,15 @@ class APIBackend:
         n_gen = usage.get("completion_tokens") if isinstance(usage, Mapping) else None
         if isinstance(n_prompt, int) and isinstance(n_gen, int):
             if len(positions) != n_prompt + n_gen:
-                raise ValueError(
-                    f"echo returned {len(positions)} positions for {n_prompt} prompt + "
-                    f"{n_gen} generated tokens: the prompt was not echoed"
+                raise AnswerError(
+                    f"{CHOICE}.logprobs",
+                    f"has {len(positions)} positions for {n_prompt} prompt + {n_gen} generated "
+                    "tokens (usage): the prompt was not echoed",
                 )
             return positions[:n_prompt]
         inside = [p for p in positions if p.offset is not None and p.offset < len(text)]
         if len(inside) < 2 or positions[0].logprob is not None:
-            raise ValueError("the response does not echo the prompt's log-probs")
+            raise AnswerError(f"{CHOICE}.logprobs", "does not echo the prompt's log-probs")
         return inside
 
     # ---- execution ----
@@ -321,6 +339,10 @@ class APIBackend:
                 "(no full-vocabulary logits over HTTP); use top-k divergences"
             )
         self._check_view(view)
+        answer = self._answerer(req)
+        return lambda: self._explained(answer, req)
+
+    def _answerer(self, req: Request) -> Callable[[], Result]:
         if isinstance(req, NextToken):
             return lambda: self._next_token(req)
         if isinstance(req, RollingLogprob):
@@ -330,6 +352,14 @@ class APIBackend:
         if isinstance(req, Generate):
             return lambda: self._generate(req)
         raise BackendError(f"api backend at {self.url} cannot answer {type(req).__name__}")
+
+    def _explained(self, answer: Callable[[], Result], req: Request) -> Result:
+        """Run one request; a malformed answer becomes an error naming the endpoint and request."""
+        try:
+            return answer()
+        except AnswerError as exc:
+            text = getattr(req, "prompt", None) or getattr(req, "text", "")
+            raise self._bad_answer(exc, f"{type(req).__name__} on {str(text)[:40]!r}") from None
 
     def _check_view(self, view: View) -> None:
         if not isinstance(canonical(view), Base | Finetuned):
@@ -343,30 +373,17 @@ class APIBackend:
             raise BackendError(f"{self.url}: {self.unsupported[NEXT_TOKEN]}")
         k = max(1, min(req.top_k, self.top_k_cap))
         body = self._post(self._next_payload(req.prompt, k, self.top_style))
-        try:
-            positions = parse_positions(_choice(body, self.url))
-            if not positions:
-                raise ValueError("the response has no log-probs")
-            return top_dist(positions[0], k, self.vocab_size)
-        except ValueError as exc:
-            raise BackendError(
-                f"{self.url}: unusable next-token answer for prompt {req.prompt[:40]!r}: {exc}"
-            ) from exc
+        positions = require_positions(self._choice(body))
+        return top_dist(positions[0], k, self.vocab_size)
 
-    def _scored(self, text: str, what: str) -> tuple[list[Position], list[tuple[int, int]]]:
+    def _scored(self, text: str) -> tuple[list[Position], list[tuple[int, int]]]:
         if self.echo_style is None:
             raise BackendError(f"{self.url}: {self.unsupported[ROLLING]}")
-        try:
-            positions = self._prompt_positions(text, self.echo_style)
-            spans = char_spans(positions, text)
-        except ValueError as exc:
-            raise BackendError(
-                f"{self.url}: unusable echo for {what} {text[:40]!r}: {exc}"
-            ) from exc
-        return positions, spans
+        positions = self._prompt_positions(text, self.echo_style)
+        return positions, char_spans(positions, text)
 
     def _rolling(self, req: RollingLogprob) -> RollingResult:
-        positions, _ = self._scored(req.text, "text")
+        positions, _ = self._scored(req.text)
         lps = np.asarray([p.logprob for p in positions if p.logprob is not None], dtype=float)
         _finite(lps, self.url, req.view, req.text)
         ids = [p.id if p.id is not None else -1 for p in positions]
@@ -381,7 +398,7 @@ class APIBackend:
         if not req.completion:
             raise BackendError(f"{self.url}: empty completion for prompt {req.prompt[:40]!r}")
         text = req.prompt + req.completion
-        positions, spans = self._scored(text, "prompt")
+        positions, spans = self._scored(text)
         boundary = len(req.prompt)
         chosen = [
             p.logprob
@@ -400,56 +417,96 @@ class APIBackend:
         body = self._post(
             {"prompt": req.prompt, "max_tokens": req.max_new_tokens, "temperature": 0}
         )
-        text = _choice(body, self.url).get("text")
-        if not isinstance(text, str):
-            raise BackendError(f"{self.url}: the completion has no text field")
-        return GenerationResult(text=text)
+        return GenerationResult(text=completion_text(self._choice(body)))
 
     # ---- HTTP ----
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST JSON with retries on 5xx / 429 / connection errors and exponential backoff."""
+        """POST JSON and parse the answer, retrying 5xx / 429 / transport faults / deadlines.
+
+        Each attempt must finish (connect, headers, body) within `timeout_s`. The retry
+        budget is RETRY_BUDGET * timeout_s: all attempts and the backoff between them end
+        within it, whatever `max_retries` allows, so one request holds a run at most that long.
+        """
         data = json.dumps({"model": self.model, **payload}).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key:
             headers["Authorization"] = "Bearer " + self._key.reveal()
-        last = ""
+        started = time.monotonic()
+        give_up = started + RETRY_BUDGET * self.timeout_s
+        faults: list[str] = []
         for attempt in range(self.max_retries + 1):
             if attempt:
+                pause = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
+                if time.monotonic() + pause >= give_up:
+                    break
                 self._count("http_retries", 1)
-                time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
-            start = time.perf_counter()
+                time.sleep(pause)
+            outcome = self._attempt(data, headers, min(self.timeout_s, give_up - time.monotonic()))
+            if isinstance(outcome, bytes):
+                try:
+                    return parse_body(outcome)
+                except AnswerError as exc:
+                    raise self._bad_answer(exc) from None
+            faults.append(outcome)
+        raise BackendError(self._gave_up(faults, time.monotonic() - started))
+
+    def _attempt(self, data: bytes, headers: dict[str, str], seconds: float) -> bytes | str:
+        """One POST that must finish within `seconds`: the answer's bytes, or why it failed in
+        a way worth retrying. A redirect or a 4xx raises: asking again would not help."""
+        start = time.perf_counter()
+        deadline = _Deadline(seconds)
+        request = _TimedRequest(self.url, data, headers, deadline)
+        with deadline:
             try:
-                request = urllib.request.Request(self.url, data=data, headers=headers)
-                with self._opener.open(request, timeout=self.timeout_s) as resp:
-                    raw = resp.read()
+                with self._opener.open(request, timeout=seconds) as resp:
+                    raw, fault = resp.read(), ""
             except urllib.error.HTTPError as exc:
-                if 300 <= exc.code < 400:
-                    raise BackendError(self._redirect_message(exc)) from None
-                body = self._scrub(_read_error(exc))
-                if exc.code in RETRY_STATUS:
-                    last = f"HTTP {exc.code}: {body}"
-                    continue
-                raise _HTTPStatus(self._status_message(exc.code, body), exc.code) from None
-            except (
-                urllib.error.URLError,
-                http.client.HTTPException,
-                ConnectionError,
-                TimeoutError,
-            ) as exc:
-                last = self._scrub(_transport_reason(exc))
-                continue
+                raw, fault = b"", self._http_fault(exc)
+            except (OSError, http.client.HTTPException) as exc:
+                raw, fault = b"", self._scrub(_transport_reason(exc))
             finally:
                 self._count("http_requests", 1)
                 self._count("http_wall_s", time.perf_counter() - start)
-            try:
-                body_json = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise BackendError(f"{self.url}: the answer is not JSON ({exc})") from None
-            if not isinstance(body_json, dict):
-                raise BackendError(f"{self.url}: the answer is not a JSON object")
-            return body_json
-        raise BackendError(f"{self.url}: no answer after {self.max_retries + 1} attempt(s): {last}")
+        if deadline.fired or (fault and deadline.passed()):
+            return f"{_LATE} within the {seconds:.3g} s deadline"
+        return fault or raw
+
+    def _http_fault(self, exc: urllib.error.HTTPError) -> str:
+        """A retried status as a fault; a redirect or any other status raises."""
+        if 300 <= exc.code < 400:
+            raise BackendError(self._redirect_message(exc)) from None
+        body = self._scrub(_read_error(exc))
+        if exc.code not in RETRY_STATUS:
+            raise _HTTPStatus(self._status_message(exc.code, body), exc.code) from None
+        return f"HTTP {exc.code}: {body}"
+
+    def _gave_up(self, faults: list[str], elapsed: float) -> str:
+        message = (
+            f"{self.url}: no answer after {len(faults)} attempt(s) in {elapsed:.1f} s: {faults[-1]}"
+        )
+        if any(f.startswith(_LATE) for f in faults):
+            message += (
+                f". Each attempt may take timeout_s = {self.timeout_s:g} s and all of them "
+                f"{RETRY_BUDGET * self.timeout_s:g} s; raise timeout_s in the model settings if "
+                "the server is only slow, or check the server (overloaded, or stalling)."
+            )
+        return message
+
+    def _bad_answer(self, exc: AnswerError, asked: str = "") -> BackendError:
+        about = f", in reply to {asked}" if asked else ""
+        return BackendError(
+            self._scrub(
+                f"answer from {self.url}: {exc}{about}. sway reads OpenAI-style completions "
+                "answers: check the server, or the proxy in front of it."
+            )
+        )
+
+    def _choice(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        try:
+            return first_choice(body)
+        except AnswerError as exc:
+            raise self._bad_answer(exc) from None
 
     def _status_message(self, status: int, body: str) -> str:
         if status in (401, 403):
@@ -488,13 +545,6 @@ class APIBackend:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _choice(body: Mapping[str, Any], url: str) -> Mapping[str, Any]:
-    choices = body.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
-        raise BackendError(f"{url}: the answer has no choices[0] (got keys {sorted(body)[:6]})")
-    return choices[0]
-
-
 def _finite(lps: np.ndarray, url: str, view: View, text: str) -> None:
     if lps.size == 0 or not np.all(np.isfinite(lps)):
         raise BackendError(
@@ -504,7 +554,7 @@ def _finite(lps: np.ndarray, url: str, view: View, text: str) -> None:
 
 def _read_error(exc: urllib.error.HTTPError) -> str:
     try:
-        raw = exc.read().decode("utf-8", "replace")
+        raw = exc.read(65536).decode("utf-8", "replace")
     except (OSError, http.client.HTTPException):
         raw = ""
     try:
@@ -512,7 +562,7 @@ def _read_error(exc: urllib.error.HTTPError) -> str:
         if isinstance(parsed, dict):
             err = parsed.get("error", parsed)
             raw = str(err.get("message", err) if isinstance(err, dict) else err)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, or JSON that json cannot hold
         pass
     return " ".join(raw.split())[:200] or exc.reason or "(no body)"
 
@@ -520,6 +570,93 @@ def _read_error(exc: urllib.error.HTTPError) -> str:
 def _transport_reason(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
     return f"{type(exc).__name__}: {reason if reason is not None else exc}"
+
+
+_LATE = "no complete answer"
+
+
+class _Deadline:
+    """A wall-clock limit on one HTTP exchange. When it passes, the exchange's socket is shut
+    down, so a read blocked on a server that stalls or dribbles returns at once, in the headers
+    or the body (a socket timeout only bounds each single read)."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._open = True
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._open = False
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            sock.close()
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self._end
+
+    def connect(
+        self, address: tuple[str, int], timeout: Any = None, source_address: Any = None
+    ) -> socket.socket:
+        """`socket.create_connection`, keeping a duplicate to shut down at the deadline: the
+        duplicate reaches the connection even after TLS wraps (and detaches) the original."""
+        sock = socket.create_connection(address, timeout, source_address)
+        with self._lock:
+            if self._open and not self.fired:
+                self._socks.append(sock.dup())
+                return sock
+        sock.close()
+        raise TimeoutError("the deadline passed while connecting")
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            self.fired = True
+            for sock in self._socks:
+                with contextlib.suppress(OSError):  # the other side closed it already
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class _TimedRequest(urllib.request.Request):
+    """A request carrying its deadline to the connection that will serve it."""
+
+    def __init__(self, url: str, data: bytes, headers: dict[str, str], deadline: _Deadline) -> None:
+        super().__init__(url, data=data, headers=headers)
+        self.deadline = deadline
+
+
+class _DeadlineConnections(urllib.request.AbstractHTTPHandler):
+    """Opens connections whose socket the request's `_Deadline` can shut down."""
+
+    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
+        deadline = getattr(req, "deadline", None)
+
+        def connection(host: str, **conn_kwargs: Any) -> http.client.HTTPConnection:
+            conn = http_class(host, **conn_kwargs)
+            if deadline is not None:
+                # http.client opens every socket (direct, proxy, before TLS) through this hook.
+                conn._create_connection = deadline.connect
+            return conn
+
+        return super().do_open(connection, req, **kwargs)
+
+
+class _HTTPHandler(_DeadlineConnections, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPSHandler(_DeadlineConnections, urllib.request.HTTPSHandler):
+    pass
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):

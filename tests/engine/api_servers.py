@@ -4,6 +4,8 @@ The fake speaks two dialects of `/v1/completions`: OpenAI legacy (int `logprobs`
 `{token: lp}` top dicts, text offsets) and mlx-lm's (bool `logprobs` + `top_logprobs`, a
 `content` list with ids, top entries in no order, no echo). Its "model" is a fixed random
 log-softmax over a 40-word vocabulary per prompt; echoed token i has log-prob -(i+1)/10 - shift.
+It can also misbehave on demand: serve raw bytes as a 200 answer (`raw_next`), or dribble its
+answers one byte at a time (`stall`), as an overloaded server or a slow proxy does.
 """
 
 from __future__ import annotations
@@ -57,9 +59,15 @@ class FakeServer:
     fail_status: int = 503
     seen: list[dict[str, Any]] = field(default_factory=list)
     auth_headers: list[str | None] = field(default_factory=list)
+    raw_next: list[bytes] = field(default_factory=list)  # served verbatim, status 200, first
+    stall: str = ""  # "headers": dribble the whole answer; "body": the head at once, then dribble
+    stall_s: float = 0.1  # seconds between dribbled bytes
+    stalled: list[str] = field(default_factory=list)  # one entry per dribbled answer
+    hangups: list[str] = field(default_factory=list)  # dribbles ended by the client hanging up
 
     def __post_init__(self) -> None:
         fake = self
+        self.stopping = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
@@ -70,8 +78,14 @@ class FakeServer:
                 auth = self.headers.get("Authorization")
                 fake.seen.append(body)
                 fake.auth_headers.append(auth)
-                status, answer = fake.answer(body, auth)
-                data = json.dumps(answer).encode()
+                if fake.raw_next:
+                    status, data = 200, fake.raw_next.pop(0)
+                else:
+                    status, answer = fake.answer(body, auth)
+                    data = json.dumps(answer).encode()
+                if fake.stall:
+                    fake.dribble(self.wfile, status, data)
+                    return
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -86,8 +100,31 @@ class FakeServer:
         self.thread.start()
 
     def stop(self) -> None:
+        """Stop serving; a dribble in progress ends within `stall_s`."""
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def dribble(self, wfile: Any, status: int, data: bytes) -> None:
+        """Write an answer one byte per `stall_s` until it is sent, the server stops, or the
+        client hangs up (then recorded in `hangups`)."""
+        head = (
+            f"HTTP/1.0 {status} Dribbled\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n"
+        ).encode()
+        if self.stall == "body":
+            wfile.write(head)
+            rest = data
+        else:
+            rest = head + data
+        self.stalled.append(self.stall)
+        try:
+            for i in range(len(rest)):
+                if self.stopping.wait(self.stall_s):
+                    return
+                wfile.write(rest[i : i + 1])
+        except OSError:  # broken pipe or reset: the client gave up
+            self.hangups.append(self.stall)
 
     def answer(self, body: dict[str, Any], auth: str | None) -> tuple[int, dict[str, Any]]:
         if self.key is not None and auth != f"Bearer {self.key}":

@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from sway_engine import stats
-from sway_engine.backends.api import APIBackend, completions_url
+from sway_engine.backends.api import RETRY_BUDGET, APIBackend, completions_url
 from sway_engine.backends.api_shapes import (
+    AnswerError,
     Position,
     char_spans,
     parse_positions,
@@ -35,6 +36,7 @@ from sway_engine.requests import (
     Divergence,
     Generate,
     NextToken,
+    Request,
     RollingLogprob,
     TokenDist,
 )
@@ -153,9 +155,9 @@ def test_bare_number_list_and_missing_logprobs() -> None:
         -1.0,
     ]
     assert parse_positions({"text": "hi"}) == []
-    with pytest.raises(ValueError, match="none of the known keys"):
+    with pytest.raises(AnswerError, match="none of the known keys"):
         parse_positions({"logprobs": {"weird": 1}})
-    with pytest.raises(ValueError, match="2 tokens but 1 token_logprobs"):
+    with pytest.raises(AnswerError, match="2 tokens but 1 token_logprobs"):
         parse_positions({"logprobs": {"tokens": ["a", "b"], "token_logprobs": [-1.0]}})
 
 
@@ -178,9 +180,9 @@ def test_vllm_prompt_logprobs_with_and_without_token_ids() -> None:
 
 
 def test_top_dist_rejects_values_that_are_not_log_probs() -> None:
-    with pytest.raises(ValueError, match="not valid log-probabilities"):
+    with pytest.raises(AnswerError, match="not valid log-probabilities"):
         top_dist(Position("", None, None, top=(_alt("a", 0.7),)), 3)
-    with pytest.raises(ValueError, match="no top log-probs"):
+    with pytest.raises(AnswerError, match="no top log-probs"):
         top_dist(Position("", None, -1.0), 3)
 
 
@@ -214,7 +216,7 @@ def test_char_spans_from_offsets_tokens_and_a_leading_bos() -> None:
     assert char_spans(walked, "Q: yes") == [(0, 1), (1, 4), (4, 6)]
     bos = [Position("<s>", 1, None), Position("Q:", None, -2.0), Position(" yes", None, -1.0)]
     assert char_spans(bos, "Q: yes") == [(0, 0), (0, 2), (2, 6)]
-    with pytest.raises(ValueError, match="do not spell the text"):
+    with pytest.raises(AnswerError, match="do not spell the text"):
         char_spans([Position("Q", None, None)], "Q: yes")
 
 
@@ -339,6 +341,179 @@ def test_timeout_is_retried_then_reported(legacy: FakeServer) -> None:
             APIBackend(url, "fake", timeout_s=0.2, max_retries=1, backoff_s=0.01)
         assert time.perf_counter() - start < 5
     assert url in str(err.value) and "2 attempt(s)" in str(err.value)
+
+
+def _eventually(check: Any, within_s: float = 3.0) -> bool:
+    end = time.monotonic() + within_s
+    while not check():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("stall", ["headers", "body"])
+def test_a_dribbling_server_is_cut_off_at_the_deadline_within_the_retry_budget(
+    stall: str,
+) -> None:
+    """One byte every 0.1 s: each read succeeds, so only a deadline on the whole exchange
+    stops it; five retries of 1 s would take 6 s, the budget allows 2 x timeout_s."""
+    server = FakeServer()
+    try:
+        api = fast(server.url, timeout_s=1.0, max_retries=5)
+        server.stall, server.stall_s = stall, 0.1  # a ~400-byte answer would take 40 s
+        start = time.perf_counter()
+        with pytest.raises(BackendError) as err:
+            api.execute([NextToken("Q: x\nA:", BASE, 4)])
+        elapsed = time.perf_counter() - start
+        budget = RETRY_BUDGET * api.timeout_s
+        assert api.timeout_s <= elapsed < budget + 1.5  # 1.5 s of slack for a busy machine
+        assert len(server.stalled) >= 2  # it was retried, and the retry was cut short too
+        msg = str(err.value)
+        assert server.url + "/v1/completions" in msg and "deadline" in msg
+        assert "timeout_s = 1 s" in msg and "raise timeout_s" in msg
+        # every dribbled answer ended because the backend hung up, not because the server stopped
+        assert _eventually(lambda: len(server.hangups) == len(server.stalled))
+    finally:
+        server.stop()
+    assert _eventually(lambda: not server.thread.is_alive())
+
+
+def _answer(logprobs: Any = None, **choice: Any) -> bytes:
+    return json.dumps({"choices": [{"text": " w1", "logprobs": logprobs, **choice}]}).encode()
+
+
+LEGACY = {"tokens": [" w1"], "token_logprobs": [-0.5], "top_logprobs": [{" w1": -0.5, " w2": -1.5}]}
+NEXT = NextToken("Q: x\nA:", BASE, 4)
+ROLL = RollingLogprob("a b", BASE)
+GEN = Generate("hi", BASE, 2)
+ECHO = {
+    "tokens": ["a", " b", " w1"],
+    "token_logprobs": [None, -0.2, -0.5],
+    "text_offset": [0, 1, 3],
+}
+GARBAGE: dict[str, tuple[bytes, Request, str]] = {
+    "token_logprob_is_an_object": (
+        _answer({**LEGACY, "token_logprobs": [{}]}),
+        NEXT,
+        "choices[0].logprobs.token_logprobs[0] is {} (expected a number)",
+    ),
+    "body_is_a_list": (b'[{"choices": []}]', NEXT, 'the answer is [{"choices": []}] (expected'),
+    "no_choices": (b'{"object": "text_completion"}', NEXT, "choices is missing"),
+    "error_sent_with_200": (
+        b'{"error": {"message": "model fake is loading"}}',
+        NEXT,
+        "the server said: model fake is loading",
+    ),
+    "empty_choices": (b'{"choices": []}', GEN, "choices is [] (expected a non-empty list)"),
+    "choice_is_a_number": (b'{"choices": [5]}', GEN, "choices[0] is 5 (expected an object)"),
+    "logprobs_null": (_answer(None), NEXT, "choices[0].logprobs is null (expected the log-probs"),
+    "not_json": (b"<html>502 Bad Gateway</html>", NEXT, "the answer is not valid JSON"),
+    "truncated_json": (_answer(LEGACY)[:40], NEXT, "the answer is not valid JSON"),
+    "nested_too_deep": (b"[" * 100_000, NEXT, "the answer is nested too deeply"),
+    "not_utf8": (b'{"choices": "\xff\xfe"}', NEXT, "the answer is not UTF-8"),
+    "integer_too_long": (b'{"choices": [' + b"1" * 5000 + b"]}", NEXT, "is not usable JSON"),
+    "text_is_a_number": (
+        b'{"choices": [{"text": 7}]}',
+        GEN,
+        "choices[0].text is 7 (expected a string)",
+    ),
+    "logprobs_is_a_number": (
+        _answer(3),
+        NEXT,
+        "choices[0].logprobs is 3 (expected an object or a list)",
+    ),
+    "tokens_is_a_string": (
+        _answer({**LEGACY, "tokens": " w1"}),
+        NEXT,
+        'choices[0].logprobs.tokens is " w1" (expected a list)',
+    ),
+    "token_is_a_number": (
+        _answer({**LEGACY, "tokens": [1.5]}),
+        NEXT,
+        "choices[0].logprobs.tokens[0] is 1.5 (expected a string or a token id)",
+    ),
+    "top_is_a_number": (
+        _answer({**LEGACY, "top_logprobs": [3]}),
+        NEXT,
+        "choices[0].logprobs.top_logprobs[0] is 3 (expected an object or a list)",
+    ),
+    "top_value_is_a_string": (
+        _answer({**LEGACY, "top_logprobs": [{" w1": "-0.5"}]}),
+        NEXT,
+        'choices[0].logprobs.top_logprobs[0][" w1"] is "-0.5" (expected a number)',
+    ),
+    "nan_logprob": (
+        _answer({**LEGACY, "token_logprobs": [math.nan]}),
+        NEXT,
+        "choices[0].logprobs.token_logprobs[0] is NaN (expected a finite number)",
+    ),
+    "infinite_top_logprob": (
+        _answer({**LEGACY, "top_logprobs": [{" w1": -math.inf}]}),
+        NEXT,
+        'choices[0].logprobs.top_logprobs[0][" w1"] is -Infinity (expected a finite number)',
+    ),
+    "huge_integer_logprob": (
+        _answer(LEGACY).replace(b"-0.5]", b"-" + b"9" * 400 + b"]"),
+        NEXT,
+        "choices[0].logprobs.token_logprobs[0] is -999",
+    ),
+    "positive_top_logprob": (
+        _answer({**LEGACY, "top_logprobs": [{" w1": 0.7}]}),
+        NEXT,
+        "choices[0].logprobs.top_logprobs[0] holds values that are not valid log-probabilities",
+    ),
+    "chat_top_entry_is_a_string": (
+        _answer({"content": [{"token": " w1", "logprob": -0.5, "top_logprobs": ["w1"]}]}),
+        NEXT,
+        'choices[0].logprobs.content[0].top_logprobs[0] is "w1" (expected an object)',
+    ),
+    "chat_top_entry_without_logprob": (
+        _answer({"content": [{"token": " w1", "logprob": -0.5, "top_logprobs": [{"id": 1}]}]}),
+        NEXT,
+        "choices[0].logprobs.content[0].top_logprobs[0].logprob is missing",
+    ),
+    "chat_id_is_a_string": (
+        _answer({"content": [{"token": " w1", "id": "x", "logprob": -0.5}]}),
+        NEXT,
+        'choices[0].logprobs.content[0].id is "x" (expected an integer)',
+    ),
+    "chat_entry_is_a_list": (
+        _answer({"content": [[" w1", -0.5]]}),
+        NEXT,
+        'choices[0].logprobs.content[0] is [" w1", -0.5] (expected an object)',
+    ),
+    "id_keyed_top_with_a_word_key": (
+        _answer({"tokens": [904], "token_logprobs": [-0.1], "top_logprobs": [{"w1": -0.1}]}),
+        NEXT,
+        'choices[0].logprobs.top_logprobs[0]["w1"] is not a token id',
+    ),
+    "echo_offset_is_a_string": (
+        _answer({**ECHO, "text_offset": ["0", 1, 3]}),
+        ROLL,
+        'choices[0].logprobs.text_offset[0] is "0" (expected an integer)',
+    ),
+    "echo_lengths_disagree": (
+        _answer({**ECHO, "token_logprobs": [None, -0.2]}),
+        ROLL,
+        "choices[0].logprobs has 3 tokens but 2 token_logprobs",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GARBAGE))
+def test_a_garbage_answer_is_a_backend_error_naming_what_is_wrong(
+    case: str, legacy: FakeServer
+) -> None:
+    body, request, problem = GARBAGE[case]
+    api = fast(legacy.url)  # discovery sees good answers; the garbage comes next
+    legacy.raw_next = [body]
+    with pytest.raises(BackendError) as err:  # never TypeError, KeyError, ValueError, ...
+        api.execute([request])
+    msg = str(err.value)
+    assert msg.startswith(f"answer from {legacy.url}/v1/completions: "), msg
+    assert problem in msg, msg
+    assert legacy.raw_next == []  # the garbage was served, and not retried
 
 
 def test_wrong_key_gives_a_clear_401_without_the_key(
