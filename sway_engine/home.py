@@ -20,6 +20,9 @@ class Settings:
     mlflow_artifacts: Path
     mlflow_ui: str
     traces: Path
+    # A spec is code (kind custom imports a module, trust_remote_code runs a model repo's
+    # Python): the Dagster code location runs such a spec only when its environment says so.
+    allow_spec_code: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -36,4 +39,5 @@ class Settings:
             mlflow_artifacts=home / "mlartifacts",
             mlflow_ui=env.get("SWAY_MLFLOW_UI", "http://127.0.0.1:5000"),
             traces=home / "traces",
+            allow_spec_code=env.get("SWAY_ALLOW_SPEC_CODE", "").lower() in ("1", "true", "yes"),
         )

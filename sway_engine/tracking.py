@@ -201,6 +201,20 @@ class MlflowTracking:
         with self._errors(f"run {run_id}"):
             self.client.set_terminated(run_id, status=status)
 
+    def fail_runs_of(self, dagster_run_id: str) -> int:
+        """Mark this experiment's RUNNING runs of a failed Dagster run FAILED; return how many."""
+        with self._errors(f"experiment {self.experiment!r}"):
+            if self.client.get_experiment_by_name(self.experiment) is None:
+                return 0
+        query = (
+            f"tags.`{DAGSTER_RUN_TAG}` = {_quote(dagster_run_id)} AND attributes.status = 'RUNNING'"
+        )
+        with self._errors(f"runs of Dagster run {dagster_run_id}"):
+            found = self.client.search_runs([self.experiment_id()], filter_string=query)
+            for run in found:
+                self.client.set_terminated(run.info.run_id, status="FAILED")
+        return len(found)
+
     def run_url(self, run_id: str) -> str | None:
         """Link to the run in the MLflow UI, or None when no `ui_url` is configured."""
         if self.ui_url is None:

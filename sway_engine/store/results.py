@@ -240,6 +240,22 @@ class ResultStore(Database):
             )
         )
 
+    def fail_runs_of(self, dagster_run_id: str, message: str) -> int:
+        """Mark the incomplete runs a failed Dagster run left failed; return how many."""
+
+        def work(con: duckdb.DuckDBPyConnection) -> int:
+            row = con.execute(
+                "SELECT count(*) FROM runs WHERE dagster_run_id = ? AND status = ?",
+                [dagster_run_id, INCOMPLETE],
+            ).fetchone()
+            con.execute(
+                "UPDATE runs SET status = ?, message = ? WHERE dagster_run_id = ? AND status = ?",
+                [FAILED, message, dagster_run_id, INCOMPLETE],
+            )
+            return int(row[0]) if row else 0
+
+        return self.run(work)
+
     # ---- reads ----
 
     def latest_run(

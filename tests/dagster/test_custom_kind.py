@@ -7,9 +7,11 @@ with (base_spec, adapter_path), answering the batched protocol (here on transfor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from sway_dagster.adapter_store import AdapterStoreResource
@@ -17,6 +19,8 @@ from sway_dagster.definitions import JOB_NAME, build_definitions
 from sway_dagster.resources import CustomModelResource, PriorityModelResource
 from sway_engine.backends.hf import HFBackend
 from sway_engine.cli import main
+from sway_engine.errors import SpecError
+from sway_engine.home import Settings
 from sway_engine.requests import Request, Result
 from sway_engine.store import ResultStore
 from tests.dagster.conftest import add_adapter
@@ -59,7 +63,7 @@ def test_custom_kind_through_the_cli(fx, tmp_path: Path) -> None:  # type: ignor
 
 
 def materialize(home, instance, fx) -> tuple[Any, str]:  # type: ignore[no-untyped-def]
-    defs = build_definitions(home)
+    defs = build_definitions(replace(home, allow_spec_code=True))
     add_adapter(home, fx.adapters["doc-strong"])
     (cand,) = AdapterStoreResource(root=str(home.adapters_dir), settle_seconds=0).scan()
     assert cand.key is not None
@@ -95,3 +99,23 @@ def test_fallback_materializes_on_the_kind_that_loaded(home, instance, fx) -> No
     assert [r["backend_kind"] for r in store.runs()] == ["hf"]
     rows = {r["probe"]: r for r in store.probe_results(key)}
     assert rows["delta_kl_doc"]["verdict"] == "pass"
+
+
+@pytest.mark.parametrize(
+    ("model", "named"),
+    [
+        ({}, f"imports {ENTRY} (kind custom)"),
+        ({"kind": "hf", "entry_point": None, "trust_remote_code": True}, "trust_remote_code"),
+    ],
+)
+def test_the_code_location_refuses_a_spec_that_runs_code_unless_allowed(
+    home: Settings, fx, model: dict[str, Any], named: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14 item 4: a spec is code. Whoever can write the suite file could make the Dagster
+    deployment import any module; the code location refuses unless its environment allows."""
+    home.suite.write_text(custom_suite(fx.suite, **model))
+    with pytest.raises(SpecError) as caught:
+        build_definitions(home)
+    assert named in str(caught.value) and "SWAY_ALLOW_SPEC_CODE=1" in str(caught.value)
+    allowed = Settings.from_env({"SWAY_HOME": str(home.home), "SWAY_ALLOW_SPEC_CODE": "1"})
+    assert allowed.allow_spec_code

@@ -46,7 +46,12 @@ def test_webserver_serves_the_sway_location_with_its_job_and_running_sensors(
     assert (repo["location"]["name"], repo["name"]) == ("sway", "__repository__")
     assert "evaluate_adapter" in {job["name"] for job in repo["jobs"]}
     sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
-    assert sensors == {"adapter_sensor": "RUNNING", "sway_automation": "RUNNING"}
+    assert sensors == {
+        "adapter_sensor": "RUNNING",
+        "sway_automation": "RUNNING",
+        "dead_run_reaper": "RUNNING",
+        "sway_failed_runs": "RUNNING",
+    }
 
 
 def test_a_graphql_launched_run_evaluates_the_partition(
