@@ -306,3 +306,30 @@ def model_loads(instance: dg.DagsterInstance, run_id: str) -> int:
     from sway_dagster.resources import LOAD_MESSAGE
 
     return sum(LOAD_MESSAGE in (e.user_message or "") for e in instance.all_logs(run_id))
+
+
+# --- run workers: a Dagster run in its own process on an instance shared through sqlite -------
+
+WORKER = """
+import sys
+import dagster as dg
+from sway_dagster.definitions import JOB_NAME, build_definitions
+from sway_engine.home import Settings
+
+instance = dg.DagsterInstance.from_config(sys.argv[1])
+job = build_definitions(Settings.from_env()).resolve_job_def(JOB_NAME)
+for key in sys.argv[2:]:
+    assert job.execute_in_process(partition_key=key, instance=instance).success, key
+"""
+
+
+def run_worker(home: Settings, dagster_home: Path, keys: list[str]) -> subprocess.Popen[bytes]:
+    """Start a process that evaluates `keys` one after another, as a run worker does."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SWAY_", "MLFLOW_"))}
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(dagster_home), *keys],
+        env=env | {"SWAY_HOME": str(home.home)},
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )

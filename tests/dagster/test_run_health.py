@@ -7,9 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import dagster as dg
@@ -21,20 +18,7 @@ from sway_dagster.resources import MlflowResource, ResultStoreResource
 from sway_dagster.run_health import dead_runs, make_reaper_sensor, sway_failed_runs
 from sway_engine.home import Settings
 from sway_engine.store import ResultStore
-from tests.dagster.conftest import REPO, add_adapter, wait_until
-
-WORKER = textwrap.dedent(
-    """
-    import sys
-    import dagster as dg
-    from sway_dagster.definitions import JOB_NAME, build_definitions
-    from sway_engine.home import Settings
-
-    instance = dg.DagsterInstance.from_config(sys.argv[1])
-    defs = build_definitions(Settings.from_env())
-    defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=sys.argv[2], instance=instance)
-    """
-)
+from tests.dagster.conftest import REPO, add_adapter, run_worker, wait_until
 
 
 def test_a_killed_run_worker_is_failed_and_its_evaluation_never_shown(
@@ -49,14 +33,7 @@ def test_a_killed_run_worker_is_failed_and_its_evaluation_never_shown(
     key = str(candidate.key)
     instance.add_dynamic_partitions("adapters", [key])
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SWAY_", "MLFLOW_"))}
-    worker = subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(dagster_home), key],
-        env=env | {"SWAY_HOME": str(home.home)},
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = run_worker(home, dagster_home, [key])
     store = ResultStore(home.database)
     try:
         # Kill it once its evaluation exists in DuckDB and is still incomplete.
