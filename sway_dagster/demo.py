@@ -115,7 +115,7 @@ def register_adapters(
     adding its partitions; returns every run it requested."""
     import dagster as dg
 
-    from sway_dagster.adapter_store import AdapterStoreResource
+    from sway_dagster.adapter_store import WAITING, AdapterStoreResource
 
     sensor = defs.resolve_sensor_def("adapter_sensor")
     store = defs.resources["adapter_store"]
@@ -134,7 +134,7 @@ def register_adapters(
                 keys = list(req.partition_keys or [])
                 instance.add_dynamic_partitions(req.partitions_def_name, keys)
             requests.extend(tick.run_requests or [])
-        waiting = [c for c in store.scan() if c.status == "writing"]
+        waiting = [c for c in store.scan() if c.status in WAITING]
         if not waiting:
             return requests
         if time.monotonic() >= deadline:

@@ -6,7 +6,7 @@ import json
 
 import dagster as dg
 
-from sway_dagster.adapter_store import AdapterStoreResource, Candidate
+from sway_dagster.adapter_store import WAITING, AdapterStoreResource, Candidate
 from sway_dagster.partitions import ADAPTERS, adapters
 
 ADAPTER_FILES = dg.AssetKey("adapter_files")
@@ -40,7 +40,7 @@ def make_adapter_sensor(
         existing = set(context.instance.get_dynamic_partitions(ADAPTERS))
         new: list[Candidate] = []
         for c in candidates:
-            if c.status == "writing":
+            if c.status in WAITING:
                 context.log.info(f"waiting for {c.name}: {c.reason}")
             elif c.status != "ready":
                 context.log.info(f"skipping {c.name}: {c.reason}")

@@ -396,3 +396,34 @@ def test_a_dangling_symlink_inside_an_adapter_does_not_hold_it_back(tmp_path: Pa
     (path / "notes.txt").symlink_to(tmp_path / "gone.txt")
     (c,) = AdapterStoreResource(root=str(tmp_path), settle_seconds=5).scan()
     assert c.status == "ready", c.reason
+
+
+def test_a_symlink_to_a_busy_tree_inside_an_adapter_is_not_walked(tmp_path: Path) -> None:
+    """A link to a large tree (a dataset, a checkpoint folder) was walked every tick: a file
+    being written anywhere in it held the adapter back. Links are not followed now."""
+    root = tmp_path / "adapters"
+    path = make_adapter(root, "with-data")
+    busy = tmp_path / "dataset" / "shard"
+    busy.mkdir(parents=True)
+    for i in range(200):
+        (busy / f"part-{i}.txt").write_text("x")  # fresh mtimes: "being written" if walked
+    (path / "data").symlink_to(tmp_path / "dataset", target_is_directory=True)
+    (c,) = AdapterStoreResource(root=str(root), settle_seconds=5).scan()
+    assert c.status == "ready", c.reason
+
+
+def test_one_scan_hashes_at_most_its_budget_and_queues_the_rest(tmp_path: Path) -> None:
+    """Hashing new weights inside a sensor tick had no bound; a scan now stops hashing new
+    adapters past `hash_budget_bytes` (at least one per tick) and the next tick takes them."""
+    for name in ("a1", "a2", "a3"):
+        make_adapter(tmp_path, name)
+    size = (tmp_path / "a1" / WEIGHTS).stat().st_size
+    store = AdapterStoreResource(root=str(tmp_path), settle_seconds=0, hash_budget_bytes=size)
+    first = store.scan()
+    assert [c.status for c in first] == ["ready", "queued", "queued"]
+    assert "queued: this tick already hashed" in first[1].reason
+    known = {c.name: (str(c.stamp), str(c.sha256)) for c in first if c.status == "ready"}
+    second = store.scan(known=known)
+    assert [c.status for c in second] == ["ready", "ready", "queued"]  # a1 from the cursor
+    tiny = AdapterStoreResource(root=str(tmp_path), settle_seconds=0, hash_budget_bytes=1)
+    assert tiny.scan()[0].status == "ready"  # one adapter per tick whatever the budget
