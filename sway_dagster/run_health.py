@@ -3,8 +3,9 @@
 Dagster's run monitoring (on in dagster.yaml) fails runs that never start and cancels that
 never finish, but with the default run launcher it cannot tell that a run worker died (kill -9,
 the kernel's out-of-memory killer): the launcher has no worker health check, and such a run
-stays STARTED forever. `dead_run_reaper` is that check for workers on this machine: a STARTED
-run whose worker process is gone is reported failed (and retried once by `run_retries`).
+stays STARTED forever, holding its concurrency slot. `dead_run_reaper` is that check for
+workers on this machine: a STARTED run whose worker process is gone is reported failed, its
+slots are freed, and `run_retries` launches it again once.
 
 `sway_failed_runs` then closes what the run left open: its incomplete DuckDB evaluations are
 marked failed (they were never shown; now they say why) and its MLflow runs FAILED.
@@ -71,6 +72,11 @@ def make_reaper_sensor(minimum_interval_seconds: int = 30) -> dg.SensorDefinitio
             )
             context.log.warning(f"{run.run_id}: {message}")
             context.instance.report_run_failed(run, message)
+            # The dead worker held the "model" pool's slot: without this the next model step
+            # of every run waits until the daemon's free_slots_after_run_end_seconds.
+            storage = context.instance.event_log_storage
+            if storage.supports_global_concurrency_limits:
+                storage.free_concurrency_slots_for_run(run.run_id)
         return dg.SkipReason(f"{len(dead)} dead run(s) marked failed" if dead else "all alive")
 
     return dead_run_reaper

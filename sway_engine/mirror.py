@@ -5,8 +5,8 @@ copy for browsing and comparing. Its faults (server down, sqlite store locked, a
 full) never fail an evaluation that DuckDB recorded:
 
 - every request has a short client deadline (`tracking.CLIENT_DEADLINES`);
-- after a failure this process leaves that tracking URI alone for `COOLDOWN_S`, so the other
-  steps of a run do not each wait for the same dead server;
+- after a slow failure this process leaves that tracking URI alone for `COOLDOWN_S`, so the
+  other steps of a run do not each wait for the same dead server;
 - the run is marked `pending` in the store, with the error and what to copy, and is copied by
   the next publication that reaches MLflow (`catch_up`) or by `sway sync-mlflow`;
 - an MLflow run whose copy failed half-way is marked FAILED (when MLflow answers at all).
@@ -28,6 +28,7 @@ from sway_engine.tracking import MlflowTracking, TrackingError
 T = TypeVar("T")
 
 COOLDOWN_S = 60.0
+SLOW_FAILURE_S = 1.0  # a failure that took this long is remembered for COOLDOWN_S
 CATCH_UP_LIMIT = 20  # older pending runs copied per publication; `sway sync-mlflow` takes all
 _down: dict[str, tuple[float, str]] = {}  # tracking URI -> (monotonic retry time, why)
 
@@ -167,15 +168,20 @@ class Mirror:
             return None
 
     def _guarded(self, work: Callable[[], T]) -> T:
-        """Run `work` unless MLflow failed recently in this process; remember a failure."""
+        """Run `work` unless MLflow failed slowly in this process within COOLDOWN_S. Only a
+        slow failure (a dead server's retries, a locked db's busy wait) is remembered: one that
+        fails at once (a full artifact disk) costs nothing to meet again, and later calls can
+        still close the run it left open."""
         uri = self.tracking.tracking_uri
         until, why = _down.get(uri, (0.0, ""))
         if time.monotonic() < until:
             raise TrackingError(f"{uri} failed {why!r} less than {COOLDOWN_S:g} s ago; not tried")
+        started = time.monotonic()
         try:
             result = work()
         except TrackingError as exc:
-            _down[uri] = (time.monotonic() + COOLDOWN_S, str(exc)[:200])
+            if time.monotonic() - started >= SLOW_FAILURE_S:
+                _down[uri] = (time.monotonic() + COOLDOWN_S, str(exc)[:200])
             raise
         _down.pop(uri, None)
         return result

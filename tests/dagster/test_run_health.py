@@ -86,3 +86,16 @@ def test_a_killed_run_worker_is_failed_and_its_evaluation_never_shown(
     if experiment is not None:  # the MLflow run exists once a probe step logged to it
         statuses = {r.info.status for r in client.search_runs([experiment.experiment_id])}
         assert statuses <= {"FAILED"}
+
+    # The re-run (what run_retries launches) completes beside the failed evaluation.
+    from sway_dagster.definitions import JOB_NAME, build_definitions
+
+    job = build_definitions(home).resolve_job_def(JOB_NAME)
+    assert job.execute_in_process(partition_key=key, instance=instance).success
+    assert sorted(r["status"] for r in store.runs()) == ["complete", "failed"]
+    assert [r["adapter_id"] for r in store.leaderboard()] == [key]
+    assert {r["probe"] for r in store.probe_results(key)} == {
+        "null_baseline",
+        "delta_kl_doc",
+        "ablation",
+    }

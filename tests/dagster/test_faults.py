@@ -1,9 +1,14 @@
-"""MLflow is a mirror of DuckDB: a dead tracking server or a locked mlflow.db never fails an
-evaluation that DuckDB recorded, costs one short try per run (not ~250 s per probe step), and
-the copy is caught up later (issue 14, item 7). Real Dagster instance, DuckDB and MLflow."""
+"""Faults injected into a real evaluation (real Dagster instance, DuckDB, MLflow): MLflow down,
+its sqlite db locked, its artifact disk full. MLflow is a mirror of DuckDB: none of these
+fails an evaluation that DuckDB recorded, each costs one short try per run (not ~250 s per
+probe step), and the copy is caught up later (issue 14, item 7). Worker death: test_run_health;
+DuckDB held by a reader: tests/engine/test_store.py; API faults: test_api_backend.py."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import socket
 import sqlite3
 import subprocess
@@ -143,3 +148,48 @@ def test_a_locked_mlflow_db_is_named_and_caught_up_by_the_next_evaluation(
     mlflow_runs = client.search_runs([exp.experiment_id])
     assert {r.data.tags["dagster.run_id"] for r in mlflow_runs} == {first.run_id, second.run_id}
     assert {r.info.status for r in mlflow_runs} == {"FINISHED"}
+
+
+@contextlib.contextmanager
+def full_disk(folder: Path) -> Iterator[str]:
+    """`folder` on a filesystem with no space left: a tiny tmpfs filled up where this process
+    may mount one (root, as in CI containers), else artifact writes fail as a full disk does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+        def no_space(*_args: object, **_kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(LocalArtifactRepository, "log_artifact", no_space)
+            yield "simulated"
+        return
+    try:
+        fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 1024)
+        os.close(fd)
+        yield "tmpfs"
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_full_artifact_disk_leaves_the_evaluation_complete_and_the_copy_pending(
+    home: Settings, instance, fx
+) -> None:  # type: ignore[no-untyped-def]
+    with full_disk(home.mlflow_artifacts) as how:
+        _, results = evaluate(home, instance, ["doc-strong"], fx)
+    ((_, result),) = results.items()
+    assert result.success, how
+    (run,) = ResultStore(home.database).runs()
+    assert run["status"] == "complete" and run["mlflow_status"] == "pending"
+    assert "No space left on device" in run["mlflow_error"], run["mlflow_error"]
+    # The run that met the full disk is FAILED in MLflow, not left RUNNING.
+    client = MlflowClient(home.mlflow_uri)
+    exp = client.get_experiment_by_name("sway-sway")
+    assert {r.info.status for r in client.search_runs([exp.experiment_id])} == {"FAILED"}
