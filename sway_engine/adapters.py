@@ -47,7 +47,10 @@ def weights_sha256(path: Path) -> str:
 
 def read_adapter(path: str | Path, *, check_finite: bool = True) -> AdapterInfo:
     """Parse the config, hash the weights and (by default) check every tensor is finite."""
-    path = Path(path).expanduser().resolve()
+    try:
+        path = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a NUL byte, ~nobody
+        raise AdapterError(f"adapter path {path} cannot be resolved ({exc}); fix the path") from exc
     if not path.is_dir():
         raise AdapterError(f"adapter directory {path} does not exist")
     cfg_path, w_path = path / CONFIG, path / WEIGHTS
@@ -96,7 +99,7 @@ def _read_config(cfg_path: Path) -> dict[str, Any]:
         cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise AdapterError(f"{cfg_path} is not UTF-8 text ({exc.reason}): re-export it") from exc
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: an int over 4300 digits
         raise AdapterError(f"{cfg_path} is not valid JSON: {exc}") from exc
     if not isinstance(cfg, dict):
         raise AdapterError(
@@ -107,7 +110,9 @@ def _read_config(cfg_path: Path) -> dict[str, Any]:
 
 def _whole(cfg_path: Path, field: str, value: Any) -> int:
     """A positive whole number (a rank of 4.7 is not 4: it is a broken config)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
         raise AdapterError(f"{cfg_path}: {field} must be a positive whole number, got {value!r}")
     if value <= 0:
         raise AdapterError(f"{cfg_path}: rank r must be positive, got {value!r}")
@@ -115,9 +120,14 @@ def _whole(cfg_path: Path, field: str, value: Any) -> int:
 
 
 def _number(cfg_path: Path, field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise AdapterError(f"{cfg_path}: {field} must be a finite number, got {value!r}")
-    return float(value)
+    if not isinstance(value, bool) and isinstance(value, int | float):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            number = math.inf
+        if math.isfinite(number):
+            return number
+    raise AdapterError(f"{cfg_path}: {field} must be a finite number, got {value!r}")
 
 
 def _check_tensors(w_path: Path) -> int:
@@ -149,4 +159,9 @@ def _load_fp32(w_path: Path) -> dict[str, np.ndarray]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(
             f"{w_path} is not a readable safetensors file (truncated?): {exc}"
+        ) from exc
+    except (TypeError, AttributeError) as exc:  # numpy has no bf16 or fp8 dtype
+        raise AdapterError(
+            f"{w_path} holds a dtype numpy cannot read ({exc}); install torch "
+            "(pip install 'sway[hf]') to check this adapter"
         ) from exc

@@ -80,7 +80,7 @@ def render(opts: Options) -> str:
     """The YAML text (header comments, one intent comment per entry), already validated."""
     try:
         opts.prompt_template.format(question="")
-    except (KeyError, IndexError, ValueError) as exc:
+    except (AttributeError, LookupError, TypeError, ValueError) as exc:
         raise AutogenError(
             f"--prompt-template {opts.prompt_template!r}: only {{question}} may appear in braces"
         ) from exc

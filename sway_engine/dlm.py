@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from sway_engine import safe_yaml
 from sway_engine.errors import SwayError
 
 SectionKind = Literal["prose", "instruction", "preference"]
@@ -100,7 +101,7 @@ def load_dlm(path: str | Path) -> Document:
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or a NUL byte in the path
         raise DlmError(f"{path}: cannot read the document: {exc}") from exc
     return parse_dlm(text, source=str(path))
 
@@ -113,7 +114,7 @@ def parse_dlm(text: str, *, source: str = "<dlm>") -> Document:
     if end is None:
         raise DlmError(f"{source}: the front matter has no closing '---' line")
     try:
-        front = yaml.safe_load("\n".join(lines[1:end])) or {}
+        front = safe_yaml.load("\n".join(lines[1:end])) or {}
     except yaml.YAMLError as exc:
         raise DlmError(f"{source}: front matter is not valid YAML: {exc}") from exc
     if not isinstance(front, dict):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sway_engine.errors import BackendError
 from sway_engine.views import View
 
 
@@ -87,6 +88,8 @@ class TokenDist:
     tokens: tuple[str, ...] = ()
     vocabulary: str = ""
     decode: Callable[[list[int]], list[str]] | None = field(default=None, compare=False, repr=False)
+    # Prompt tokens dropped from the left to fit the model's context (PROBES.md "Prompt length").
+    prompt_cut: int = 0
 
     def texts(self) -> tuple[str, ...]:
         """Decoded token strings: `tokens`, else `decode(token_ids)`, else ()."""
@@ -108,6 +111,8 @@ class DivergenceResult:
     exact: bool
     top_a: tuple[tuple[str, float], ...] = ()
     top_b: tuple[tuple[str, float], ...] = ()
+    # Prompt tokens dropped from the left to fit the model's context (PROBES.md "Prompt length").
+    prompt_cut: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,8 @@ class RollingResult:
 class ContinuationResult:
     logprob: float
     num_tokens: int
+    # Prompt tokens dropped from the left to fit the model's context (PROBES.md "Prompt length").
+    prompt_cut: int = 0
 
     @property
     def mean(self) -> float:
@@ -138,6 +145,8 @@ class ContinuationResult:
 class GenerationResult:
     text: str
     token_ids: tuple[int, ...] = field(default=())
+    # Prompt tokens dropped from the left to fit the model's context (PROBES.md "Prompt length").
+    prompt_cut: int = 0
 
 
 Result = TokenDist | DivergenceResult | RollingResult | ContinuationResult | GenerationResult
@@ -148,3 +157,13 @@ def views_of(request: Request) -> tuple[View, ...]:
     if isinstance(request, Divergence):
         return (request.view_a, request.view_b)
     return (request.view,)
+
+
+def check_prompt(request: Request) -> None:
+    """Refuse a request whose prompt is empty or only whitespace (PROBES.md "Prompt length")."""
+    prompt = getattr(request, "prompt", None)
+    if prompt is not None and not prompt.strip():
+        raise BackendError(
+            f"{type(request).__name__} has an empty prompt ({prompt!r}); a prompt needs text "
+            "(check the probe's prompts or the .dlm document they came from)"
+        )

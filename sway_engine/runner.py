@@ -6,6 +6,7 @@ The CLI and the Dagster assets call the same pieces: `calibrate_suite`, `run_ent
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -21,13 +22,15 @@ from sway_engine.errors import ProbeSkip, SwayError
 from sway_engine.probes.base import Context, finalize, skipped
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
-from sway_engine.requests import NextToken, Result
+from sway_engine.requests import NextToken, Request, Result
 from sway_engine.result import ProbeResult, SuiteResult, Verdict
 from sway_engine.spec import SuiteSpec
 from sway_engine.suite import Suite, document_of, null_entry
 from sway_engine.views import BASE, FINETUNED, Finetuned
 
 Progress = Callable[[str], None]
+
+log = logging.getLogger(__name__)
 
 
 def context_for(spec: SuiteSpec, backend: Instrumented) -> Context:
@@ -92,10 +95,39 @@ def null_result(entry: Entry, matrix: NullMatrix | None, duration_s: float) -> P
 
 
 def run_entry(entry: Entry, ctx: Context, matrix: NullMatrix | None) -> ProbeResult:
-    """One probe on the trained adapter, judged against its null stats; never raises."""
+    """One probe on the trained adapter, judged against its null stats; never raises.
+    Prompts the backend cut to fit the model's context are counted in its evidence."""
     start = time.perf_counter()
-    result = _run_entry(entry, ctx, matrix)
+    counting, cut = counting_cuts(ctx)
+    result = _run_entry(entry, counting, matrix)
+    if cut:
+        result = _with_cuts(result, len(cut))
     return _timed(result, time.perf_counter() - start)
+
+
+def counting_cuts(ctx: Context) -> tuple[Context, set[str]]:
+    """`ctx` with an execute that records each distinct prompt whose result says the backend
+    cut it to fit the context (`prompt_cut`; docs/PROBES.md "Prompt length")."""
+    cut: set[str] = set()
+
+    def execute(requests: Sequence[Request]) -> list[Result]:
+        results = ctx.execute(requests)
+        for req, res in zip(requests, results, strict=True):
+            if getattr(res, "prompt_cut", 0):
+                cut.add(getattr(req, "prompt", ""))
+        return results
+
+    return replace(ctx, execute=execute), cut
+
+
+def _with_cuts(result: ProbeResult, n: int) -> ProbeResult:
+    note = f"{n} prompt(s) longer than the model's context were cut to their last tokens"
+    log.warning("%s: %s", result.name, note)
+    return replace(
+        result,
+        message=f"{result.message}; {note}",
+        evidence={**result.evidence, "prompts_truncated": n},
+    )
 
 
 def _run_entry(entry: Entry, ctx: Context, matrix: NullMatrix | None) -> ProbeResult:

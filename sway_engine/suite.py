@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from sway_engine import safe_yaml
 from sway_engine.calibration import NullPlan, plan_for
 from sway_engine.dlm import Document, load_dlm
 from sway_engine.errors import SpecError
@@ -96,10 +97,11 @@ def load_spec(path: str | Path) -> tuple[SuiteSpec, list[Any]]:
 
     Raises SpecError listing every problem (top level and every probe entry) at once.
     """
-    path = Path(path).expanduser()
     source = str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        path = Path(path).expanduser()
+        source = str(path)
+        data = safe_yaml.load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SpecError([("<file>", f"cannot read: {exc.strerror or exc}")], source=source) from exc
     except UnicodeDecodeError as exc:
@@ -107,6 +109,8 @@ def load_spec(path: str | Path) -> tuple[SuiteSpec, list[Any]]:
         raise SpecError([("<file>", why)], source=source) from exc
     except yaml.YAMLError as exc:
         raise SpecError([("<file>", f"invalid YAML: {exc}")], source=source) from exc
+    except (RuntimeError, ValueError) as exc:  # `~user` unknown, a NUL byte in the path
+        raise SpecError([("<file>", f"cannot read: {exc}")], source=source) from exc
     return parse_spec(data, source=source, base_dir=path.resolve().parent)
 
 
@@ -116,6 +120,10 @@ def parse_spec(
     data = _null_key(data)
     if not isinstance(data, dict):
         raise SpecError([("<root>", "the spec must be a YAML mapping")], source=source)
+    loop = _self_containing(data)
+    if loop is not None:
+        why = "holds itself (a YAML alias inside its own anchor); write the value out"
+        raise SpecError([(loop, why)], source=source)
     problems: list[tuple[str, str]] = []
     spec: SuiteSpec | None = None
     try:
@@ -138,6 +146,28 @@ def parse_spec(
     if problems or spec is None:
         raise SpecError(problems, source=source)
     return spec, [_with_alpha(e, spec.defaults.alpha) for e in entries]
+
+
+def _self_containing(data: Any) -> str | None:
+    """The YAML path of the first mapping or list that contains itself, or None. (A spec
+    with such a loop validates, then cannot be hashed or written.)"""
+    done: set[int] = set()
+
+    def walk(value: Any, path: str, open_: frozenset[int]) -> str | None:
+        if not isinstance(value, dict | list) or id(value) in done:
+            return None
+        if id(value) in open_:
+            return path or "<root>"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, child in items:
+            step = f"[{key}]" if isinstance(key, int) else (f".{key}" if path else str(key))
+            found = walk(child, path + step, open_ | {id(value)})
+            if found is not None:
+                return found
+        done.add(id(value))
+        return None
+
+    return walk(data, "", frozenset())
 
 
 def _null_key(data: Any) -> Any:
@@ -192,8 +222,8 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any
     if base_dir is None:
         return data
     source = data.get("dlm_source")
-    if isinstance(source, str) and not Path(source).expanduser().is_absolute():
-        data = {**data, "dlm_source": str((base_dir / source).resolve())}
+    if isinstance(source, str) and not Path(source).is_absolute():
+        data = {**data, "dlm_source": _resolved(base_dir, source)}
     if not isinstance(data.get("models"), dict):
         return data
     models = dict(data["models"])
@@ -205,6 +235,15 @@ def _resolve_paths(data: dict[str, Any], base_dir: Path | None) -> dict[str, Any
         for key in ("base", "adapter"):
             value = m.get(key)
             if isinstance(value, str) and value.startswith((".", "~")):
-                m[key] = str((base_dir / Path(value).expanduser()).resolve())
+                m[key] = _resolved(base_dir, value)
         models[side] = m
     return {**data, "models": models}
+
+
+def _resolved(base_dir: Path, value: str) -> str:
+    """`value` made absolute against `base_dir`, `~` expanded; as written when this system
+    cannot resolve it (`~nobody`, a NUL byte, a symlink loop): loading it then fails by name."""
+    try:
+        return str((base_dir / Path(value).expanduser()).resolve())
+    except (OSError, RuntimeError, ValueError):
+        return value

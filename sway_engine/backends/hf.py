@@ -32,6 +32,7 @@ from sway_engine.backends.rows import (
     RowCache,
     answer,
     collect,
+    generation_prompts,
     logprob_result,
     token_dist,
 )
@@ -108,7 +109,7 @@ class HFBackend:
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot load base model {base!r}: {exc}") from exc
         self.tokenizer.padding_side = "left"
-        self.tokenizer.model_max_length = 1 << 30  # long texts are windowed here, never truncated
+        self.tokenizer.model_max_length = 1 << 30  # rows.plan windows or cuts long texts
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._base_model = model.to(self.device).eval()
@@ -421,7 +422,7 @@ class HFBackend:
         self._ensure_views(v for req in requests for v in views_of(req))
         rows, plans = collect(requests, self._plan)
         self._forward_all(rows)
-        gens = self._generate_all([r for r in requests if isinstance(r, Generate)])
+        gens = self._generate_all(generation_prompts(requests, plans))
         return answer(requests, plans, rows, gens, self._assemble)
 
     def _plan(self, req: Request) -> Plan:
@@ -547,10 +548,10 @@ class HFBackend:
         table = self._factors.setdefault(id(layer), {})
         return add_row_updates(self._torch, layer, table, args[0], output, plan)
 
-    def _assemble(self, req: Request, plan: tuple[Any, list[Row]], rows: dict[Row, Any]) -> Result:
+    def _assemble(self, req: Request, plan: Plan, rows: dict[Row, Any]) -> Result:
         torch = self._torch
-        meta, needed = plan
-        values = [rows[r] for r in needed]
+        meta = plan.meta
+        values = [rows[r] for r in plan.rows]
         if isinstance(req, NextToken):
             logp = _finite_or_raise(values[0], req.view, req.prompt)
             k = min(req.top_k, logp.shape[-1])
@@ -573,17 +574,21 @@ class HFBackend:
             (t, float(math.exp(v))) for t, v in zip(toks, top.values.tolist(), strict=True)
         )
 
-    def _generate_all(self, reqs: list[Generate]) -> dict[Generate, GenerationResult]:
-        """Greedy generation. With batched LoRA available, rows of every view share one
-        generate call (the row hook applies each row's adapter at every decode step);
-        otherwise one PEFT generate per view."""
+    def _generate_all(
+        self, prompts: dict[Generate, tuple[int, ...]]
+    ) -> dict[Generate, GenerationResult]:
+        """Greedy generation from each request's prompt ids (fitted to the context by
+        `rows.plan`). With batched LoRA available, rows of every view share one generate call
+        (the row hook applies each row's adapter at every decode step); otherwise one PEFT
+        generate per view."""
         out: dict[Generate, GenerationResult] = {}
+        reqs = list(prompts)
         mixed = self._peft is not None and bool(reqs) and self._row_lora_ready()
         groups: dict[tuple[str, int], list[Generate]] = {}
         # Views computed under one name (a zero update is the base) generate once.
         first: dict[tuple[str, str, int], Generate] = {}
         same: list[tuple[Generate, Generate]] = []
-        for req in dict.fromkeys(reqs):
+        for req in reqs:
             name = self._adapter_name(req.view)
             key = (req.prompt, name, req.max_new_tokens)
             if key in first:
@@ -598,16 +603,26 @@ class HFBackend:
             group.sort(key=lambda g: self._adapter_name(g.view))
             for start in range(0, len(group), self.max_batch_rows):
                 chunk = group[start : start + self.max_batch_rows]
-                out.update(self._generate_chunk(chunk, max_new, mixed))
+                out.update(self._generate_chunk(chunk, prompts, max_new, mixed))
         for req, twin in same:
             out[req] = out[twin]
         return out
 
     def _generate_chunk(
-        self, chunk: list[Generate], max_new: int, mixed: bool
+        self,
+        chunk: list[Generate],
+        prompts: dict[Generate, tuple[int, ...]],
+        max_new: int,
+        mixed: bool,
     ) -> dict[Generate, GenerationResult]:
         torch = self._torch
-        enc = self.tokenizer([g.prompt for g in chunk], return_tensors="pt", padding=True)
+        width = max(len(prompts[g]) for g in chunk)
+        pad = int(self.tokenizer.pad_token_id)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, g in enumerate(chunk):  # left padding, as in `_forward`
+            input_ids[i, width - len(prompts[g]) :] = torch.tensor(prompts[g])
+            mask[i, width - len(prompts[g]) :] = 1
         names = [self._adapter_name(g.view) for g in chunk]
         kwargs: dict[str, Any] = {}
         model = self._base_model
@@ -618,8 +633,8 @@ class HFBackend:
             self._row_plan = segments(names) if mixed else None
             try:
                 gen = model.generate(
-                    input_ids=enc["input_ids"].to(self.device),
-                    attention_mask=enc["attention_mask"].to(self.device),
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=mask.to(self.device),
                     max_new_tokens=max_new,
                     do_sample=False,
                     pad_token_id=self.tokenizer.pad_token_id,
@@ -630,7 +645,7 @@ class HFBackend:
         self._counters["forward_passes"] += max_new
         eos = self.tokenizer.eos_token_id
         out: dict[Generate, GenerationResult] = {}
-        for req, row in zip(chunk, gen[:, enc["input_ids"].shape[1] :].cpu(), strict=True):
+        for req, row in zip(chunk, gen[:, width:].cpu(), strict=True):
             ids = [int(i) for i in row]
             if eos in ids:  # a row that ended early is padded to the batch's length: cut it
                 ids = ids[: ids.index(eos) + 1]

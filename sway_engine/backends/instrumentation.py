@@ -1,6 +1,7 @@
 """Request cache, counters and JSONL trace in front of any backend.
 
 Identical requests are computed once per run: a request is a frozen value and its own key.
+A request with an empty prompt is refused here, whatever the backend.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sway_engine.backends.base import Backend
-from sway_engine.requests import Request, Result
+from sway_engine.requests import Request, Result, check_prompt
 
 
 class Instrumented:
@@ -34,6 +35,8 @@ class Instrumented:
 
     def execute(self, requests: Sequence[Request]) -> list[Result]:
         start = time.perf_counter()
+        for req in requests:
+            check_prompt(req)
         misses = list(dict.fromkeys(r for r in requests if r not in self._cache))
         if misses:
             for req, res in zip(misses, self.inner.execute(misses), strict=True):

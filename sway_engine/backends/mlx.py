@@ -29,9 +29,9 @@ from sway_engine.backends.rows import (
     answer,
     collect,
     finite_or_raise,
+    generation_prompts,
     logprob_result,
     token_dist,
-    token_ids,
 )
 from sway_engine.backends.rows import plan as plan_rows
 from sway_engine.convert import MLX_CONFIG, MLX_WEIGHTS, converted, is_mlx_adapter
@@ -115,7 +115,7 @@ class MLXBackend:
         model.eval()
         self._model = model
         self.tokenizer = wrapper._tokenizer
-        self.tokenizer.model_max_length = 1 << 30  # long texts are windowed here, never truncated
+        self.tokenizer.model_max_length = 1 << 30  # rows.plan windows or cuts long texts
         self._eos = frozenset(int(i) for i in wrapper.eos_token_ids)
         pad = self.tokenizer.pad_token_id
         self._pad = int(pad if pad is not None else next(iter(self._eos), 0))
@@ -357,7 +357,7 @@ class MLXBackend:
         rows, plans = collect(requests, self._plan)
         with self._mx.stream(self._device):
             self._forward_all(rows)
-            gens = self._generate_all([r for r in requests if isinstance(r, Generate)])
+            gens = self._generate_all(generation_prompts(requests, plans))
         return answer(requests, plans, rows, gens, self._assemble)
 
     def _plan(self, req: Request) -> Plan:
@@ -417,9 +417,9 @@ class MLXBackend:
         values = np.array(_log_softmax(mx, logits, picked)[..., 0])
         return [values[i, : len(row.ids) - 1] for i, row in enumerate(batch)]
 
-    def _assemble(self, req: Request, plan: tuple[Any, list[Row]], rows: dict[Row, Any]) -> Result:
-        meta, needed = plan
-        values = [rows[r] for r in needed]
+    def _assemble(self, req: Request, plan: Plan, rows: dict[Row, Any]) -> Result:
+        meta = plan.meta
+        values = [rows[r] for r in plan.rows]
         if isinstance(req, NextToken):
             logp = values[0]
             finite_or_raise(logp, req.view, req.prompt)
@@ -446,15 +446,17 @@ class MLXBackend:
         toks = self.tokenizer.convert_ids_to_tokens(ids.tolist())
         return tuple((t, float(math.exp(logp[i]))) for t, i in zip(toks, ids.tolist(), strict=True))
 
-    def _generate_all(self, reqs: list[Generate]) -> dict[Generate, GenerationResult]:
-        """Greedy decoding; prompts of one view and one length decode together in a batch."""
+    def _generate_all(
+        self, prompts: dict[Generate, tuple[int, ...]]
+    ) -> dict[Generate, GenerationResult]:
+        """Greedy decoding from each request's prompt ids (fitted to the context by
+        `rows.plan`); prompts of one view and one length decode together in a batch."""
         from mlx_lm.models.cache import make_prompt_cache
 
         mx = self._mx
         out: dict[Generate, GenerationResult] = {}
-        groups: dict[tuple[str, int, int], list[tuple[Generate, list[int]]]] = {}
-        for req in dict.fromkeys(reqs):
-            ids = token_ids(self.tokenizer, req.prompt)
+        groups: dict[tuple[str, int, int], list[tuple[Generate, tuple[int, ...]]]] = {}
+        for req, ids in prompts.items():
             key = (self._view_key(req.view), req.max_new_tokens, len(ids))
             groups.setdefault(key, []).append((req, ids))
         for (view, max_new, _), group in groups.items():
@@ -462,7 +464,7 @@ class MLXBackend:
             for start in range(0, len(group), self.max_batch_rows):
                 chunk = group[start : start + self.max_batch_rows]
                 cache = make_prompt_cache(self._model)
-                logits = self._model(mx.array([ids for _, ids in chunk]), cache=cache)
+                logits = self._model(mx.array([list(ids) for _, ids in chunk]), cache=cache)
                 new: list[list[int]] = [[] for _ in chunk]
                 done = [False] * len(chunk)
                 for step in range(max_new):
@@ -476,9 +478,9 @@ class MLXBackend:
                     if all(done) or step == max_new - 1:
                         break
                     logits = self._model(nxt[:, None], cache=cache)
-                for (req, _), ids in zip(chunk, new, strict=True):
-                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    out[req] = GenerationResult(text=text, token_ids=tuple(ids))
+                for (req, _), made in zip(chunk, new, strict=True):
+                    text = self.tokenizer.decode(made, skip_special_tokens=True)
+                    out[req] = GenerationResult(text=text, token_ids=tuple(made))
         return out
 
     def counters(self) -> dict[str, float]:

@@ -2,14 +2,15 @@
 
 A request becomes rows: token sequences under one view. Each backend forwards every
 distinct row once, then assembles each request's result from its rows' log-probs. The
-tokenisation rules live here, so every backend scores exactly the same tokens.
+tokenisation rules and the cut of prompts longer than the context live here, so every backend
+scores and generates from exactly the same tokens.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -25,10 +26,9 @@ from sway_engine.requests import (
     RollingLogprob,
     RollingResult,
     TokenDist,
+    check_prompt,
 )
 from sway_engine.views import View
-
-Plan = tuple[Any, list["Row"]]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,16 @@ class Row:
     last: bool
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How a request is answered: its rows, what assembling the result needs (`meta`; the
+    prompt's ids for a generation), and how many prompt tokens were cut to fit the context."""
+
+    meta: Any
+    rows: list[Row]
+    cut: int = 0
+
+
 def token_ids(tokenizer: Any, text: str, *, special: bool = True) -> list[int]:
     """Token ids of `text`; with special tokens, never empty (BOS, else EOS, for "")."""
     ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -51,35 +61,57 @@ def token_ids(tokenizer: Any, text: str, *, special: bool = True) -> list[int]:
 
 
 def plan(req: Request, tokenizer: Any, max_len: int, name: Callable[[View], str]) -> Plan:
-    """(meta, rows) for one request; `name` maps a view to the backend's row name.
+    """The rows one request needs; `name` maps a view to the backend's row name.
 
     ContinuationLogprob tokenises prompt and completion separately (no BPE merge across
     the boundary); RollingLogprob entry i scores token i+1, in half-overlapping windows of
-    `max_len`; prompts longer than the window keep their last `max_len` tokens.
+    `max_len`. A prompt that does not fit keeps its last tokens (`fit_prompt`).
     """
-    if isinstance(req, NextToken):
-        ids = tuple(token_ids(tokenizer, req.prompt)[-max_len:])
-        return ids, [Row(name(req.view), ids, True)]
-    if isinstance(req, Divergence):
-        ids = tuple(token_ids(tokenizer, req.prompt)[-max_len:])
-        return ids, [Row(name(req.view_a), ids, True), Row(name(req.view_b), ids, True)]
     if isinstance(req, RollingLogprob):
         text_ids = token_ids(tokenizer, req.text)
         spans = windows(text_ids, max_len)
         key = name(req.view)
-        return (text_ids, [keep for _, keep in spans]), [Row(key, w, False) for w, _ in spans]
+        return Plan((text_ids, [keep for _, keep in spans]), [Row(key, w, False) for w, _ in spans])
+    if not isinstance(req, NextToken | Divergence | ContinuationLogprob | Generate):
+        raise BackendError(f"no backend plan for {type(req).__name__}")
+    check_prompt(req)
+    p_ids = token_ids(tokenizer, req.prompt)
+    if isinstance(req, NextToken | Divergence):
+        ids, cut = fit_prompt(p_ids, max_len, tokenizer.bos_token_id)
+        if isinstance(req, NextToken):
+            return Plan(ids, [Row(name(req.view), ids, True)], cut)
+        return Plan(ids, [Row(name(req.view_a), ids, True), Row(name(req.view_b), ids, True)], cut)
     if isinstance(req, ContinuationLogprob):
-        p_ids = token_ids(tokenizer, req.prompt)
         c_ids = token_ids(tokenizer, req.completion, special=False)
         if not c_ids:
             raise BackendError(f"completion {req.completion!r} tokenizes to zero tokens")
-        seq = tuple((p_ids + c_ids)[-max_len:])
-        n_c = min(len(c_ids), len(seq) - 1)
-        return (seq, n_c), [Row(name(req.view), seq, False)]
-    if isinstance(req, Generate):
-        name(req.view)  # registers the view before generation
-        return None, []
-    raise BackendError(f"no backend plan for {type(req).__name__}")
+        if len(c_ids) >= max_len:
+            raise BackendError(
+                f"ContinuationLogprob: the completion {req.completion[:40]!r} is {len(c_ids)} "
+                f"tokens, which leaves no room for the prompt in the model's {max_len}-token "
+                "context; score a shorter completion"
+            )
+        ids, cut = fit_prompt(p_ids, max_len - len(c_ids), tokenizer.bos_token_id)
+        seq = ids + tuple(c_ids)
+        return Plan((seq, len(c_ids)), [Row(name(req.view), seq, False)], cut)
+    if req.max_new_tokens >= max_len:
+        raise BackendError(
+            f"Generate: max_new_tokens={req.max_new_tokens} leaves no room for the prompt in "
+            f"the model's {max_len}-token context; lower max_new_tokens"
+        )
+    name(req.view)  # registers the view before generation
+    ids, cut = fit_prompt(p_ids, max_len - req.max_new_tokens, tokenizer.bos_token_id)
+    return Plan(ids, [], cut)
+
+
+def fit_prompt(ids: list[int], room: int, bos: int | None) -> tuple[tuple[int, ...], int]:
+    """The prompt cut to `room` >= 1 tokens, and how many it lost: the last tokens stay, and so
+    does a leading BOS (a model reads position 0 as BOS; docs/PROBES.md "Prompt length")."""
+    if len(ids) <= room:
+        return tuple(ids), 0
+    head = ids[:1] if room > 1 and bos is not None and ids[0] == bos else []
+    kept = head + ids[len(ids) - (room - len(head)) :]
+    return tuple(kept), len(ids) - len(kept)
 
 
 def windows(ids: list[int], max_len: int) -> list[tuple[tuple[int, ...], int]]:
@@ -200,10 +232,19 @@ def collect(
     """Every request's plan, and the distinct rows they need (values filled in later)."""
     rows: dict[Row, Any] = {}
     plans = [plan_of(req) for req in requests]
-    for _, needed in plans:
-        for row in needed:
+    for p in plans:
+        for row in p.rows:
             rows.setdefault(row, None)
     return rows, plans
+
+
+def generation_prompts(
+    requests: Sequence[Request], plans: list[Plan]
+) -> dict[Generate, tuple[int, ...]]:
+    """The prompt ids (already fitted to the context) of every generation request."""
+    return {
+        req: p.meta for req, p in zip(requests, plans, strict=True) if isinstance(req, Generate)
+    }
 
 
 def answer(
@@ -213,8 +254,10 @@ def answer(
     generated: dict[Generate, Any],
     assemble: Callable[[Request, Plan, dict[Row, Any]], Any],
 ) -> list[Any]:
-    """Results in request order: generations as generated, the rest assembled from rows."""
-    return [
-        generated[req] if isinstance(req, Generate) else assemble(req, plan, rows)
-        for req, plan in zip(requests, plans, strict=True)
-    ]
+    """Results in request order: generations as generated, the rest assembled from rows.
+    A result whose prompt was cut says by how many tokens (`prompt_cut`)."""
+    out = []
+    for req, p in zip(requests, plans, strict=True):
+        res = generated[req] if isinstance(req, Generate) else assemble(req, p, rows)
+        out.append(replace(res, prompt_cut=p.cut) if p.cut else res)
+    return out

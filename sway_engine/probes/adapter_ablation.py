@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from sway_engine import stats
 from sway_engine.backends.base import NEXT_TOKEN, SCALED_VIEWS
 from sway_engine.errors import ProbeError
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.probes.divergence import divergences
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View, scaled
@@ -29,7 +29,7 @@ from sway_engine.views import BASE, View, scaled
 
 class AblationSpec(ProbeSpec):
     kind: Literal["adapter_ablation"] = "adapter_ablation"
-    prompts: tuple[str, ...] = ()
+    prompts: tuple[Prompt, ...] = ()
     lambdas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
     divergence: Literal["js", "kl"] = "js"
     top_k: int | None = Field(None, ge=1)

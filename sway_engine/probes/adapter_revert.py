@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sway_engine import embeddings, stats
 from sway_engine.backends.base import GENERATE
 from sway_engine.errors import ProbeError, ProbeSkip
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.probes.document_inputs import cases_or_document
 from sway_engine.probes.guard_rail import harm_score
 from sway_engine.probes.multi_turn import answer_of
@@ -35,9 +35,9 @@ class RevertCase(BaseModel):
     """A question, its gold answer and rewordings of the question (only these are asked)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    prompt: str
+    prompt: Prompt
     gold: str = Field(min_length=1)
-    paraphrases: tuple[str, ...] = Field(min_length=1)
+    paraphrases: tuple[Prompt, ...] = Field(min_length=1)
 
 
 class AdapterRevertSpec(ProbeSpec):

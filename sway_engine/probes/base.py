@@ -10,15 +10,26 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from sway_engine import stats
 from sway_engine.dlm import Document
 from sway_engine.requests import Request, Result
 from sway_engine.result import NullStats, ProbeResult, Verdict
 from sway_engine.views import View
+
+
+def has_text(prompt: str) -> str:
+    """A prompt must hold more than whitespace: an empty one scores the model on nothing."""
+    if not prompt.strip():
+        raise ValueError("empty prompt: every prompt needs text (remove it or write one)")
+    return prompt
+
+
+# A prompt written in a spec; the backends refuse empty ones too (they also come from documents).
+Prompt = Annotated[str, AfterValidator(has_text)]
 
 
 class ProbeSpec(BaseModel):

@@ -39,7 +39,7 @@ class PackItem(BaseModel):
     """One inline item: a prompt and its gold continuation (start it with a space)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    prompt: str
+    prompt: str  # checked with the pairs (CalibrationDriftSpec._texts)
     gold: str = Field(min_length=1)
 
 
@@ -56,11 +56,13 @@ class CalibrationDriftSpec(ProbeSpec):
 
     @field_validator("items")
     @classmethod
-    def _golds(
+    def _texts(
         cls, v: tuple[tuple[str, str] | PackItem, ...]
     ) -> tuple[tuple[str, str] | PackItem, ...]:
         for i, item in enumerate(v):
-            gold = item.gold if isinstance(item, PackItem) else item[1]
+            prompt, gold = (item.prompt, item.gold) if isinstance(item, PackItem) else item
+            if not prompt.strip():
+                raise ValueError(f"item {i} has an empty prompt; every prompt needs text")
             if not gold:
                 raise ValueError(f"item {i} has an empty gold continuation")
         return v

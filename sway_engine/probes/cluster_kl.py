@@ -21,7 +21,7 @@ from pydantic import AliasChoices, Field, field_validator
 from sway_engine import embeddings, stats
 from sway_engine.backends.base import NEXT_TOKEN
 from sway_engine.errors import ProbeError, ProbeSkip
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.probes.divergence import divergences
 from sway_engine.probes.document_inputs import prompts_or_document
 from sway_engine.result import NullStats, Verdict
@@ -34,7 +34,7 @@ FLAT_SPREAD = 1e-6
 
 class ClusterKLSpec(ProbeSpec):
     kind: Literal["cluster_kl"] = "cluster_kl"
-    prompts: tuple[str, ...] = ()
+    prompts: tuple[Prompt, ...] = ()
     # upstream's README writes `k`; its spec names it num_clusters
     num_clusters: int = Field(5, ge=2, le=32, validation_alias=AliasChoices("num_clusters", "k"))
     embedding_model: str = embeddings.MODEL_NAMES[0]

@@ -16,7 +16,7 @@ from pydantic import Field
 from sway_engine import stats
 from sway_engine.backends.base import NEXT_TOKEN
 from sway_engine.errors import ProbeError
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.probes.divergence import divergences
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View
@@ -24,7 +24,7 @@ from sway_engine.views import BASE, View
 
 class DeltaKLSpec(ProbeSpec):
     kind: Literal["delta_kl"] = "delta_kl"
-    prompts: tuple[str, ...] = ()
+    prompts: tuple[Prompt, ...] = ()
     divergence: Literal["js", "kl"] = "js"
     top_k: int | None = Field(None, ge=1)
     assert_mean_gte: float = Field(0.02, ge=0)

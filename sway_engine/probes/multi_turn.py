@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 
 from sway_engine.backends.base import DIVERGENCE, GENERATE, NEXT_TOKEN
 from sway_engine.errors import ProbeError
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.probes.divergence import _topk
 from sway_engine.probes.document_inputs import prompts_or_document
 from sway_engine.probes.prompt_collapse import (
@@ -57,7 +57,7 @@ TRANSCRIPT_CHARS = 2000
 
 class MultiTurnSpec(ProbeSpec):
     kind: Literal["multi_turn_coherence_decay"] = "multi_turn_coherence_decay"
-    prompts: tuple[str, ...] = ()  # the first user message of each dialogue
+    prompts: tuple[Prompt, ...] = ()  # the first user message of each dialogue
     max_turns: int = Field(4, ge=2, le=8)
     max_new_tokens: int = Field(96, ge=1, le=1024)
     follow_ups: tuple[str, ...] = Field(FOLLOW_UPS, min_length=1)  # cycled
@@ -80,7 +80,7 @@ class MultiTurnSpec(ProbeSpec):
     def _template(cls, v: str) -> str:
         try:
             rendered = v.format(message="\x00")
-        except (KeyError, IndexError, ValueError) as exc:
+        except (AttributeError, LookupError, TypeError, ValueError) as exc:
             raise ValueError(
                 f"turn_template must be a format string with only {{message}}: {exc}"
             ) from exc

@@ -30,7 +30,7 @@ from sway_engine import stats
 from sway_engine.backends.base import CONTINUATION
 from sway_engine.dlm import Document
 from sway_engine.errors import ProbeError
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.probes.document_inputs import cases_or_document
 from sway_engine.requests import ContinuationLogprob, ContinuationResult
 from sway_engine.result import NullStats, Verdict
@@ -44,9 +44,9 @@ _SCAFFOLD = re.compile(r"^\s*(?:Q|Question|User)\s*:\s*|\s*(?:A|Answer|Assistant
 
 class Case(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    prompt: str = Field(min_length=1)
+    prompt: Prompt
     gold: str = Field(min_length=1)
-    paraphrases: tuple[str, ...] = Field(min_length=1)
+    paraphrases: tuple[Prompt, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _distinct(self) -> Case:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sway_engine import stats
 from sway_engine.backends.base import CONTINUATION
 from sway_engine.errors import ProbeError, ProbeSkip
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.requests import ContinuationLogprob, ContinuationResult
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View
@@ -35,7 +35,7 @@ MARGIN_SCORE_SLOPE = 0.25
 
 class Triple(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    prompt: str
+    prompt: Prompt
     chosen: str = Field(min_length=1)
     rejected: str = Field(min_length=1)
 

@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from sway_engine import stats
 from sway_engine.backends.base import NEXT_TOKEN, ROLLING
 from sway_engine.errors import ProbeError
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.probes.divergence import divergences
 from sway_engine.probes.document_inputs import prompts_or_document
 from sway_engine.probes.external_perplexity import load_corpus
@@ -41,7 +41,7 @@ FLAT_SLOPE = 1e-12
 
 class PromptCollapseSpec(ProbeSpec):
     kind: Literal["prompt_collapse"] = "prompt_collapse"
-    prompts: tuple[str, ...] = ()
+    prompts: tuple[Prompt, ...] = ()
     context_lengths: tuple[int, ...] = (0, 256, 512, 1024)  # filler tokens before each prompt
     # A built-in corpus name or a UTF-8 text file: natural prose unrelated to the prompts.
     filler: str = "public_domain_en"

@@ -27,7 +27,7 @@ from pydantic import Field
 from sway_engine import stats
 from sway_engine.backends.base import GENERATE
 from sway_engine.errors import ProbeError, ProbeSkip
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.requests import Generate, GenerationResult
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View
@@ -54,7 +54,7 @@ DEFAULT_PROMPTS = (
 
 class StyleSpec(ProbeSpec):
     kind: Literal["style_fingerprint"] = "style_fingerprint"
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    prompts: tuple[Prompt, ...] = DEFAULT_PROMPTS
     # Empty: the document's prose (all of its text when it has no prose section).
     doc_reference: str = ""
     max_new_tokens: int = Field(128, ge=8)

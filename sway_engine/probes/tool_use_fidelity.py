@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sway_engine.backends.base import GENERATE
 from sway_engine.errors import ProbeSkip
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.probes.guard_rail import guard_rail, harm_score
 from sway_engine.requests import Generate, GenerationResult
 from sway_engine.result import NullStats
@@ -74,8 +74,10 @@ class ToolSpec(BaseModel):
             raise ValueError("parameters.properties must be a mapping of name -> schema")
         for key, schema in props.items():
             kind = schema.get("type") if isinstance(schema, dict) else None
-            if kind is not None and kind not in JSON_TYPES:
-                raise ValueError(f"property {key!r}: unknown JSON type {kind!r}")
+            if kind is not None and (not isinstance(kind, str) or kind not in JSON_TYPES):
+                raise ValueError(
+                    f"property {key!r}: type must be one of {sorted(JSON_TYPES)}, got {kind!r}"
+                )
         required = v.get("required", [])
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise ValueError("parameters.required must be a list of property names")
@@ -88,7 +90,7 @@ class ToolSpec(BaseModel):
 
 class ToolCase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    prompt: str = Field(min_length=1)
+    prompt: Prompt
     # One tool (upstream) or several offered together; the first is the one the case expects.
     tool_spec: ToolSpec | tuple[ToolSpec, ...]
     gold_tool_name: str | None = None
@@ -131,7 +133,7 @@ class ToolUseSpec(ProbeSpec):
                 raise ValueError(f"prompt_template must contain {key}")
         try:
             v.format(tools="", prompt="")
-        except (KeyError, IndexError, ValueError) as exc:
+        except (AttributeError, LookupError, TypeError, ValueError) as exc:
             raise ValueError(f"prompt_template is not a valid format string: {exc}") from exc
         return v
 

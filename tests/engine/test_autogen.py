@@ -123,6 +123,16 @@ def test_base_and_adapter_resolution_errors(
         render(Options(doc, out, base="org/model", prompt_template="Q:"))
 
 
+@pytest.mark.parametrize("template", ["Q: {question.text}", "Q: {question[x]}"])
+def test_prompt_template_with_attribute_or_key_is_an_autogen_error(
+    tmp_path: Path, template: str
+) -> None:
+    """str.format raised AttributeError / TypeError past the AutogenError."""
+    opts = Options(tmp_path / "doc.dlm", tmp_path / "sway.yaml", prompt_template=template)
+    with pytest.raises(AutogenError, match=r"only \{question\} may appear"):
+        render(opts)
+
+
 def test_prompts_prefer_held_out_questions_then_questions_then_prose() -> None:
     doc = parse_dlm(
         "---\nbase_model: hf:o/m\n---\n"

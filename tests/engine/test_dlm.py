@@ -125,3 +125,24 @@ def test_fixture_document_loads(fx) -> None:  # type: ignore[no-untyped-def]
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(DlmError, match="cannot read"):
         load_dlm(tmp_path / "missing.dlm")
+
+
+@pytest.mark.parametrize(
+    ("front", "message"),
+    [
+        ("date: 2020-13-01", "not a valid timestamp: month must be in 1..12"),
+        ("flag: !!bool maybe", "'maybe' is not a valid bool"),
+        ("n: !!int ''", "'' is not a valid int"),
+    ],
+)
+def test_front_matter_values_pyyaml_cannot_build_are_dlm_errors(front: str, message: str) -> None:
+    """PyYAML raised ValueError, KeyError or IndexError through the front matter."""
+    with pytest.raises(DlmError, match="front matter is not valid YAML") as info:
+        parse_dlm(f"---\n{front}\n---\nText.\n", source="doc.dlm")
+    assert message in str(info.value)
+
+
+def test_path_with_a_nul_byte_is_a_dlm_error() -> None:
+    """open() raised ValueError: embedded null byte."""
+    with pytest.raises(DlmError, match="cannot read"):
+        load_dlm("doc\x00.dlm")

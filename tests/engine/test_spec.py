@@ -83,3 +83,94 @@ def test_spec_hash_is_stable_and_content_sensitive() -> None:
     b, _ = parse_spec(minimal())
     c, _ = parse_spec(minimal(assert_mean_gte=0.05))
     assert a.spec_hash() == b.spec_hash() != c.spec_hash()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("2020-13-01", "'2020-13-01' is not a valid timestamp: month must be in 1..12"),
+        ("2021-02-30 10:00:00", "is not a valid timestamp: day is out of range"),
+        ("!!bool maybe", "'maybe' is not a valid bool"),
+        ("!!int ''", "'' is not a valid int"),
+        ("!!timestamp x", "'x' is not a valid timestamp"),
+        ("[" * 2000 + "]" * 2000, "nested too deeply"),
+    ],
+)
+def test_yaml_values_pyyaml_cannot_build_are_spec_errors(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    """PyYAML raised ValueError, KeyError, IndexError, AttributeError or RecursionError here."""
+    path = tmp_path / "sway.yaml"
+    path.write_text(f"version: 1\ndlm_source: {value}\n")
+    with pytest.raises(SpecError, match="invalid YAML") as info:
+        load_spec(path)
+    assert message in str(info.value)
+
+
+def test_a_value_that_holds_itself_is_refused_at_its_path() -> None:
+    """A YAML alias inside its own anchor validated, then spec_hash raised ValueError."""
+    parameters: dict = {"type": "object"}
+    parameters["properties"] = {"p": parameters}
+    case = {"prompt": "p", "tool_spec": {"name": "t", "parameters": parameters}}
+    data = minimal()
+    data["suite"] = [{"name": "tu", "kind": "tool_use_fidelity", "cases": [case]}]
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    [(path, message)] = info.value.problems
+    assert path == "suite[0].cases[0].tool_spec.parameters.properties.p"
+    assert "holds itself" in message
+
+
+def test_self_referencing_yaml_file_is_a_spec_error(tmp_path: Path) -> None:
+    path = tmp_path / "sway.yaml"
+    path.write_text("version: 1\nsuite: &s [*s]\n")
+    with pytest.raises(SpecError, match=r"suite\[0\]: holds itself"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize(
+    ("fields", "where"),
+    [
+        ({"kind": "multi_turn_coherence_decay", "turn_template": "{message.x}"}, "turn_template"),
+        ({"kind": "multi_turn_coherence_decay", "turn_template": "{message[x]}"}, "turn_template"),
+        ({"kind": "tool_use_fidelity", "prompt_template": "{tools}{prompt}{tools.x}"}, "prompt_"),
+        ({"kind": "tool_use_fidelity", "prompt_template": "{tools}{prompt}{tools[a]}"}, "prompt_"),
+    ],
+)
+def test_format_templates_with_attributes_or_keys_are_spec_errors(fields: dict, where: str) -> None:
+    """str.format raised AttributeError / TypeError through the validator."""
+    data = minimal()
+    data["suite"] = [{"name": "t", **fields}]
+    with pytest.raises(SpecError, match=rf"suite\[0\]\.{where}"):
+        parse_spec(data)
+
+
+def test_tool_property_type_must_be_one_json_type_name() -> None:
+    """`type: [string, null]` raised TypeError: unhashable type: 'list'."""
+    parameters = {"type": "object", "properties": {"city": {"type": ["string", "null"]}}}
+    case = {"prompt": "p", "tool_spec": {"name": "t", "parameters": parameters}}
+    data = minimal()
+    data["suite"] = [{"name": "tu", "kind": "tool_use_fidelity", "cases": [case]}]
+    with pytest.raises(SpecError, match="type must be one of"):
+        parse_spec(data)
+
+
+def test_paths_this_system_cannot_resolve_load_as_written(tmp_path: Path) -> None:
+    """`~nobody/...` raised RuntimeError and a NUL byte ValueError while resolving paths."""
+    data = minimal()
+    data["models"]["ft"]["adapter"] = "~no-such-user-sway/adapter"
+    data["models"]["base"]["base"] = "./m\x00"
+    data["dlm_source"] = "doc\x00.dlm"
+    spec, _ = parse_spec(data, base_dir=tmp_path)
+    assert spec.models.ft.adapter == "~no-such-user-sway/adapter"
+    assert spec.models.base.base == "./m\x00" and spec.dlm_source == "doc\x00.dlm"
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "sway\x00.yaml")
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec("~no-such-user-sway/sway.yaml")
+
+
+def test_home_relative_dlm_source_is_expanded(tmp_path: Path) -> None:
+    data = {**minimal(), "dlm_source": "~/doc.dlm"}
+    spec, _ = parse_spec(data, base_dir=tmp_path)
+    assert spec.dlm_source == str((Path.home() / "doc.dlm").resolve())
