@@ -393,6 +393,8 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelResource:
             endpoint=model.endpoint,
             model=model.base,
             allow_insecure_http=model.allow_insecure_http,
+            timeout_s=model.timeout_s,
+            max_retries=model.max_retries,
             trace_dir=trace_dir,
         )
     if model.kind == "custom":

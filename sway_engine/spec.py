@@ -45,6 +45,11 @@ class ModelSpec(_Strict):
     endpoint: str | None = None
     # Ours: let kind api send its key over plain http to a non-loopback host (trusted networks).
     allow_insecure_http: bool = False
+    # Ours, kind api: each HTTP attempt's deadline and the retries of one request (all of them
+    # end within api.RETRY_BUDGET x timeout_s). How to reach a server, not what is measured:
+    # left out of the spec hash.
+    timeout_s: float = Field(default=60.0, gt=0, exclude=True)
+    max_retries: int = Field(default=3, ge=0, le=10, exclude=True)
     # Ours: kinds tried after `kind` when it cannot load (e.g. kind: mlx, fallback: [hf]).
     fallback: tuple[Literal["hf", "mlx", "api", "custom"], ...] = ()
 

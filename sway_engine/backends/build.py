@@ -77,11 +77,12 @@ def build_kind(model: ModelSpec, **options: object) -> Backend:
         from sway_engine.backends.api import APIBackend
 
         assert model.endpoint is not None  # the spec requires it for kind api
+        settings = {"timeout_s": model.timeout_s, "max_retries": model.max_retries, **options}
         return APIBackend(
             model.endpoint,
             model.base,
             allow_insecure_http=model.allow_insecure_http,
-            **options,  # type: ignore[arg-type]
+            **settings,  # type: ignore[arg-type]
         )
     if model.kind == "custom":
         from sway_engine.backends.custom import CustomBackend

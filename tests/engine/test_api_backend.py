@@ -25,7 +25,7 @@ from sway_engine.backends.api_shapes import (
     top_dist,
 )
 from sway_engine.backends.base import CONTINUATION, GENERATE, NEXT_TOKEN, ROLLING
-from sway_engine.backends.build import build_backend
+from sway_engine.backends.build import build_backend, build_kind
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.backends.two_model import TwoModelBackend
 from sway_engine.cli import main
@@ -888,3 +888,25 @@ def test_dagster_resources_choose_and_compose_api_endpoints(tmp_path: Path) -> N
     finally:
         base.stop()
         ft.stop()
+
+
+def test_a_spec_sets_the_api_deadline_and_retries_without_changing_its_hash(
+    legacy: FakeServer,
+) -> None:
+    """timeout_s and max_retries were only reachable from Python and the Dagster resource;
+    the error's advice "raise timeout_s in the model settings" now holds for sway.yaml too."""
+    from sway_dagster.resources import ApiModelResource, resource_for
+
+    model = ModelSpec(kind="api", base="fake", endpoint=legacy.url, timeout_s=2.5, max_retries=1)
+    backend = build_kind(model)
+    try:
+        assert (backend.timeout_s, backend.max_retries) == (2.5, 1)
+    finally:
+        backend.close()
+    resource = resource_for(model)
+    assert isinstance(resource, ApiModelResource)
+    assert (resource.timeout_s, resource.max_retries) == (2.5, 1)
+    plain = ModelSpec(kind="api", base="fake", endpoint=legacy.url)
+    assert plain.model_dump() == model.model_dump()  # how to reach it is not what is measured
+    with pytest.raises(ValueError, match="timeout_s"):
+        ModelSpec(kind="api", base="fake", endpoint=legacy.url, timeout_s=0)
