@@ -122,8 +122,11 @@ VALUES = st.recursive(
 )
 
 
-def similar(value: Any) -> st.SearchStrategy[Any]:
-    """A value of the same shape as `value`: what a user gets slightly wrong."""
+def similar(value: Any, depth: int = 3) -> st.SearchStrategy[Any]:
+    """A value of the same shape as `value`: what a user gets slightly wrong. `depth` bounds
+    the descent: a list that holds itself (a "cycle" edit) would otherwise never end."""
+    if depth == 0:
+        return VALUES
     if isinstance(value, str):
         templates = st.lists(st.sampled_from(PIECES), max_size=4).map("".join)
         edited = st.sampled_from(PIECES).map(value.__add__)  # a template with one more field
@@ -131,7 +134,7 @@ def similar(value: Any) -> st.SearchStrategy[Any]:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return st.sampled_from(NUMBERS)
     if isinstance(value, list) and value:
-        return st.lists(similar(value[0]) | st.sampled_from(value), max_size=4)
+        return st.lists(similar(value[0], depth - 1) | st.sampled_from(value), max_size=4)
     if isinstance(value, dict) and value:
         return st.dictionaries(st.sampled_from(list(value)), VALUES, max_size=len(value))
     return VALUES
