@@ -22,10 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sway_engine import embeddings, stats
 from sway_engine.backends.base import GENERATE
 from sway_engine.errors import ProbeError, ProbeSkip
+from sway_engine.probes.answers import answer_of
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.probes.document_inputs import cases_or_document
 from sway_engine.probes.guard_rail import harm_score
-from sway_engine.probes.multi_turn import answer_of
 from sway_engine.requests import Generate, GenerationResult
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View

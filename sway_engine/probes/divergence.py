@@ -42,13 +42,14 @@ def divergences(
         for i, out in enumerate(outs):
             ref = refs[i % len(prompts)]
             assert isinstance(ref, TokenDist) and isinstance(out, TokenDist)
-            vals.append(_topk(ref, out, kind))
+            vals.append(topk_divergence(ref, out, kind))
     return np.asarray(vals, dtype=float).reshape(len(treatments), len(prompts))
 
 
-def _topk(ref: TokenDist, out: TokenDist, kind: Kind) -> float:
-    # One vocabulary (both views of a local model): align by id. Otherwise by decoded token
-    # text (API servers, two models with different tokenizers), else by id.
+def topk_divergence(ref: TokenDist, out: TokenDist, kind: Kind) -> float:
+    """Divergence of two top-k distributions with their tails lumped. One vocabulary (both
+    views of a local model): aligned by id; otherwise by decoded token text (API servers, two
+    models with different tokenizers), else by id."""
     ids_a: Sequence[object] | np.ndarray
     ids_b: Sequence[object] | np.ndarray
     if ref.vocabulary and ref.vocabulary == out.vocabulary:

@@ -21,10 +21,11 @@ from pydantic import Field, field_validator
 
 from sway_engine.backends.base import DIVERGENCE, GENERATE, NEXT_TOKEN
 from sway_engine.errors import ProbeError
+from sway_engine.probes.answers import answer_of
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
-from sway_engine.probes.divergence import _topk
+from sway_engine.probes.divergence import topk_divergence
 from sway_engine.probes.document_inputs import prompts_or_document
-from sway_engine.probes.prompt_collapse import (
+from sway_engine.probes.persistence import (
     fit_evidence,
     half_life,
     persistence_judgement,
@@ -87,17 +88,6 @@ class MultiTurnSpec(ProbeSpec):
         if "\x00" not in rendered:
             raise ValueError("turn_template must contain {message}")
         return v
-
-
-def answer_of(text: str, stops: Sequence[str]) -> str:
-    """A generation cut at the first stop string after its first non-blank character, stripped."""
-    start = len(text) - len(text.lstrip())
-    end = len(text)
-    for stop in stops:
-        at = text.find(stop, start + 1) if stop else -1
-        if at >= 0:
-            end = min(end, at)
-    return text[start:end].strip()
 
 
 def reply(template_text: str, answer: str) -> str:
@@ -195,7 +185,7 @@ def _divergence_value(res: Sequence[Result], spec: MultiTurnSpec, exact: bool) -
     ref, out = res
     if not (isinstance(ref, TokenDist) and isinstance(out, TokenDist)):
         raise ProbeError(spec.name, "expected two next-token distributions")
-    return _topk(ref, out, spec.divergence)
+    return topk_divergence(ref, out, spec.divergence)
 
 
 def _measurement(

@@ -30,6 +30,7 @@ from sway_engine.calibration import NullPlan, calibrate
 from sway_engine.errors import SpecError
 from sway_engine.fixtures import FixturePaths
 from sway_engine.probes.adapter_revert import AdapterRevert, AdapterRevertSpec, RevertCase
+from sway_engine.probes.answers import answer_of
 from sway_engine.probes.base import Context, Measurement
 from sway_engine.probes.cluster_kl import (
     ClusterKL,
@@ -38,14 +39,9 @@ from sway_engine.probes.cluster_kl import (
     kmeans,
     permutation_p,
 )
-from sway_engine.probes.multi_turn import MultiTurn, MultiTurnSpec, answer_of, reply
-from sway_engine.probes.prompt_collapse import (
-    PromptCollapse,
-    PromptCollapseSpec,
-    filler_tail,
-    half_life,
-    persistence_threshold,
-)
+from sway_engine.probes.multi_turn import MultiTurn, MultiTurnSpec, reply
+from sway_engine.probes.persistence import half_life, persistence_threshold
+from sway_engine.probes.prompt_collapse import PromptCollapse, PromptCollapseSpec, filler_tail
 from sway_engine.probes.registry import PROBES
 from sway_engine.requests import (
     Divergence,

@@ -30,7 +30,7 @@ from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.backends.two_model import TwoModelBackend
 from sway_engine.cli import main
 from sway_engine.errors import BackendError
-from sway_engine.probes.divergence import _topk
+from sway_engine.probes.divergence import topk_divergence
 from sway_engine.requests import (
     ContinuationLogprob,
     Divergence,
@@ -200,13 +200,13 @@ def test_topk_divergence_aligns_by_identity_never_by_rank() -> None:
     q = np.array([0.3, 0.6]) / 0.9
     m = (p + q) / 2
     want = 0.5 * np.sum(p * np.log(p / m)) + 0.5 * np.sum(q * np.log(q / m))
-    assert _topk(a, b, "js") == pytest.approx(want, rel=1e-12)
+    assert topk_divergence(a, b, "js") == pytest.approx(want, rel=1e-12)
     assert want > 0.05
     by_text = (
         TokenDist(np.array([-1, -1]), np.log([0.6, 0.3]), 0, 0.1, (" x", " y")),
         TokenDist(np.array([-1, -1]), np.log([0.6, 0.3]), 0, 0.1, (" y", " x")),
     )
-    assert _topk(*by_text, "js") == pytest.approx(want, rel=1e-12)
+    assert topk_divergence(*by_text, "js") == pytest.approx(want, rel=1e-12)
 
 
 def test_char_spans_from_offsets_tokens_and_a_leading_bos() -> None:
