@@ -30,6 +30,7 @@ from sway_dagster.partitions import adapters
 from sway_dagster.resources import MlflowResource, ModelResource, ResultStoreResource
 from sway_engine.calibration import NullMatrix
 from sway_engine.errors import AdapterError
+from sway_engine.history import mlflow_params
 from sway_engine.mirror import plot_of
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
@@ -453,14 +454,7 @@ def _run_to_complete(store: Any, key: str, suite: Suite) -> dict[str, Any]:
 
 def _params(suite: Suite, store: Any, key: str) -> dict[str, str | int | float]:
     adapter: dict[str, Any] = next((a for a in store.adapters() if a["adapter_id"] == key), {})
-    return {
-        "base_model": str(adapter.get("base_model") or suite.spec.models.ft.base),
-        "rank": int(adapter.get("rank") or 0),
-        "alpha": float(adapter.get("alpha") or 0.0),
-        "target_modules": json.dumps(adapter.get("target_modules") or []),
-        "spec_hash": suite.spec_hash,
-        "null_mode": plan.mode if (plan := suite.plan()) else "none",
-    }
+    return mlflow_params(suite, adapter)
 
 
 @dg.asset(

@@ -1,4 +1,5 @@
-"""The `sway` command: run, gate, check, autogen, doctor, convert-adapter, fixtures build.
+"""The `sway` command: run, gate, check, autogen, doctor, convert-adapter, fixtures build,
+and over the recorded history (a sway home): leaderboard, history, sync-mlflow.
 
 Exit codes: 0 ok, 1 gate failed (or, for `run` and `check`, a probe errored or the verdict is
 not PASS), 2 bad input (spec, adapter, paths, missing extra), 3 internal error (a bug: the
@@ -8,12 +9,17 @@ traceback is printed with --debug).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sway_engine.errors import SwayError
+from sway_engine.home import Settings
+
+if TYPE_CHECKING:
+    from sway_engine.suite import Suite
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="category weights, e.g. adherence=0.5,ablation=0")
         p.add_argument("--adapter", help="evaluate this adapter directory instead of models.ft")
         p.add_argument("--trace", type=Path, help="append a JSONL trace of backend calls")
+        p.add_argument(
+            "--home",
+            type=Path,
+            help="record into this sway home's DuckDB and MLflow (default: $SWAY_HOME if set)",
+        )
 
     outputs(sub.add_parser("run", help="evaluate an adapter with a suite"))
     gate = sub.add_parser("gate", help="run, then exit 1 unless the gate passes")
@@ -69,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("src", type=Path, help="PEFT adapter directory")
     convert.add_argument("dst", type=Path, help="output directory (mlx-lm adapter_path)")
     convert.add_argument("--overwrite", action="store_true", help="replace an mlx-lm adapter there")
+    board = sub.add_parser("leaderboard", help="the latest evaluation of each adapter")
+    board.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
+    board.add_argument("--spec-hash", help="rank under this suite (default: the newest's)")
+    board.add_argument("--json", action="store_true", help="print JSON")
+    history = sub.add_parser("history", help="every evaluation of one adapter, oldest first")
+    history.add_argument("adapter", help="an adapter key (name-sha8) or directory name")
+    history.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
+    history.add_argument("--json", action="store_true", help="print JSON")
     sync = sub.add_parser(
         "sync-mlflow", help="copy evaluations whose MLflow copy is pending (MLflow was down)"
     )
@@ -121,6 +140,8 @@ def _main(args: argparse.Namespace) -> int:
             return _doctor_calibration(args)
         if args.command == "sync-mlflow":
             return _sync_mlflow(args)
+        if args.command in ("leaderboard", "history"):
+            return _read_history(args)
     except SwayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -143,7 +164,7 @@ def _writable(paths: Sequence[Path | None]) -> None:
 
 def _run(args: argparse.Namespace, *, gate: bool) -> int:
     from sway_engine.spec import parse_weights
-    from sway_engine.suite import load_spec
+    from sway_engine.suite import Suite, load_spec
 
     spec, entries = load_spec(args.spec)
     if args.weights:
@@ -156,11 +177,31 @@ def _run(args: argparse.Namespace, *, gate: bool) -> int:
         )
     threshold = getattr(args, "threshold", None)
     _writable([args.json, args.markdown, args.junit, args.trace])
-    return _evaluate_and_report(spec, entries, args, str(args.spec), gate, threshold)
+    home = _home(args.home) if args.home is not None or "SWAY_HOME" in os.environ else None
+    if home is not None:
+        _writable([home.database])
+    suite = Suite(spec, tuple(entries), Path(args.spec)) if home is not None else None
+    return _evaluate_and_report(
+        spec, entries, args, str(args.spec), gate, threshold, record=(home, suite)
+    )
+
+
+def _home(path: Path | None) -> Settings:
+    """The sway home: `path`, else $SWAY_HOME, else .sway_home (sway_engine.home)."""
+    env = dict(os.environ)
+    if path is not None:
+        env["SWAY_HOME"] = str(path)
+    return Settings.from_env(env)
 
 
 def _evaluate_and_report(
-    spec: Any, entries: list[Any], args: Any, spec_path: str, gate: bool, threshold: float | None
+    spec: Any,
+    entries: list[Any],
+    args: Any,
+    spec_path: str,
+    gate: bool,
+    threshold: float | None,
+    record: tuple[Settings | None, Suite | None] = (None, None),
 ) -> int:
     from rich.console import Console
 
@@ -191,6 +232,9 @@ def _evaluate_and_report(
         if path is not None:
             Path(path).write_text(render(result), encoding="utf-8")
     passed, why = runner_gate(spec, result, threshold)
+    home, suite = record
+    if home is not None and suite is not None:
+        _record(home, suite, result, passed)
     if gate:
         print(("gate passed — " if passed else "gate FAILED — ") + why)
         return 0 if passed else 1
@@ -201,21 +245,62 @@ def _evaluate_and_report(
     return 0
 
 
+def _record(home: Settings, suite: Suite, result: Any, passed: bool) -> None:
+    """Record the evaluation as Dagster would (sway_engine.history); say where it went."""
+    from sway_engine.history import record_cli_run
+
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
+    key, run_id, published = record_cli_run(home, suite, result, passed, warn)
+    mlflow = "copied to MLflow" if published.synced else "MLflow copy pending (sway sync-mlflow)"
+    print(f"recorded {key} as run {run_id} in {home.database}; {mlflow}", file=sys.stderr)
+
+
+def _read_history(args: argparse.Namespace) -> int:
+    """`sway leaderboard` and `sway history ADAPTER`: read the store, never a model."""
+    import json
+
+    from sway_engine.history import lineage
+    from sway_engine.result import json_safe
+    from sway_engine.store import ResultStore
+
+    home = _home(args.home)
+    if not home.database.is_file():
+        raise SwayError(f"{home.database}: no result store there (set --home or SWAY_HOME)")
+    store = ResultStore(home.database)
+    if args.command == "leaderboard":
+        rows = store.leaderboard(args.spec_hash)
+        columns = ["rank", "adapter_id", "overall", "band", "gate_passed", "n_fail", "n_error"]
+    else:
+        rows = lineage(store, args.adapter)
+        if not rows:
+            raise SwayError(f"no evaluation of {args.adapter!r} in {home.database}")
+        columns = ["started_at", "adapter_id", "origin", "status", "overall", "band"]
+        columns += ["gate_passed", "spec_hash"]
+    if args.json:
+        print(json.dumps(json_safe(rows), indent=2, default=str))
+        return 0
+    print("  ".join(columns))
+    for row in rows:
+        print("  ".join(_cell(row.get(c)) for c in columns))
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
 def _sync_mlflow(args: argparse.Namespace) -> int:
     """Copy every pending evaluation of the home's store to MLflow, grouped by the experiment
     each was meant for; exit 1 while any stays pending."""
-    import os
     from collections import Counter
 
-    from sway_engine.home import Settings
     from sway_engine.mirror import Mirror
     from sway_engine.store import ResultStore
     from sway_engine.tracking import MlflowTracking
 
-    env = dict(os.environ)
-    if args.home is not None:
-        env["SWAY_HOME"] = str(args.home)
-    settings = Settings.from_env(env)
+    settings = _home(args.home)
     if not settings.database.is_file():
         raise SwayError(f"{settings.database}: no result store there (set --home or SWAY_HOME)")
     store = ResultStore(settings.database)

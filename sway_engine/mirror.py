@@ -126,10 +126,12 @@ class Mirror:
     ) -> str:
         suite = self.store.suite_of(run["run_id"])
         tracking = self.tracking
+        tags = self._tags(run)
         mlflow_id = tracking.run_for(
-            run["adapter_id"], run["dagster_run_id"] or run["run_id"], self._tags(run)
+            run["adapter_id"], run["dagster_run_id"] or run["run_id"], tags
         )
         started.append(mlflow_id)
+        tracking.set_tags(mlflow_id, tags)  # a run the probes' previews created lacks some
         tracking.log_suite(mlflow_id, suite, {k: v for k, v in params.items()})
         tracking.log_json(mlflow_id, suite.to_dict(), "results.json")
         from sway_engine.report.text import to_markdown

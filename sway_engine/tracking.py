@@ -148,6 +148,15 @@ class MlflowTracking:
                 synchronous=True,
             )
 
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) tags on the run."""
+        from mlflow.entities import RunTag
+
+        with self._errors(f"run {run_id}"):
+            self.client.log_batch(
+                run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True
+            )
+
     def log_probe(self, run_id: str, result: ProbeResult) -> None:
         """Log one probe's metrics and verdict tag."""
         from mlflow.entities import RunTag

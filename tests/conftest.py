@@ -13,6 +13,15 @@ import pytest
 from sway_engine.fixtures import FixturePaths, build_fixtures, default_dest, recipe_hash
 
 
+@pytest.fixture(autouse=True)
+def _no_user_home(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's exported SWAY_HOME or MLflow server must never receive test runs (`sway
+    run` records into $SWAY_HOME): every test starts without them."""
+    for name in ("SWAY_HOME", "SWAY_SUITE", "SWAY_ADAPTERS_DIR", "SWAY_DATABASE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An MLflow sqlite database with every migration applied (slow: built once, then copied)."""

@@ -1,0 +1,101 @@
+"""One history for every path: a CLI evaluation is recorded into the sway home's DuckDB store
+and MLflow exactly as a Dagster run records it (same adapter key, same rows, same MLflow
+experiment and params), apart from its origin.
+
+`mlflow_params` is the one definition of an evaluation's MLflow params, for both paths.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from sway_engine.adapters import partition_key, read_adapter
+from sway_engine.errors import SwayError
+from sway_engine.home import Settings
+from sway_engine.mirror import Mirror, Published
+from sway_engine.result import SuiteResult
+from sway_engine.store import AdapterRecord, ResultStore
+from sway_engine.suite import Suite
+from sway_engine.tracking import MlflowTracking
+
+
+def experiment_for(spec_path: str | Path) -> str:
+    """The MLflow experiment of a suite file: `sway-<file stem>` (Dagster's too)."""
+    return f"sway-{Path(spec_path).stem}"
+
+
+def mlflow_params(suite: Suite, adapter: Mapping[str, Any]) -> dict[str, str | int | float]:
+    """An evaluation's MLflow params: the adapter's shape and the suite that judged it."""
+    plan = suite.plan()
+    return {
+        "base_model": str(adapter.get("base_model") or suite.spec.models.ft.base),
+        "rank": int(adapter.get("rank") or 0),
+        "alpha": float(adapter.get("alpha") or 0.0),
+        "target_modules": json.dumps(list(adapter.get("target_modules") or [])),
+        "spec_hash": suite.spec_hash,
+        "null_mode": plan.mode if plan is not None else "none",
+    }
+
+
+def record_cli_run(
+    settings: Settings,
+    suite: Suite,
+    result: SuiteResult,
+    gate_passed: bool,
+    warn: Callable[[str], None] = lambda _message: None,
+) -> tuple[str, str, Published]:
+    """Record a finished CLI evaluation: (adapter key, run id, what became of the MLflow copy).
+    The adapter must be a local directory (its weights name the key)."""
+    if not result.adapter or not Path(result.adapter).is_dir():
+        raise SwayError(
+            f"cannot record this evaluation in {settings.database}: its adapter "
+            f"{result.adapter or '(none)'} is not a local directory (the key is its weights hash)"
+        )
+    info = read_adapter(result.adapter, check_finite=False)
+    key = partition_key(info.path.name, info.sha256)
+    store = ResultStore(settings.database)
+    record = AdapterRecord(
+        adapter_id=key,
+        name=info.path.name,
+        path=str(info.path),
+        sha256=info.sha256,
+        size_bytes=info.size_bytes,
+        base_model=info.base_model,
+        rank=info.rank,
+        alpha=info.alpha,
+        target_modules=info.target_modules,
+        preflight_ok=True,
+        preflight_message="all tensors finite",
+    )
+    store.record_adapter(record)
+    run_id = f"cli:{uuid.uuid4().hex[:12]}:{key}"
+    store.write_suite(key, result, gate_passed, run_id, origin="cli")
+    tracking = MlflowTracking(
+        settings.mlflow_uri,
+        experiment_for(suite.source),
+        artifact_root=settings.mlflow_artifacts,
+        ui_url=settings.mlflow_ui,
+    )
+    params = mlflow_params(suite, record.__dict__)
+    published = Mirror(tracking, store, warn).publish(run_id, params)
+    return key, run_id, published
+
+
+def lineage(store: ResultStore, adapter: str) -> list[dict[str, Any]]:
+    """Every run of an adapter, oldest first: by key (`doc-strong-1835ed0a`), or by directory
+    name (`doc-strong`: every version of its weights)."""
+    return store.query(
+        """SELECT r.run_id, r.adapter_id, a.name, r.spec_hash, r.origin, r.status,
+                  r.started_at, r.finished_at, s.overall, s.band, s.gate_passed,
+                  r.mlflow_status, r.message
+           FROM runs r
+           LEFT JOIN adapters a USING (adapter_id)
+           LEFT JOIN scores s USING (run_id)
+           WHERE r.adapter_id = ? OR a.name = ?
+           ORDER BY r.started_at NULLS LAST, r.run_id""",
+        [adapter, adapter],
+    )

@@ -1,0 +1,67 @@
+"""One history, every path (issue 15): `sway run --home` records an evaluation into the same
+DuckDB store and MLflow experiment as a Dagster run, indistinguishable apart from its origin,
+and `sway history` / `sway leaderboard` read it back. Real Dagster, DuckDB, MLflow (sqlite)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from sway_engine.cli import main
+from sway_engine.home import Settings
+from sway_engine.store import ResultStore
+from tests.dagster.test_evaluate import evaluate
+
+
+def test_a_cli_run_and_a_dagster_run_of_one_adapter_share_one_history(
+    home: Settings, instance, fx, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    _, results = evaluate(home, instance, ["doc-strong"], fx)
+    ((key, dagster),) = results.items()
+    assert dagster.success
+    adapter = home.adapters_dir / "doc-strong"
+    assert main(["run", str(home.suite), "--adapter", str(adapter), "--home", str(home.home)]) == 0
+    assert f"recorded {key} as run cli:" in capsys.readouterr().err
+
+    store = ResultStore(home.database)
+    runs = {r["origin"]: r for r in store.runs()}
+    assert set(runs) == {"dagster", "cli"}
+    assert {r["adapter_id"] for r in runs.values()} == {key}
+    assert {r["status"] for r in runs.values()} == {"complete"}
+    assert runs["cli"]["spec_hash"] == runs["dagster"]["spec_hash"]
+    rows = {
+        origin: {r["probe"]: r for r in store.probe_results(run_id=run["run_id"])}
+        for origin, run in runs.items()
+    }
+    assert set(rows["cli"]) == set(rows["dagster"]) == {"null_baseline", "delta_kl_doc", "ablation"}
+    for probe in ("delta_kl_doc", "ablation"):
+        cli, dag = rows["cli"][probe], rows["dagster"][probe]
+        assert cli["verdict"] == dag["verdict"], probe
+        assert cli["raw"] == pytest.approx(dag["raw"], rel=1e-3, abs=1e-7), probe
+    board = store.leaderboard()
+    assert [r["adapter_id"] for r in board] == [key]  # the latest evaluation, once
+
+    # Both copies in one MLflow experiment with the same params.
+    client = MlflowClient(home.mlflow_uri)
+    experiment = client.get_experiment_by_name("sway-sway")
+    mlflow_runs = client.search_runs([experiment.experiment_id])
+    assert len(mlflow_runs) == 2
+    assert {r.data.tags.get("sway.origin") for r in mlflow_runs} == {"dagster", "cli"}
+    params = [
+        {k: r.data.params[k] for k in ("rank", "spec_hash", "null_mode")} for r in mlflow_runs
+    ]
+    assert params[0] == params[1]
+    assert {r["mlflow_status"] for r in store.runs()} == {"synced"}
+
+    # The history, by directory name and by key, oldest first; and the leaderboard.
+    capsys.readouterr()
+    assert main(["history", "doc-strong", "--home", str(home.home), "--json"]) == 0
+    lineage = json.loads(capsys.readouterr().out)
+    assert [r["origin"] for r in lineage] == ["dagster", "cli"]
+    assert main(["history", key, "--home", str(home.home)]) == 0
+    assert capsys.readouterr().out.count(key) == 2
+    assert main(["leaderboard", "--home", str(home.home)]) == 0
+    assert key in capsys.readouterr().out
+    assert main(["history", "nobody", "--home", str(home.home)]) == 2
