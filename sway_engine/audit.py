@@ -19,7 +19,7 @@ adapter's size). `sway doctor calibration`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from sway_engine.views import FINETUNED, Null, View, scaled
 
 DRAW_SEED_BASE = 900_000
 POWER_SCALES = (1.0, 0.25, 0.05)
+DRAWS_PER_BATCH = 32  # views measured together between cache resets
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,10 @@ def ks_uniform(ps: Sequence[float]) -> float:
     return float(max(np.max(ranks - xs), np.max(xs - (ranks - 1.0 / n))))
 
 
+def _chunks(views: Sequence[View], size: int) -> list[list[View]]:
+    return [list(views[i : i + size]) for i in range(0, len(views), size)]
+
+
 def audit(
     spec: SuiteSpec,
     entries: list[Entry],
@@ -122,7 +127,7 @@ def audit(
         if not calibrates(e, plan, ctx.capabilities) or (kinds and e.spec.kind not in kinds):
             continue
         backend.label = e.spec.name
-        out.append(_audit_one(e, e.probe, ctx, plan, draws, seed_base, power_scales))
+        out.append(_audit_one(e, e.probe, ctx, plan, draws, seed_base, power_scales, backend.reset))
     return out
 
 
@@ -134,14 +139,19 @@ def _audit_one(
     draws: int,
     seed_base: int,
     power_scales: Sequence[float],
+    forget: Callable[[], None],
 ) -> ProbeAudit:
+    """Measure the suite's nulls, the drawn adapters and the scaled views in batches of
+    DRAWS_PER_BATCH views, forgetting cached rows after each: memory stays that of a batch."""
     nulls = plan.views()
     drawn = [Null(seed_base + i, mode=plan.mode, init_scale=plan.init_scale) for i in range(draws)]
     power_views: list[View] = []
     for lam in power_scales:
         power_views += [scaled(FINETUNED, lam), *(scaled(v, lam) for v in nulls)]
-    views: list[View] = [*nulls, *drawn, *power_views]
-    measured = probe.measure(entry.spec, ctx, views)
+    measured = []
+    for chunk in _chunks([*nulls, *drawn, *power_views], DRAWS_PER_BATCH):
+        measured += probe.measure(entry.spec, ctx, chunk)
+        forget()  # the request cache kept every view's rows: 22 GB and an OOM kill at 200 draws
     own = measured[: len(nulls)]
     suite_null = stats.null_stats([m.raw for m in own])
     bad = Verdict.FAIL if probe.claim == "harm" else Verdict.PASS
