@@ -30,7 +30,7 @@ from sway_engine.backends.base import NULL_VIEWS
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.calibration import NullPlan, calibrates, plan_for
 from sway_engine.errors import SwayError
-from sway_engine.probes.base import Probe
+from sway_engine.probes.base import Measurement, Probe
 from sway_engine.probes.registry import Entry
 from sway_engine.result import Verdict
 from sway_engine.runner import context_for, preflight
@@ -148,9 +148,9 @@ def _audit_one(
     power_views: list[View] = []
     for lam in power_scales:
         power_views += [scaled(FINETUNED, lam), *(scaled(v, lam) for v in nulls)]
-    measured = []
-    for chunk in _chunks([*nulls, *drawn, *power_views], DRAWS_PER_BATCH):
-        measured += probe.measure(entry.spec, ctx, chunk)
+    measured: list[Measurement] = []
+    for batch in _chunks([*nulls, *drawn, *power_views], DRAWS_PER_BATCH):
+        measured += probe.measure(entry.spec, ctx, batch)
         forget()  # the request cache kept every view's rows: 22 GB and an OOM kill at 200 draws
     own = measured[: len(nulls)]
     suite_null = stats.null_stats([m.raw for m in own])

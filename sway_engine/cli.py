@@ -88,6 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument("adapter", help="an adapter key (name-sha8) or directory name")
     history.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
     history.add_argument("--json", action="store_true", help="print JSON")
+    cmp = sub.add_parser("compare", help="two adapters' latest evaluations, probe by probe")
+    cmp.add_argument("a", help="adapter key, directory name or run id (the reference)")
+    cmp.add_argument("b", help="adapter key, directory name or run id (the candidate)")
+    cmp.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
+    cmp.add_argument("--json", action="store_true", help="print JSON")
+    cmp.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help="exit 1 when B is worse than A beyond both nulls on any probe, or lost a PASS",
+    )
     sync = sub.add_parser(
         "sync-mlflow", help="copy evaluations whose MLflow copy is pending (MLflow was down)"
     )
@@ -140,7 +150,7 @@ def _main(args: argparse.Namespace) -> int:
             return _doctor_calibration(args)
         if args.command == "sync-mlflow":
             return _sync_mlflow(args)
-        if args.command in ("leaderboard", "history"):
+        if args.command in ("leaderboard", "history", "compare"):
             return _read_history(args)
     except SwayError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -256,7 +266,7 @@ def _record(home: Settings, suite: Suite, result: Any, passed: bool) -> None:
 
 
 def _read_history(args: argparse.Namespace) -> int:
-    """`sway leaderboard` and `sway history ADAPTER`: read the store, never a model."""
+    """`sway leaderboard`, `history ADAPTER` and `compare A B`: read the store, never a model."""
     import json
 
     from sway_engine.history import lineage
@@ -267,9 +277,17 @@ def _read_history(args: argparse.Namespace) -> int:
     if not home.database.is_file():
         raise SwayError(f"{home.database}: no result store there (set --home or SWAY_HOME)")
     store = ResultStore(home.database)
+    failed = 0
     if args.command == "leaderboard":
         rows = store.leaderboard(args.spec_hash)
         columns = ["rank", "adapter_id", "overall", "band", "gate_passed", "n_fail", "n_error"]
+    elif args.command == "compare":
+        from sway_engine.history import compare
+
+        rows = compare(store, args.a, args.b)
+        columns = ["probe", "verdict_a", "verdict_b", "raw_a", "raw_b", "delta"]
+        columns += ["beyond_nulls", "regression"]
+        failed = int(args.fail_on_regression and any(r["regression"] for r in rows))
     else:
         rows = lineage(store, args.adapter)
         if not rows:
@@ -278,11 +296,11 @@ def _read_history(args: argparse.Namespace) -> int:
         columns += ["gate_passed", "spec_hash"]
     if args.json:
         print(json.dumps(json_safe(rows), indent=2, default=str))
-        return 0
+        return failed
     print("  ".join(columns))
     for row in rows:
         print("  ".join(_cell(row.get(c)) for c in columns))
-    return 0
+    return failed
 
 
 def _cell(value: Any) -> str:
