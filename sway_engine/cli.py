@@ -1,5 +1,6 @@
 """The `sway` command: run, gate, check, autogen, doctor, convert-adapter, fixtures build,
-and over the recorded history (a sway home): leaderboard, history, sync-mlflow.
+list-probes, and over the recorded history (a sway home): leaderboard, history, compare,
+report, sync-mlflow.
 
 Exit codes: 0 ok, 1 gate failed (or, for `run` and `check`, a probe errored or the verdict is
 not PASS), 2 bad input (spec, adapter, paths, missing extra), 3 internal error (a bug: the
@@ -98,6 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 1 when B is worse than A beyond both nulls on any probe, or lost a PASS",
     )
+    report = sub.add_parser("report", help="the latest recorded evaluation of an adapter")
+    report.add_argument("adapter", help="adapter key, directory name or run id")
+    report.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
+    report.add_argument("--markdown", "-m", type=Path, help="write Markdown here")
+    report.add_argument("--html", type=Path, help="write a self-contained HTML page here")
+    probes = sub.add_parser("list-probes", help="every probe kind: what it measures, its inputs")
+    probes.add_argument("--json", action="store_true", help="print JSON")
     sync = sub.add_parser(
         "sync-mlflow", help="copy evaluations whose MLflow copy is pending (MLflow was down)"
     )
@@ -118,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `sway ... | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # noqa: BLE001 - the one place a bug becomes exit code 3
         if args.debug:
             raise
@@ -152,6 +163,10 @@ def _main(args: argparse.Namespace) -> int:
             return _sync_mlflow(args)
         if args.command in ("leaderboard", "history", "compare"):
             return _read_history(args)
+        if args.command == "report":
+            return _report(args)
+        if args.command == "list-probes":
+            return _list_probes(args)
     except SwayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -301,6 +316,62 @@ def _read_history(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(_cell(row.get(c)) for c in columns))
     return failed
+
+
+def _report(args: argparse.Namespace) -> int:
+    """A recorded evaluation as a terminal report, Markdown or HTML (from the store alone)."""
+    from sway_engine.history import latest_run_of
+    from sway_engine.mirror import plot_of
+    from sway_engine.report.text import print_terminal, to_html, to_markdown
+    from sway_engine.store import ResultStore
+
+    home = _home(args.home)
+    if not home.database.is_file():
+        raise SwayError(f"{home.database}: no result store there (set --home or SWAY_HOME)")
+    _writable([args.markdown, args.html])
+    store = ResultStore(home.database)
+    result = store.suite_of(latest_run_of(store, args.adapter)["run_id"])
+    print_terminal(result)
+    if args.markdown is not None:
+        args.markdown.write_text(to_markdown(result), encoding="utf-8")
+    if args.html is not None:
+        plots = {p.name: png for p in result.probes if (png := plot_of(p)) is not None}
+        args.html.write_text(to_html(result, plots), encoding="utf-8")
+    return 0
+
+
+def _list_probes(args: argparse.Namespace) -> int:
+    """Every registered probe kind with what it measures and the inputs it takes."""
+    import json
+
+    from sway_engine.probes.base import ProbeSpec
+    from sway_engine.probes.registry import PROBES
+
+    common = set(ProbeSpec.model_fields)
+    rows: list[dict[str, Any]] = []
+    for kind, probe in sorted(PROBES.items()):
+        doc = (sys.modules[probe.__module__].__doc__ or "").strip().splitlines()
+        summary = doc[0].split(":", 1)[-1].strip() if doc else ""
+        rows.append(
+            {
+                "kind": kind,
+                "category": probe.category,
+                "measures": summary,
+                "direction": "lower is better" if probe.z_sign < 0 else "higher is better",
+                "claim": probe.claim,
+                "calibrated": probe.calibrated,
+                "needs": sorted(probe.needs),
+                "inputs": sorted(set(probe.spec_cls.model_fields) - common),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        inputs = ", ".join(row["inputs"]) or "-"
+        print(f"{row['kind']} ({row['category']}, {row['direction']}): {row['measures']}")
+        print(f"    inputs: {inputs}; needs: {', '.join(row['needs']) or '-'}")
+    return 0
 
 
 def _cell(value: Any) -> str:

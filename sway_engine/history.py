@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from sway_engine.adapters import partition_key, read_adapter
+from sway_engine.calibration import NullCell
 from sway_engine.errors import SwayError
 from sway_engine.home import Settings
 from sway_engine.mirror import Mirror, Published
 from sway_engine.result import SuiteResult
-from sway_engine.store import AdapterRecord, ResultStore
+from sway_engine.store import AdapterRecord, ResultStore, RunRecord
 from sway_engine.suite import Suite
 from sway_engine.tracking import MlflowTracking
 
@@ -73,6 +74,8 @@ def record_cli_run(
     )
     store.record_adapter(record)
     run_id = f"cli:{uuid.uuid4().hex[:12]}:{key}"
+    store.begin_run(RunRecord(run_id=run_id, adapter_id=key, spec_hash=result.spec_hash))
+    store.write_null_cells(run_id, key, result.spec_hash, null_cells(suite, result))
     store.write_suite(key, result, gate_passed, run_id, origin="cli")
     tracking = MlflowTracking(
         settings.mlflow_uri,
@@ -83,6 +86,24 @@ def record_cli_run(
     params = mlflow_params(suite, record.__dict__)
     published = Mirror(tracking, store, warn).publish(run_id, params)
     return key, run_id, published
+
+
+def null_cells(suite: Suite, result: SuiteResult) -> list[NullCell]:
+    """The null samples each calibrated probe was judged against, as the store's cells (one
+    per null seed, as Dagster's null_calibration writes them). A probe whose samples do not
+    match the plan's seeds one to one (a NaN draw was left out) has none written."""
+    plan = suite.plan()
+    if plan is None:
+        return []
+    cells = []
+    for r in result.probes:
+        samples = r.null.samples if r.null is not None else ()
+        if samples and len(samples) == len(plan.seeds):
+            cells += [
+                NullCell(r.name, r.kind, seed, 1.0, raw)
+                for seed, raw in zip(plan.seeds, samples, strict=True)
+            ]
+    return cells
 
 
 def lineage(store: ResultStore, adapter: str) -> list[dict[str, Any]]:

@@ -40,6 +40,8 @@ def test_a_cli_run_and_a_dagster_run_of_one_adapter_share_one_history(
         cli, dag = rows["cli"][probe], rows["dagster"][probe]
         assert cli["verdict"] == dag["verdict"], probe
         assert cli["raw"] == pytest.approx(dag["raw"], rel=1e-3, abs=1e-7), probe
+    cells = {o: len(store.null_calibration(run_id=r["run_id"])) for o, r in runs.items()}
+    assert cells["cli"] == cells["dagster"] == 32  # (delta_kl, ablation) x 16 seeds, both paths
     board = store.leaderboard()
     assert [r["adapter_id"] for r in board] == [key]  # the latest evaluation, once
 
@@ -65,3 +67,14 @@ def test_a_cli_run_and_a_dagster_run_of_one_adapter_share_one_history(
     assert main(["leaderboard", "--home", str(home.home)]) == 0
     assert key in capsys.readouterr().out
     assert main(["history", "nobody", "--home", str(home.home)]) == 2
+
+    # A report from the store alone: Markdown and a self-contained HTML page with its plots.
+    md, page = home.home / "report.md", home.home / "report.html"
+    assert main(["report", "doc-strong", "--home", str(home.home), "--markdown", str(md)]) == 0
+    assert main(["report", key, "--home", str(home.home), "--html", str(page)]) == 0
+    assert "| delta_kl_doc | delta_kl | pass |" in md.read_text()
+    html = page.read_text()
+    assert "delta_kl_doc" in html and ">PASS<" in html
+    assert html.count("data:image/png;base64,") >= 2  # delta_kl null histogram, ablation curve
+    missing = home.home / "nowhere" / "r.html"
+    assert main(["report", key, "--home", str(home.home), "--html", str(missing)]) == 2

@@ -151,3 +151,18 @@ def test_defaults_null_in_plain_yaml(tmp_path: Path) -> None:
         )
         parsed, _ = load_spec(spec)
         assert (parsed.defaults.null.seeds, parsed.defaults.null.mode) == (12, "spectrum"), key
+
+
+def test_list_probes_names_every_kind_with_what_it_measures_and_its_inputs(capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from sway_engine.probes.registry import PROBES
+
+    assert main(["list-probes", "--json"]) == 0
+    rows = {r["kind"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(PROBES)
+    assert all(r["measures"] and r["direction"].endswith("is better") for r in rows.values())
+    assert "prompts" in rows["delta_kl"]["inputs"] and rows["delta_kl"]["claim"] == "effect"
+    assert rows["leakage"]["direction"] == "lower is better"
+    assert main(["list-probes"]) == 0
+    assert "delta_kl (adherence, higher is better)" in capsys.readouterr().out
