@@ -27,6 +27,9 @@ DAGSTER_RUN_TAG = "dagster.run_id"
 TERMINAL_STATUSES = frozenset({"FINISHED", "FAILED", "KILLED"})
 SECRET_MARKERS = ("key", "token", "secret", "password")
 PROBE_METRICS = ("raw", "z", "p", "score")
+# Metric names are `<probe>/<field>` and `sway/score`: MLflow's UI groups charts by the part
+# before the first "/", so each probe's raw, z, p and score sit together.
+SCORE_METRIC = "sway/score"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # At most about 2 + 4 s of backoff and 10 s per request: a dead server costs seconds, not minutes.
 CLIENT_DEADLINES = {
@@ -135,14 +138,14 @@ class MlflowTracking:
         metrics = [m for r in suite.probes for m in _probe_metrics(r, now)]
         overall = finite(suite.score.overall)
         if overall is not None:
-            metrics.append(Metric("sway.score", overall, now, 0))
+            metrics.append(Metric(SCORE_METRIC, overall, now, 0))
         tags = [RunTag("sway.band", suite.score.band), RunTag("sway.spec_hash", suite.spec_hash)]
         tags += [RunTag(f"sway.verdict.{r.name}", r.verdict.value) for r in suite.probes]
         with self._errors(f"run {run_id}"):
             new_params = self._new_params(run_id, params)
             self.client.log_batch(
                 run_id,
-                metrics=metrics,
+                metrics=self._new_metrics(run_id, metrics),
                 params=[Param(k, v) for k, v in new_params.items()],
                 tags=tags,
                 synchronous=True,
@@ -230,6 +233,12 @@ class MlflowTracking:
             return None
         return f"{self.ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}"
 
+    def _new_metrics(self, run_id: str, metrics: list[Metric]) -> list[Metric]:
+        """Metrics the run does not already hold at the same value: a probe logged while the
+        suite ran, or a copy caught up again, is one point in its history, not two."""
+        held = self.client.get_run(run_id).data.metrics
+        return [m for m in metrics if held.get(m.key) != m.value]
+
     def _new_params(self, run_id: str, params: Mapping[str, str | int | float]) -> dict[str, str]:
         """Params not yet on the run, secrets dropped; a changed value raises."""
         wanted = {str(k): str(v) for k, v in params.items() if not is_secret_name(str(k))}
@@ -276,7 +285,7 @@ def _probe_metrics(result: ProbeResult, timestamp_ms: int) -> list[Metric]:
     for field_name in PROBE_METRICS:
         value = finite(getattr(result, field_name))
         if value is not None:
-            metrics.append(Metric(f"{result.name}.{field_name}", value, timestamp_ms, 0))
+            metrics.append(Metric(f"{result.name}/{field_name}", value, timestamp_ms, 0))
     return metrics
 
 

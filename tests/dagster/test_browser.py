@@ -246,7 +246,7 @@ def test_the_mlflow_run_page_shows_the_probe_metrics_and_verdicts(
 ) -> None:
     store = ResultStore(dagster_dev.settings.database)
     dkl = next(r for r in store.probe_results(doc_strong_run.key) if r["probe"] == "delta_kl_doc")
-    z = f"delta_kl_doc.z {js_number(dkl['z'])}"
+    z = f"delta_kl_doc/z {js_number(dkl['z'])}"
     page = browser.open(mlflow_run_url, "mlflow-run.png", expect=[z], size=(1400, 1800))
     assert z in page.text
     assert doc_strong_run.key in page.text  # the run name

@@ -93,7 +93,7 @@ def test_the_run_logs_one_mlflow_run_tagged_with_the_dagster_run(
     assert run.data.tags["sway.verdict.delta_kl_doc"] == "pass"
     store = ResultStore(dagster_dev.settings.database)
     dkl = next(r for r in store.probe_results(doc_strong_run.key) if r["probe"] == "delta_kl_doc")
-    assert run.data.metrics["delta_kl_doc.z"] == pytest.approx(dkl["z"])
+    assert run.data.metrics["delta_kl_doc/z"] == pytest.approx(dkl["z"])
     ledger = next(r for r in store.runs() if r["dagster_run_id"] == doc_strong_run.run_id)
     assert ledger["mlflow_run_id"] == run.info.run_id
 

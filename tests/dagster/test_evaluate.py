@@ -51,8 +51,10 @@ def test_one_partition_writes_duckdb_and_one_mlflow_run(home, instance, fx) -> N
     run = runs[0]
     assert run.data.tags["dagster.run_id"] == result.run_id
     assert run.data.tags["dagster.partition"] == key
-    assert run.data.metrics["delta_kl_doc.z"] == pytest.approx(dkl["z"])
-    assert "sway.score" in run.data.metrics and run.data.params["rank"] == "8"
+    assert run.data.metrics["delta_kl_doc/z"] == pytest.approx(dkl["z"])
+    # Logged while the probe ran and copied again by sway_score: one point, not two.
+    assert len(client.get_metric_history(run.info.run_id, "delta_kl_doc/z")) == 1
+    assert "sway/score" in run.data.metrics and run.data.params["rank"] == "8"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.json", "report.md", "plots"} <= artifacts
 

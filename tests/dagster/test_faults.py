@@ -102,7 +102,7 @@ def test_mlflow_down_leaves_the_evaluation_complete_and_the_copy_pending_then_sy
     copied = client.get_run(run["mlflow_run_id"])
     assert copied.info.status == "FINISHED"
     assert copied.data.tags["dagster.run_id"] == result.run_id
-    assert copied.data.metrics["delta_kl_doc.z"] == pytest.approx(dkl["z"])
+    assert copied.data.metrics["delta_kl_doc/z"] == pytest.approx(dkl["z"])
     assert copied.data.params["null_mode"] == "matched"
     artifacts = {a.path for a in client.list_artifacts(copied.info.run_id)}
     assert {"results.json", "report.md", "plots"} <= artifacts

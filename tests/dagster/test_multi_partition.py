@@ -119,7 +119,7 @@ def test_one_ranged_run_evaluates_every_adapter_with_one_base_load(home, instanc
     assert sorted(r.data.tags["dagster.partition"] for r in runs) == sorted(keys.values())
     assert {r.data.tags["dagster.run_id"] for r in runs} == {result.run_id}
     strong = next(r for r in runs if r.data.tags["dagster.partition"] == keys["doc-strong"])
-    assert "sway.score" in strong.data.metrics and "delta_kl_doc.z" in strong.data.metrics
+    assert "sway/score" in strong.data.metrics and "delta_kl_doc/z" in strong.data.metrics
 
     # the same numbers as evaluating doc-strong alone
     alone = defs.resolve_job_def(JOB_NAME).execute_in_process(

@@ -116,13 +116,13 @@ def test_log_suite_writes_metrics_params_and_tags(tracking: MlflowTracking) -> N
 
     data = tracking.client.get_run(run_id).data
     assert data.metrics == {
-        "delta_kl.raw": 0.42,
-        "delta_kl.z": 3.1,
-        "delta_kl.p": 0.01,
-        "delta_kl.score": 0.8,
-        "style.raw": 0.42,
-        "style.score": 0.1,
-        "sway.score": 0.71,
+        "delta_kl/raw": 0.42,
+        "delta_kl/z": 3.1,
+        "delta_kl/p": 0.01,
+        "delta_kl/score": 0.8,
+        "style/raw": 0.42,
+        "style/score": 0.1,
+        "sway/score": 0.71,
     }
     assert data.params == {"base_model": "tiny-base", "null_seeds": "6", "lam": "0.5"}
     assert data.tags["sway.band"] == "strong"
@@ -130,8 +130,8 @@ def test_log_suite_writes_metrics_params_and_tags(tracking: MlflowTracking) -> N
     assert data.tags["sway.verdict.delta_kl"] == "pass"
     assert data.tags["sway.verdict.style"] == "fail"
     assert data.tags["sway.verdict.leak"] == "error"
-    history = tracking.client.get_metric_history(run_id, "sway.score")
-    assert [m.value for m in history] == [0.71, 0.71]
+    history = tracking.client.get_metric_history(run_id, "sway/score")
+    assert [m.value for m in history] == [0.71]  # logged again at the same value: once
 
     with pytest.raises(TrackingError, match=r"null_seeds: '6' -> '7'"):
         tracking.log_suite(run_id, _suite(), {**params, "null_seeds": 7})
@@ -142,7 +142,7 @@ def test_log_probe_writes_one_probe(tracking: MlflowTracking) -> None:
     run_id = tracking.run_for("a", "dagster-1", {})
     tracking.log_probe(run_id, _probe("style", Verdict.WARN, p=math.nan))
     data = tracking.client.get_run(run_id).data
-    assert data.metrics == {"style.raw": 0.42, "style.z": 3.1, "style.score": 0.8}
+    assert data.metrics == {"style/raw": 0.42, "style/z": 3.1, "style/score": 0.8}
     assert data.tags["sway.verdict.style"] == "warn"
 
 
