@@ -117,7 +117,7 @@ def test_id_arrays_align_like_the_generic_path() -> None:
 
 
 def test_token_dists_of_one_vocabulary_align_by_id_and_decode_only_on_demand() -> None:
-    from sway_engine.probes.divergence import _topk
+    from sway_engine.probes.divergence import topk_divergence
     from sway_engine.requests import TokenDist
 
     calls: list[list[int]] = []
@@ -129,8 +129,8 @@ def test_token_dists_of_one_vocabulary_align_by_id_and_decode_only_on_demand() -
     lp = np.log(np.array([0.6, 0.3]))
     a = TokenDist(np.array([1, 2]), lp, 10, 0.1, vocabulary="tok:10", decode=decode)
     b = TokenDist(np.array([2, 1]), lp, 10, 0.1, vocabulary="tok:10", decode=decode)
-    assert _topk(a, b, "js") > 0.01 and calls == []  # by id: ids 1 and 2 differ in mass
+    assert topk_divergence(a, b, "js") > 0.01 and calls == []  # by id: ids 1 and 2 differ in mass
     # another vocabulary: decoded text decides (here every token decodes alike)
     c = TokenDist(np.array([2, 1]), lp, 10, 0.1, vocabulary="other:10", decode=decode)
-    assert _topk(a, c, "js") == pytest.approx(0.0, abs=1e-12) and len(calls) == 2
+    assert topk_divergence(a, c, "js") == pytest.approx(0.0, abs=1e-12) and len(calls) == 2
     assert a.texts() == ("same", "same")
