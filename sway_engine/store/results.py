@@ -321,8 +321,8 @@ class ResultStore(Database):
 
     def leaderboard(self, spec_hash: str | None = None) -> list[dict[str, Any]]:
         """The latest complete run of each adapter under one suite (`spec_hash`, else the
-        suite of the newest complete run): gate-passing adapters first, then by overall.
-        Adapters evaluated with different suites are never ranked together."""
+        suite of the newest complete run): gate-passing adapters first, then by overall, then
+        fewest ERROR rows. Adapters evaluated with different suites are never ranked together."""
         if spec_hash is None:
             newest = self.query(
                 "SELECT spec_hash FROM runs WHERE status = 'complete' "
@@ -353,7 +353,7 @@ class ResultStore(Database):
             SELECT
                 row_number() OVER (
                     ORDER BY s.gate_passed DESC NULLS LAST, s.overall DESC NULLS LAST,
-                        l.adapter_id
+                        coalesce(c.n_error, 0), l.adapter_id
                 ) AS rank,
                 l.adapter_id,
                 coalesce(a.name, l.adapter_id) AS name,

@@ -92,6 +92,7 @@ def test_gate_check_per_adapter(home, instance, fx) -> None:  # type: ignore[no-
     assert nan_rows and {r["verdict"] for r in nan_rows} == {"error"}
     board = store.leaderboard()
     assert board[0]["adapter_id"].startswith("doc-strong-")
+    assert board[-1]["adapter_id"].startswith("nan-")  # all ERROR: below noise and zero
 
 
 def test_a_run_hashes_the_adapter_weights_once(home, instance, fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]

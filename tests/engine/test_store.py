@@ -456,3 +456,13 @@ def test_a_snapshot_stays_open_while_evaluations_keep_writing(
     snapshot(store.path, kept).close()
     with pytest.raises(StoreError, match="already exists"):
         snapshot(store.path, kept)
+
+
+def test_on_equal_scores_an_adapter_that_errored_ranks_last(store: ResultStore) -> None:
+    """`make run` ranked nan (every probe ERROR, overall 0) above noise and zero (overall 0)
+    because ties broke by name."""
+    failed = _suite(0.0, (_probe("delta_kl", Verdict.FAIL),))
+    errored = _suite(0.0, (_probe("delta_kl", Verdict.ERROR, raw=None, z=None, p=None),))
+    store.write_suite("a-nan", errored, gate_passed=False, run_id="r1")
+    store.write_suite("b-noise", failed, gate_passed=False, run_id="r2")
+    assert [r["adapter_id"] for r in store.leaderboard()] == ["b-noise", "a-nan"]
