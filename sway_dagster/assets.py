@@ -118,19 +118,7 @@ def _manifest(
 ) -> dict[str, Any]:
     try:
         info = adapter_store.verify(key)
-        record = AdapterRecord(
-            adapter_id=key,
-            name=info.path.name,
-            path=str(info.path),
-            sha256=info.sha256,
-            size_bytes=info.size_bytes,
-            base_model=info.base_model,
-            rank=info.rank,
-            alpha=info.alpha,
-            target_modules=info.target_modules,
-            preflight_ok=True,
-            preflight_message="all tensors finite",
-        )
+        record = AdapterRecord.checked(key, info)
     except AdapterError as exc:
         context.log.error(f"adapter {key} failed preflight: {exc}")
         record = AdapterRecord(

@@ -59,19 +59,7 @@ def record_cli_run(
     info = read_adapter(result.adapter, check_finite=False)
     key = partition_key(info.path.name, info.sha256)
     store = ResultStore(settings.database)
-    record = AdapterRecord(
-        adapter_id=key,
-        name=info.path.name,
-        path=str(info.path),
-        sha256=info.sha256,
-        size_bytes=info.size_bytes,
-        base_model=info.base_model,
-        rank=info.rank,
-        alpha=info.alpha,
-        target_modules=info.target_modules,
-        preflight_ok=True,
-        preflight_message="all tensors finite",
-    )
+    record = AdapterRecord.checked(key, info)
     store.record_adapter(record)
     run_id = f"cli:{uuid.uuid4().hex[:12]}:{key}"
     store.begin_run(RunRecord(run_id=run_id, adapter_id=key, spec_hash=result.spec_hash))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from sway_engine.adapters import AdapterInfo
 from sway_engine.calibration import NullCell, NullMatrix, NullPlan
 from sway_engine.result import ProbeResult, SuiteResult, SwayScore, finite
 from sway_engine.store.db import (
@@ -61,6 +62,23 @@ class AdapterRecord:
     preflight_ok: bool | None = None
     preflight_message: str | None = None
     registered_at: datetime | None = None
+
+    @classmethod
+    def checked(cls, adapter_id: str, info: AdapterInfo) -> AdapterRecord:
+        """The record of an adapter read and checked by `read_adapter`."""
+        return cls(
+            adapter_id=adapter_id,
+            name=info.path.name,
+            path=str(info.path),
+            sha256=info.sha256,
+            size_bytes=info.size_bytes,
+            base_model=info.base_model,
+            rank=info.rank,
+            alpha=info.alpha,
+            target_modules=info.target_modules,
+            preflight_ok=True,
+            preflight_message="all tensors finite",
+        )
 
 
 def run_record(
