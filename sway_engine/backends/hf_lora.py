@@ -157,3 +157,92 @@ def replace_cfg(cfg: Any, view: View) -> Any:
     elif not isinstance(view, Scaled | Finetuned):
         raise BackendError(f"cannot register view {view!r}")
     return new
+
+
+def check_modules(model: Any, weights_path: Any, where: str) -> None:
+    """Every module the adapter's tensors name must exist in the base. PEFT only warns about
+    keys it cannot place, and an adapter whose keys were renamed on export (model.layers ->
+    model.blocks) then runs as the base and is scored as "did nothing"."""
+    from safetensors import safe_open
+
+    from sway_engine.errors import AdapterError
+    from sway_engine.nulls import PEFT_PREFIX
+
+    with safe_open(str(weights_path), "np") as weights:
+        keys = list(weights.keys())
+    wanted = {k.split(".lora_")[0].removeprefix(PEFT_PREFIX) for k in keys if ".lora_" in k}
+    have = {n for n, _ in model.named_modules()}
+    missing = sorted(m for m in wanted if m not in have)
+    if missing or not wanted:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3]) + more
+        raise AdapterError(
+            f"{where}: "
+            + (f"no module {shown} in the base" if missing else "no LoRA tensors")
+            + " (keys renamed on export, or the adapter belongs to another model)"
+        )
+
+
+def lora_layers(model: Any, trained: str) -> list[Any]:
+    """Every PEFT LoRA layer of `model`; LoRA on embeddings cannot carry derived views."""
+    from peft.tuners.lora import LoraLayer
+
+    from sway_engine.errors import AdapterError
+
+    layers = [m for _, m in model.named_modules() if isinstance(m, LoraLayer)]
+    for layer in layers:
+        if trained in getattr(layer, "lora_embedding_A", {}):
+            raise AdapterError("LoRA on embedding layers is not supported for derived views")
+    return layers
+
+
+def update_is_zero(torch: Any, layers: list[Any], name: str) -> bool:
+    """True when adapter `name`'s B (or A) factor is all zeros in every layer it adapts."""
+    with torch.no_grad():
+        for layer in layers:
+            if name not in layer.lora_A:
+                continue
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            if bool(torch.any(a != 0)) and bool(torch.any(b != 0)):
+                return False
+    return True
+
+
+def fill_view(
+    torch: Any,
+    layers: list[Any],
+    view: View,
+    name: str,
+    src: str,
+    names: dict[int, str],
+    rslora: bool,
+) -> None:
+    """Write a derived view's LoRA weights into slot `name`: a scaled copy of trained adapter
+    `src`, or a seeded null from `sway_engine.nulls` (seeded per module name, so every backend
+    draws the same null weights from the same trained adapter). `names`: module name by id."""
+    from sway_engine import nulls
+
+    for layer in layers:
+        a_ft, b_ft = layer.lora_A[src].weight, layer.lora_B[src].weight
+        a_new, b_new = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if isinstance(view, Scaled):
+            a_new.copy_(a_ft)
+            b_new.copy_(b_ft * view.lam)
+            continue
+        assert isinstance(view, Null)
+        w = nulls.null_lora(
+            a_ft.detach().float().cpu().numpy(),
+            b_ft.detach().float().cpu().numpy(),
+            float(layer.scaling[src]),
+            view,
+            names[id(layer)],
+            rslora=rslora,
+        )
+        if tuple(a_new.shape) != w.a.shape or tuple(b_new.shape) != w.b.shape:
+            raise BackendError(
+                f"null {view.key} on {names[id(layer)]}: registered rank "
+                f"{a_new.shape[0]} differs from the null's rank {w.a.shape[0]}"
+            )
+        layer.scaling[name] = w.scaling
+        a_new.copy_(torch.from_numpy(w.a).to(a_new.dtype))
+        b_new.copy_(torch.from_numpy(w.b).to(b_new.dtype))

@@ -6,49 +6,27 @@ seeded null from `sway_engine.nulls` (the same weights the hf backend builds), o
 (rank-0 factors: an exact no-op). Rows are grouped by view; each group is batched with
 right padding, which a causal mask makes exact. Divergences are exact over the vocabulary
 (fp32 log-softmax, fp64 sums). PEFT adapters are converted to mlx-lm's format on first use.
+The bookkeeping shared with the hf backend is `backends/local.py`.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
-from sway_engine import nulls, stats
+from sway_engine import nulls
 from sway_engine.adapters import AdapterInfo
-from sway_engine.backends.base import ALL_CAPABILITIES
-from sway_engine.backends.rows import (
-    Plan,
-    Row,
-    RowCache,
-    answer,
-    collect,
-    finite_or_raise,
-    generation_prompts,
-    logprob_result,
-    token_dist,
-)
-from sway_engine.backends.rows import plan as plan_rows
+from sway_engine.backends.local import Derived, LocalBackend
+from sway_engine.backends.rows import Row
 from sway_engine.convert import MLX_CONFIG, MLX_WEIGHTS, converted, is_mlx_adapter
 from sway_engine.errors import AdapterError, BackendError
-from sway_engine.requests import (
-    ContinuationLogprob,
-    Divergence,
-    DivergenceResult,
-    Generate,
-    GenerationResult,
-    NextToken,
-    Request,
-    Result,
-    RollingLogprob,
-    views_of,
-)
-from sway_engine.views import Base, Finetuned, Null, Scaled, View, canonical
+from sway_engine.requests import Generate, GenerationResult
+from sway_engine.views import Base, Finetuned, Null, Scaled
 
 BASE_KEY = Base().key
 
@@ -74,11 +52,11 @@ def _import_stack() -> tuple[Any, Any]:
     return mx, mlx_lm
 
 
-class MLXBackend:
+class MLXBackend(LocalBackend):
     """Loads the base once with mlx-lm; views swap LoRA weights in place."""
 
     kind = "mlx"
-    capabilities = ALL_CAPABILITIES
+    BASE_ROW = BASE_KEY
 
     def __init__(
         self,
@@ -96,9 +74,13 @@ class MLXBackend:
         mx, mlx_lm = _import_stack()
         self._mx = mx
         self.base_id = base
-        self.batch_tokens = batch_tokens
-        self.max_batch_rows = max_batch_rows
         self.cache_dir = cache_dir
+        self._setup(
+            batch_tokens=batch_tokens,
+            max_batch_rows=max_batch_rows,
+            row_cache_bytes=row_cache_bytes,
+            extra_counters=("view_switches",),
+        )
         self._device = _pick_device(mx, device)
         path = Path(base).expanduser()
         if not (path / "config.json").is_file():
@@ -122,58 +104,28 @@ class MLXBackend:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
         self.max_len = int(config.get("max_position_embeddings") or 2048)
         self.vocab_size = int(model.args.vocab_size)
-        self.adapter: AdapterInfo | None = None
-        self.extra_adapters: dict[str, AdapterInfo] = {}
         self._trained: dict[str, _Trained] = {}
         self._lora: dict[str, Any] = {}
         self._views: dict[str, dict[str, tuple[Any, Any, float]]] = {}
         self._active = BASE_KEY
-        self._row_cache = RowCache(row_cache_bytes, lambda v: int(v.nbytes))
-        self._counters: dict[str, float] = {
-            "forward_passes": 0,
-            "rows_forwarded": 0,
-            "tokens_forwarded": 0,
-            "padded_tokens": 0,
-            "row_cache_hits": 0,
-            "base_loads": 1,
-            "adapters_loaded": 0,
-            "views_registered": 0,
-            "view_switches": 0,
-        }
         if adapter is not None:
             self.load_adapter(str(adapter))
 
     # ---- adapters and views ----
 
-    def load_adapter(self, path: str) -> None:
-        """Swap the trained adapter in place (PEFT adapters are converted once, then cached).
-
-        Drops every adapter registered before (the primary and those from `add_adapter`).
-        """
+    def _load_primary(self, path: str) -> AdapterInfo:
+        """PEFT adapters are converted once, then cached."""
         info, trained = self._read(path)
         self._unwrap()
         self._trained = {}
         self._views = {}
-        self.extra_adapters = {}
         self._register("", info, trained)
-        self.adapter = info
-        self._row_cache.clear()
+        return info
 
-    def add_adapter(self, path: str | Path, label: str) -> str:
-        """Register another trained adapter of this base beside the primary one.
-
-        Views with `adapter=label` derive from it; `load_adapter` drops all of them.
-        """
-        if not label:
-            raise BackendError("add_adapter needs a non-empty label; '' names the primary adapter")
-        if "" not in self._trained:
-            raise BackendError("load the primary adapter (load_adapter) before adding others")
-        if label in self._trained:
-            raise BackendError(f"an adapter labelled {label!r} is already registered")
-        info, trained = self._read(str(path))
+    def _load_extra(self, path: str, label: str) -> AdapterInfo:
+        info, trained = self._read(path)
         self._register(label, info, trained)
-        self.extra_adapters[label] = info
-        return label
+        return info
 
     def _register(self, label: str, info: AdapterInfo, trained: _Trained) -> None:
         self._wrap(trained, info.path)
@@ -183,7 +135,6 @@ class MLXBackend:
         }
         self._active = ""
         self._use(BASE_KEY)
-        self._counters["adapters_loaded"] += 1
 
     def _read(self, path: str) -> tuple[AdapterInfo, _Trained]:
         """The adapter's identity and its factors (a PEFT adapter is converted first)."""
@@ -290,34 +241,16 @@ class MLXBackend:
             dtype = mx.float32  # quantized base: the LoRA factors stay in float
         return mx.array(a.T).astype(dtype), mx.array(b.T).astype(dtype), float(scale)
 
-    def _view_key(self, view: View) -> str:
-        view = canonical(view)
-        if isinstance(view, Base):
-            return BASE_KEY
-        if view.key not in self._views:
-            self._ensure_views([view])
-        return view.key
+    def _registered(self, key: str) -> bool:
+        return key in self._views
 
-    def _ensure_views(self, views: Iterable[View]) -> None:
-        """Build the LoRA weights of every view not registered yet."""
-        todo = list(
-            dict.fromkeys(
-                v
-                for v in map(canonical, views)
-                if not isinstance(v, Base) and v.key not in self._views
-            )
-        )
-        if not todo:
-            return
-        if not self._trained:
-            raise BackendError(f"view {todo[0].key} needs a trained adapter; none is loaded")
-        for view in todo:
-            trained = self._trained.get(view.adapter)
-            if trained is None or isinstance(view, Finetuned):
-                raise BackendError(
-                    f"view {view.key} derives from adapter {view.adapter!r}, which is not "
-                    "registered (MLXBackend.add_adapter registers one)"
-                )
+    def _name_of(self, key: str) -> str:
+        return key
+
+    def _register_views(self, views: list[Derived]) -> None:
+        """Build the LoRA weights of every view (a scaled copy shares the trained arrays)."""
+        for view in views:
+            trained = self._trained[view.adapter]
             if isinstance(view, Scaled):
                 ft = self._views[Finetuned(view.adapter).key]
                 self._views[view.key] = {m: (a, b, s * view.lam) for m, (a, b, s) in ft.items()}
@@ -331,7 +264,6 @@ class MLXBackend:
                 self._views[view.key] = weights
             else:
                 raise BackendError(f"cannot register view {view!r}")
-        self._counters["views_registered"] += len(todo)
 
     def _use(self, key: str) -> None:
         """Point every LoRA layer at the view's weights; modules it lacks get rank-0 factors."""
@@ -352,47 +284,19 @@ class MLXBackend:
 
     # ---- execution ----
 
-    def execute(self, requests: Sequence[Request]) -> list[Result]:
-        self._ensure_views(v for req in requests for v in views_of(req))
-        rows, plans = collect(requests, self._plan)
-        with self._mx.stream(self._device):
-            self._forward_all(rows)
-            gens = self._generate_all(generation_prompts(requests, plans))
-        return answer(requests, plans, rows, gens, self._assemble)
+    def _scope(self) -> Any:
+        return self._mx.stream(self._device)
 
-    def _plan(self, req: Request) -> Plan:
-        return plan_rows(req, self.tokenizer, self.max_len, self._view_key)
-
-    def _forward_all(self, rows: dict[Row, Any]) -> None:
-        todo, hits = self._row_cache.fill(rows)
-        self._counters["row_cache_hits"] += hits
-        # The active view first: a run of requests on one view never switches weights.
+    def _row_groups(self, rows: list[Row]) -> Iterator[tuple[bool, list[Row]]]:
+        """One group per view (and row kind), the active view first: a run of requests on one
+        view never switches weights. The view's weights go in as its group is taken (the
+        caller forwards a whole group before it takes the next)."""
         groups: dict[tuple[str, bool], list[Row]] = {}
-        for row in sorted(todo, key=lambda r: (r.adapter != self._active, r.adapter, len(r.ids))):
+        for row in sorted(rows, key=lambda r: (r.adapter != self._active, r.adapter, len(r.ids))):
             groups.setdefault((row.adapter, row.last), []).append(row)
         for (view, last), group in groups.items():
             self._use(view)
-            for batch in self._batches(group):
-                for row, value in zip(batch, self._forward(batch, last), strict=True):
-                    rows[row] = value
-                    if last:
-                        self._row_cache.put(row, value)
-
-    def _batches(self, rows: list[Row]) -> list[list[Row]]:
-        batches: list[list[Row]] = []
-        current: list[Row] = []
-        for row in rows:
-            width = len(row.ids)
-            if current and (
-                (len(current) + 1) * width > self.batch_tokens
-                or len(current) >= self.max_batch_rows
-            ):
-                batches.append(current)
-                current = []
-            current.append(row)
-        if current:
-            batches.append(current)
-        return batches
+            yield last, group
 
     def _forward(self, batch: list[Row], last: bool) -> list[np.ndarray]:
         """Log-probs of a right-padded batch: causal attention never sees the padding."""
@@ -403,10 +307,7 @@ class MLXBackend:
             ids[i, : len(row.ids)] = row.ids
         tokens = mx.array(ids)
         logits = self._model(tokens)
-        self._counters["forward_passes"] += 1
-        self._counters["rows_forwarded"] += len(batch)
-        self._counters["tokens_forwarded"] += sum(len(r.ids) for r in batch)
-        self._counters["padded_tokens"] += width * len(batch)
+        self._count_pass(batch)
         if last:
             at = mx.array([len(r.ids) - 1 for r in batch])
             final = logits[mx.arange(len(batch)), at]
@@ -416,35 +317,6 @@ class MLXBackend:
         picked = mx.take_along_axis(logits, tokens[:, 1:, None], axis=-1)
         values = np.array(_log_softmax(mx, logits, picked)[..., 0])
         return [values[i, : len(row.ids) - 1] for i, row in enumerate(batch)]
-
-    def _assemble(self, req: Request, plan: Plan, rows: dict[Row, Any]) -> Result:
-        meta = plan.meta
-        values = [rows[r] for r in plan.rows]
-        if isinstance(req, NextToken):
-            logp = values[0]
-            finite_or_raise(logp, req.view, req.prompt)
-            ids = _top(logp, req.top_k)
-            return token_dist(self.tokenizer, ids, logp[ids], int(logp.shape[-1]))
-        if isinstance(req, Divergence):
-            finite_or_raise(values[0], req.view_a, req.prompt)
-            finite_or_raise(values[1], req.view_b, req.prompt)
-            la, lb = values[0].astype(np.float64), values[1].astype(np.float64)
-            return DivergenceResult(
-                js=stats.js(la, lb),
-                kl_b_a=stats.kl(lb, la),
-                kl_a_b=stats.kl(la, lb),
-                exact=True,
-                top_a=self._decode_top(la, req.evidence_k),
-                top_b=self._decode_top(lb, req.evidence_k),
-            )
-        if isinstance(req, RollingLogprob | ContinuationLogprob):
-            return logprob_result(req, meta, values)
-        raise BackendError(f"mlx backend cannot answer {type(req).__name__}")
-
-    def _decode_top(self, logp: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
-        ids = _top(logp, k)
-        toks = self.tokenizer.convert_ids_to_tokens(ids.tolist())
-        return tuple((t, float(math.exp(logp[i]))) for t, i in zip(toks, ids.tolist(), strict=True))
 
     def _generate_all(
         self, prompts: dict[Generate, tuple[int, ...]]
@@ -457,7 +329,7 @@ class MLXBackend:
         out: dict[Generate, GenerationResult] = {}
         groups: dict[tuple[str, int, int], list[tuple[Generate, tuple[int, ...]]]] = {}
         for req, ids in prompts.items():
-            key = (self._view_key(req.view), req.max_new_tokens, len(ids))
+            key = (self._row_name(req.view), req.max_new_tokens, len(ids))
             groups.setdefault(key, []).append((req, ids))
         for (view, max_new, _), group in groups.items():
             self._use(view)
@@ -483,11 +355,7 @@ class MLXBackend:
                     out[req] = GenerationResult(text=text, token_ids=tuple(made))
         return out
 
-    def counters(self) -> dict[str, float]:
-        return dict(self._counters)
-
-    def close(self) -> None:
-        self._row_cache.clear()
+    def _release(self) -> None:
         self._views = {}
         self._trained = {}
         self._lora = {}
@@ -506,13 +374,6 @@ def _log_softmax(mx: Any, logits: Any, at: Any = None) -> Any:
     )
     value = logits if at is None else at
     return mx.subtract(value.astype(mx.float64, stream=mx.cpu), lse, stream=mx.cpu)
-
-
-def _top(logp: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest entries, descending (ties: lower id first)."""
-    k = min(k, logp.shape[-1])
-    part = np.argpartition(-logp, k - 1)[:k] if k < logp.shape[-1] else np.arange(logp.size)
-    return part[np.lexsort((part, -logp[part]))].astype(np.int64)
 
 
 def _mlx_info(path: Path) -> AdapterInfo:

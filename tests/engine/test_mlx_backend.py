@@ -198,7 +198,7 @@ def test_load_adapter_swaps_and_add_adapter_registers_a_second(fx, cache_dir: Pa
     assert nulls_n[0].js == pytest.approx(nulls_alone[0].js, abs=1e-6)
     backend.load_adapter(str(fx.adapters["noise"]))  # swap the primary: the extra is dropped
     assert [r.js for r in backend.execute(reqs)] == pytest.approx([r.js for r in expect], abs=1e-6)
-    with pytest.raises(BackendError, match="adapter 'n', which is not registered"):
+    with pytest.raises(BackendError, match="no trained adapter labelled 'n' is registered"):
         backend.execute([Divergence(PROMPTS[0], BASE, Finetuned("n"))])
     assert backend.counters()["base_loads"] == 1  # swapped and added on one base load
 

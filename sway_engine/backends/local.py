@@ -1,0 +1,302 @@
+"""What the two backends that hold a model in this process share (hf and mlx).
+
+A local backend loads one base model and answers requests from rows: `rows.plan` turns each
+request into token rows under a view's name, rows are deduplicated, packed into batches and
+forwarded, and results are assembled from the rows' log-probs (numpy, float32 or float64).
+Subclasses say how to load adapters, register views and run one forward pass or one
+generation; the bookkeeping (counters, labels of extra adapters, the row cache, batching,
+exact divergences, close) is here once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from typing import Any, ClassVar
+
+import numpy as np
+
+from sway_engine import stats
+from sway_engine.adapters import AdapterInfo
+from sway_engine.backends.base import ALL_CAPABILITIES
+from sway_engine.backends.rows import (
+    Plan,
+    Row,
+    RowCache,
+    answer,
+    collect,
+    finite_or_raise,
+    generation_prompts,
+    logprob_result,
+    token_dist,
+)
+from sway_engine.backends.rows import plan as plan_rows
+from sway_engine.errors import BackendError
+from sway_engine.requests import (
+    ContinuationLogprob,
+    Divergence,
+    DivergenceResult,
+    Generate,
+    GenerationResult,
+    NextToken,
+    Request,
+    Result,
+    RollingLogprob,
+    views_of,
+)
+from sway_engine.views import Base, Finetuned, Null, Scaled, View, canonical
+
+Derived = Finetuned | Scaled | Null  # a view on a trained adapter
+
+COUNTERS = (
+    "forward_passes",
+    "rows_forwarded",
+    "tokens_forwarded",
+    "padded_tokens",
+    "row_cache_hits",
+    "base_loads",
+    "adapters_loaded",
+    "views_registered",
+)
+
+
+class LocalBackend:
+    """One base model in this process; the trained adapter, its nulls and scaled copies as views.
+
+    Subclasses implement `_load_primary`, `_load_extra`, `_registered`, `_register_views`,
+    `_name_of`, `_forward`, `_generate_all` and `_release`, and may override `_row_groups`
+    (which rows forward together) and `_scope` (a device context around execution).
+    """
+
+    kind: str
+    capabilities = ALL_CAPABILITIES
+    BASE_ROW: ClassVar[str]  # the name base rows are computed under
+
+    tokenizer: Any
+    max_len: int
+    base_id: str
+
+    def _setup(
+        self,
+        *,
+        batch_tokens: int,
+        max_batch_rows: int,
+        row_cache_bytes: int,
+        extra_counters: Sequence[str] = (),
+    ) -> None:
+        self.batch_tokens = batch_tokens
+        self.max_batch_rows = max_batch_rows
+        # Close a batch where one more row adds more padding than this many tokens (the cost
+        # of one more forward pass); None: no limit (right padding, see the mlx backend).
+        self.pad_tokens_per_pass: int | None = None
+        self.adapter: AdapterInfo | None = None
+        self.extra_adapters: dict[str, AdapterInfo] = {}
+        self._row_cache = RowCache(row_cache_bytes, lambda v: int(v.nbytes))
+        self._counters: dict[str, float] = dict.fromkeys((*COUNTERS, *extra_counters), 0)
+        self._counters["base_loads"] = 1
+
+    # ---- adapters and views ----
+
+    def load_adapter(self, path: str) -> None:
+        """Swap the trained adapter in place: every adapter registered before (the primary
+        and those from `add_adapter`) and every derived view is dropped."""
+        self.adapter = self._load_primary(str(path))
+        self.extra_adapters = {}
+        self._row_cache.clear()
+        self._counters["adapters_loaded"] += 1
+
+    def add_adapter(self, path: Any, label: str) -> str:
+        """Register another trained adapter of this base beside the primary one.
+
+        Views with `adapter=label` (`Finetuned(label)`, `Scaled(lam, label)`, `Null(...,
+        adapter=label)`) then derive from it, and their rows share batches (and base rows)
+        with every other adapter's. `load_adapter` drops all of them.
+        """
+        if not label:
+            raise BackendError("add_adapter needs a non-empty label; '' names the primary adapter")
+        if self.adapter is None:
+            raise BackendError("load the primary adapter (load_adapter) before adding others")
+        if label in self.extra_adapters:
+            raise BackendError(f"an adapter labelled {label!r} is already registered")
+        self.extra_adapters[label] = self._load_extra(str(path), label)
+        self._counters["adapters_loaded"] += 1
+        return label
+
+    def _ensure_views(self, views: Iterable[View]) -> None:
+        """Register every view not on the model yet, in one pass."""
+        todo: list[Derived] = list(
+            dict.fromkeys(
+                v
+                for v in map(canonical, views)
+                if not isinstance(v, Base) and not self._registered(v.key)
+            )
+        )
+        if not todo:
+            return
+        if self.adapter is None:
+            raise BackendError(f"view {todo[0].key} needs a trained adapter; none is loaded")
+        hint = f"{type(self).__name__}.add_adapter registers one"
+        for view in todo:
+            if isinstance(view, Finetuned):
+                raise BackendError(
+                    f"no trained adapter labelled {view.adapter!r} is registered ({hint})"
+                )
+            if not self._registered(Finetuned(view.adapter).key):
+                raise BackendError(
+                    f"view {view.key} derives from adapter {view.adapter!r}, which is not "
+                    f"registered ({hint})"
+                )
+        self._register_views(todo)
+        self._counters["views_registered"] += len(todo)
+
+    def _row_name(self, view: View) -> str:
+        """The name rows of `view` are computed under (registering the view on first use)."""
+        view = canonical(view)
+        if isinstance(view, Base):
+            return self.BASE_ROW
+        if not self._registered(view.key):
+            self._ensure_views([view])
+        return self._name_of(view.key)
+
+    # ---- execution ----
+
+    def execute(self, requests: Sequence[Request]) -> list[Result]:
+        self._ensure_views(v for req in requests for v in views_of(req))
+        rows, plans = collect(requests, self._plan)
+        with self._scope():
+            self._forward_all(rows)
+            gens = self._generate_all(generation_prompts(requests, plans))
+        return answer(requests, plans, rows, gens, self._assemble)
+
+    def _plan(self, req: Request) -> Plan:
+        return plan_rows(req, self.tokenizer, self.max_len, self._row_name)
+
+    def _scope(self) -> Any:
+        return nullcontext()
+
+    def _forward_all(self, rows: dict[Row, Any]) -> None:
+        todo, hits = self._row_cache.fill(rows)
+        self._counters["row_cache_hits"] += hits
+        for last, group in self._row_groups(todo):
+            for batch in self._batches(group):
+                batch.sort(key=lambda r: r.adapter)  # one contiguous block of rows per view
+                for row, value in zip(batch, self._forward(batch, last), strict=True):
+                    rows[row] = value
+                    if last:
+                        self._row_cache.put(row, value)
+
+    def _row_groups(self, rows: list[Row]) -> Iterator[tuple[bool, list[Row]]]:
+        """Rows that may share batches, each group sorted by length: last-position rows, then
+        whole-sequence rows, every view mixed (the forward pass applies each row's view)."""
+        for last in (True, False):
+            yield last, sorted((r for r in rows if r.last == last), key=lambda r: len(r.ids))
+
+    def _batches(self, rows: list[Row]) -> list[list[Row]]:
+        """Pack rows (sorted by length) into batches within the token and row budgets, and
+        the padding budget `pad_tokens_per_pass` where one is set."""
+        pad_budget = self.pad_tokens_per_pass
+        batches: list[list[Row]] = []
+        current: list[Row] = []
+        for row in rows:
+            width = len(row.ids)
+            if current and (
+                (len(current) + 1) * width > self.batch_tokens
+                or len(current) >= self.max_batch_rows
+                or (
+                    pad_budget is not None
+                    and (width - len(current[-1].ids)) * len(current) > pad_budget
+                )
+            ):
+                batches.append(current)
+                current = []
+            current.append(row)
+        if current:
+            batches.append(current)
+        return batches
+
+    def _count_pass(self, batch: Sequence[Row]) -> None:
+        width = max(len(r.ids) for r in batch)
+        self._counters["forward_passes"] += 1
+        self._counters["rows_forwarded"] += len(batch)
+        self._counters["tokens_forwarded"] += sum(len(r.ids) for r in batch)
+        self._counters["padded_tokens"] += width * len(batch)
+
+    def _assemble(self, req: Request, plan: Plan, rows: dict[Row, Any]) -> Result:
+        values = [rows[r] for r in plan.rows]
+        if isinstance(req, NextToken):
+            logp = values[0]
+            finite_or_raise(logp, req.view, req.prompt)
+            ids = top_ids(logp, req.top_k)
+            return token_dist(self.tokenizer, ids, logp[ids], int(logp.shape[-1]))
+        if isinstance(req, Divergence):
+            finite_or_raise(values[0], req.view_a, req.prompt)
+            finite_or_raise(values[1], req.view_b, req.prompt)
+            la, lb = values[0].astype(np.float64), values[1].astype(np.float64)
+            return DivergenceResult(
+                js=stats.js(la, lb),
+                kl_b_a=stats.kl(lb, la),
+                kl_a_b=stats.kl(la, lb),
+                exact=True,
+                top_a=self._decode_top(la, req.evidence_k),
+                top_b=self._decode_top(lb, req.evidence_k),
+            )
+        if isinstance(req, RollingLogprob | ContinuationLogprob):
+            return logprob_result(req, plan.meta, values)
+        raise BackendError(f"{self.kind} backend cannot answer {type(req).__name__}")
+
+    def _decode_top(self, logp: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
+        ids = top_ids(logp, k)
+        toks = self.tokenizer.convert_ids_to_tokens(ids.tolist())
+        return tuple((t, math.exp(float(logp[i]))) for t, i in zip(toks, ids.tolist(), strict=True))
+
+    def counters(self) -> dict[str, float]:
+        return dict(self._counters)
+
+    def close(self) -> None:
+        self._row_cache.clear()
+        self._release()
+
+    # ---- what a subclass provides ----
+
+    def _load_primary(self, path: str) -> AdapterInfo:
+        raise NotImplementedError
+
+    def _load_extra(self, path: str, label: str) -> AdapterInfo:
+        raise NotImplementedError
+
+    def _registered(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def _register_views(self, views: list[Derived]) -> None:
+        raise NotImplementedError
+
+    def _name_of(self, key: str) -> str:
+        raise NotImplementedError
+
+    def _forward(self, batch: list[Row], last: bool) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _generate_all(
+        self, prompts: dict[Generate, tuple[int, ...]]
+    ) -> dict[Generate, GenerationResult]:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        raise NotImplementedError
+
+
+def top_ids(logp: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest entries, descending (ties: lower id first)."""
+    k = min(k, logp.shape[-1])
+    part = np.argpartition(-logp, k - 1)[:k] if k < logp.shape[-1] else np.arange(logp.size)
+    return part[np.lexsort((part, -logp[part]))].astype(np.int64)
+
+
+def cut_at_eos(ids: list[int], eos: Iterable[int]) -> list[int]:
+    """A generated row up to and including its first end-of-sequence token."""
+    stops = set(eos)
+    for i, tok in enumerate(ids):
+        if tok in stops:
+            return ids[: i + 1]
+    return ids
