@@ -5,26 +5,17 @@ size cap, which log-prob request style it takes, prompt echo, seeds); only what 
 declared as a capability, so probes needing the rest SKIP. Responses are parsed by their
 shape (OpenAI legacy, vLLM echo / prompt_logprobs, mlx-lm and chat-style `content` lists).
 One endpoint serves one model: a differential run composes two (`TwoModelBackend`).
-Every HTTP attempt has a deadline for the whole exchange, and the retries of one request a
-budget (see `_post`), so a stalled or dribbling server cannot hold a run indefinitely.
-The API key comes from the environment and never appears in a message, log or repr; it is
-sent only to the configured endpoint (redirects are refused) and never over plain http to a
-host other than loopback unless the spec opts in (`allow_insecure_http`).
+The transport (`backends/http.py`) gives every HTTP attempt a deadline for the whole
+exchange and the retries of one request a budget, so a stalled or dribbling server cannot hold
+a run; the API key comes from the environment, never appears in a message, log or repr, and is
+sent only to the configured endpoint, over https unless it is loopback or the spec opts in
+(`allow_insecure_http`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import http.client
-import ipaddress
-import json
 import logging
-import os
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -39,13 +30,13 @@ from sway_engine.backends.api_shapes import (
     char_spans,
     completion_text,
     first_choice,
-    parse_body,
     parse_positions,
     parse_prompt_logprobs,
     require_positions,
     top_dist,
 )
 from sway_engine.backends.base import CONTINUATION, GENERATE, NEXT_TOKEN, ROLLING
+from sway_engine.backends.http import HTTPStatusError, JsonClient
 from sway_engine.errors import BackendError
 from sway_engine.requests import (
     ContinuationLogprob,
@@ -63,41 +54,12 @@ from sway_engine.views import Base, Finetuned, View, canonical
 
 log = logging.getLogger(__name__)
 
-KEY_ENV = ("SWAY_API_KEY", "OPENAI_API_KEY")
-RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-RETRY_BUDGET = 2.0  # one request, retries and backoff included, ends within this many timeouts
 PROBE_PROMPT = "The quick brown fox jumps over"
 TopStyle = Literal["legacy", "chat"]
 EchoStyle = Literal["echo", "prompt_logprobs"]
 
 
 # ---- the backend -------------------------------------------------------------------------
-
-
-class _Secret:
-    """Holds the API key; prints as a placeholder so it cannot leak through repr or logs."""
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __bool__(self) -> bool:
-        return bool(self._value)
-
-    def __repr__(self) -> str:
-        return "<redacted>"
-
-    __str__ = __repr__
-
-
-class _HTTPStatus(BackendError):
-    """A non-retried HTTP error answer (4xx); `status` lets discovery tell 'unsupported'."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def completions_url(endpoint: str) -> str:
@@ -123,7 +85,7 @@ class APIBackend:
     Base and fine-tuned views both name the served model; scaled and null views need the
     weights, so they are rejected. `features` records what discovery found. `timeout_s` bounds
     each HTTP attempt from connect to last byte; one request with its retries ends within
-    RETRY_BUDGET * timeout_s.
+    RETRY_BUDGET (backends/http.py) * timeout_s.
     """
 
     kind = "api"
@@ -149,25 +111,19 @@ class APIBackend:
             )
         self.url = completions_url(endpoint)
         self.model = model
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
         self.concurrency = max(1, concurrency)
         self.vocab_size = vocab_size
-        key, source = (api_key, "api_key") if api_key is not None else _key_from_env()
-        self._key = _Secret(key)
-        if self._key:
-            _check_key_transport(self.url, source, allow_insecure_http)
-            log.info("api backend %s: sending the key from %s", self.url, source)
-        self._opener = urllib.request.build_opener(_RefuseRedirects, _HTTPHandler, _HTTPSHandler)
+        self._http = JsonClient(
+            self.url,
+            api_key=api_key,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+            allow_insecure_http=allow_insecure_http,
+        )
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._counters: dict[str, float] = {
-            "http_requests": 0,
-            "http_retries": 0,
-            "http_wall_s": 0.0,
-        }
         self.top_style: TopStyle | None = None
         self.top_k_cap = 0
         self.echo_style: EchoStyle | None = None
@@ -191,6 +147,14 @@ class APIBackend:
 
     def __repr__(self) -> str:
         return f"APIBackend(url={self.url!r}, model={self.model!r})"
+
+    @property
+    def timeout_s(self) -> float:
+        return self._http.timeout_s
+
+    @property
+    def max_retries(self) -> int:
+        return self._http.max_retries
 
     @property
     def features(self) -> dict[str, Any]:
@@ -224,7 +188,7 @@ class APIBackend:
         try:
             self._post({"prompt": PROBE_PROMPT, "max_tokens": 1, "temperature": 0, "seed": 0})
             self.seeds = True
-        except _HTTPStatus:
+        except HTTPStatusError:
             self.seeds = False
 
     def _top_k_cap(self, style: TopStyle, max_top_k: int) -> int:
@@ -234,7 +198,7 @@ class APIBackend:
             try:
                 body = self._post(self._next_payload(PROBE_PROMPT, k, style))
                 positions = parse_positions(self._choice(body))
-            except (_HTTPStatus, AnswerError):
+            except (HTTPStatusError, AnswerError):
                 return 0
             return min(k, len(positions[0].top)) if positions else 0
 
@@ -257,7 +221,7 @@ class APIBackend:
         for style in styles:
             try:
                 prompt = self._prompt_positions(PROBE_PROMPT, style)
-            except (_HTTPStatus, AnswerError):
+            except (HTTPStatusError, AnswerError):
                 continue
             if len(prompt) >= 2 and any(p.logprob is not None for p in prompt):
                 return style
@@ -359,7 +323,9 @@ class APIBackend:
             return answer()
         except AnswerError as exc:
             text = getattr(req, "prompt", None) or getattr(req, "text", "")
-            raise self._bad_answer(exc, f"{type(req).__name__} on {str(text)[:40]!r}") from None
+            raise self._http.bad_answer(
+                exc, f"{type(req).__name__} on {str(text)[:40]!r}"
+            ) from None
 
     def _check_view(self, view: View) -> None:
         if not isinstance(canonical(view), Base | Finetuned):
@@ -422,121 +388,16 @@ class APIBackend:
     # ---- HTTP ----
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """POST JSON and parse the answer, retrying 5xx / 429 / transport faults / deadlines.
-
-        Each attempt must finish (connect, headers, body) within `timeout_s`. The retry
-        budget is RETRY_BUDGET * timeout_s: all attempts and the backoff between them end
-        within it, whatever `max_retries` allows, so one request holds a run at most that long.
-        """
-        data = json.dumps({"model": self.model, **payload}).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self._key:
-            headers["Authorization"] = "Bearer " + self._key.reveal()
-        started = time.monotonic()
-        give_up = started + RETRY_BUDGET * self.timeout_s
-        faults: list[str] = []
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                pause = min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1))
-                if time.monotonic() + pause >= give_up:
-                    break
-                self._count("http_retries", 1)
-                time.sleep(pause)
-            outcome = self._attempt(data, headers, min(self.timeout_s, give_up - time.monotonic()))
-            if isinstance(outcome, bytes):
-                try:
-                    return parse_body(outcome)
-                except AnswerError as exc:
-                    raise self._bad_answer(exc) from None
-            faults.append(outcome)
-        raise BackendError(self._gave_up(faults, time.monotonic() - started))
-
-    def _attempt(self, data: bytes, headers: dict[str, str], seconds: float) -> bytes | str:
-        """One POST that must finish within `seconds`: the answer's bytes, or why it failed in
-        a way worth retrying. A redirect or a 4xx raises: asking again would not help."""
-        start = time.perf_counter()
-        deadline = _Deadline(seconds)
-        request = _TimedRequest(self.url, data, headers, deadline)
-        with deadline:
-            try:
-                with self._opener.open(request, timeout=seconds) as resp:
-                    raw, fault = resp.read(), ""
-            except urllib.error.HTTPError as exc:
-                raw, fault = b"", self._http_fault(exc)
-            except (OSError, http.client.HTTPException) as exc:
-                raw, fault = b"", self._scrub(_transport_reason(exc))
-            finally:
-                self._count("http_requests", 1)
-                self._count("http_wall_s", time.perf_counter() - start)
-        if deadline.fired or (fault and deadline.passed()):
-            return f"{_LATE} within the {seconds:.3g} s deadline"
-        return fault or raw
-
-    def _http_fault(self, exc: urllib.error.HTTPError) -> str:
-        """A retried status as a fault; a redirect or any other status raises."""
-        if 300 <= exc.code < 400:
-            raise BackendError(self._redirect_message(exc)) from None
-        body = self._scrub(_read_error(exc))
-        if exc.code not in RETRY_STATUS:
-            raise _HTTPStatus(self._status_message(exc.code, body), exc.code) from None
-        return f"HTTP {exc.code}: {body}"
-
-    def _gave_up(self, faults: list[str], elapsed: float) -> str:
-        message = (
-            f"{self.url}: no answer after {len(faults)} attempt(s) in {elapsed:.1f} s: {faults[-1]}"
-        )
-        if any(f.startswith(_LATE) for f in faults):
-            message += (
-                f". Each attempt may take timeout_s = {self.timeout_s:g} s and all of them "
-                f"{RETRY_BUDGET * self.timeout_s:g} s; raise timeout_s in the model settings if "
-                "the server is only slow, or check the server (overloaded, or stalling)."
-            )
-        return message
-
-    def _bad_answer(self, exc: AnswerError, asked: str = "") -> BackendError:
-        about = f", in reply to {asked}" if asked else ""
-        return BackendError(
-            self._scrub(
-                f"answer from {self.url}: {exc}{about}. sway reads OpenAI-style completions "
-                "answers: check the server, or the proxy in front of it."
-            )
-        )
+        return self._http.post({"model": self.model, **payload})
 
     def _choice(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         try:
             return first_choice(body)
         except AnswerError as exc:
-            raise self._bad_answer(exc) from None
-
-    def _status_message(self, status: int, body: str) -> str:
-        if status in (401, 403):
-            where = " or ".join(KEY_ENV)
-            sent = "a key was sent" if self._key else "no key was sent"
-            return (
-                f"{self.url}: HTTP {status} (authentication refused; {sent}): set a valid key "
-                f"in {where}. Server said: {body}"
-            )
-        return f"{self.url}: HTTP {status}: {body}"
-
-    def _redirect_message(self, exc: urllib.error.HTTPError) -> str:
-        target = self._scrub(" ".join(str(exc.headers.get("Location", "(no Location)")).split()))
-        return (
-            f"{self.url}: HTTP {exc.code} redirect to {target[:200]}; sway does not follow "
-            "redirects, so a key never reaches a host it was not configured for. "
-            "Set the model's endpoint to the final URL."
-        )
-
-    def _scrub(self, text: str) -> str:
-        key = self._key.reveal()
-        return text.replace(key, "<redacted>") if key else text
-
-    def _count(self, name: str, value: float) -> None:
-        with self._lock:
-            self._counters[name] += value
+            raise self._http.bad_answer(exc) from None
 
     def counters(self) -> dict[str, float]:
-        with self._lock:
-            return dict(self._counters)
+        return self._http.counters()
 
     def close(self) -> None:
         with self._lock:
@@ -550,150 +411,3 @@ def _finite(lps: np.ndarray, url: str, view: View, text: str) -> None:
         raise BackendError(
             f"{url}: view {view.key} gave no or non-finite log-probs on {text[:40]!r}"
         )
-
-
-def _read_error(exc: urllib.error.HTTPError) -> str:
-    try:
-        raw = exc.read(65536).decode("utf-8", "replace")
-    except (OSError, http.client.HTTPException):
-        raw = ""
-    try:
-        parsed = json.loads(raw)
-        if isinstance(parsed, dict):
-            err = parsed.get("error", parsed)
-            raw = str(err.get("message", err) if isinstance(err, dict) else err)
-    except (ValueError, RecursionError):  # not JSON, or JSON that json cannot hold
-        pass
-    return " ".join(raw.split())[:200] or exc.reason or "(no body)"
-
-
-def _transport_reason(exc: BaseException) -> str:
-    reason = getattr(exc, "reason", None)
-    return f"{type(exc).__name__}: {reason if reason is not None else exc}"
-
-
-_LATE = "no complete answer"
-
-
-class _Deadline:
-    """A wall-clock limit on one HTTP exchange. When it passes, the exchange's socket is shut
-    down, so a read blocked on a server that stalls or dribbles returns at once, in the headers
-    or the body (a socket timeout only bounds each single read)."""
-
-    def __init__(self, seconds: float) -> None:
-        self._end = time.monotonic() + seconds
-        self._lock = threading.Lock()
-        self._socks: list[socket.socket] = []
-        self._open = True
-        self.fired = False
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _Deadline:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-        with self._lock:
-            self._open = False
-            socks, self._socks = self._socks, []
-        for sock in socks:
-            sock.close()
-
-    def passed(self) -> bool:
-        return time.monotonic() >= self._end
-
-    def connect(
-        self, address: tuple[str, int], timeout: Any = None, source_address: Any = None
-    ) -> socket.socket:
-        """`socket.create_connection`, keeping a duplicate to shut down at the deadline: the
-        duplicate reaches the connection even after TLS wraps (and detaches) the original."""
-        sock = socket.create_connection(address, timeout, source_address)
-        with self._lock:
-            if self._open and not self.fired:
-                self._socks.append(sock.dup())
-                return sock
-        sock.close()
-        raise TimeoutError("the deadline passed while connecting")
-
-    def _fire(self) -> None:
-        with self._lock:
-            if not self._open:
-                return
-            self.fired = True
-            for sock in self._socks:
-                with contextlib.suppress(OSError):  # the other side closed it already
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-class _TimedRequest(urllib.request.Request):
-    """A request carrying its deadline to the connection that will serve it."""
-
-    def __init__(self, url: str, data: bytes, headers: dict[str, str], deadline: _Deadline) -> None:
-        super().__init__(url, data=data, headers=headers)
-        self.deadline = deadline
-
-
-class _DeadlineConnections(urllib.request.AbstractHTTPHandler):
-    """Opens connections whose socket the request's `_Deadline` can shut down."""
-
-    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
-        deadline = getattr(req, "deadline", None)
-
-        def connection(host: str, **conn_kwargs: Any) -> http.client.HTTPConnection:
-            conn = http_class(host, **conn_kwargs)
-            if deadline is not None:
-                # http.client opens every socket (direct, proxy, before TLS) through this hook.
-                conn._create_connection = deadline.connect
-            return conn
-
-        return super().do_open(connection, req, **kwargs)
-
-
-class _HTTPHandler(_DeadlineConnections, urllib.request.HTTPHandler):
-    pass
-
-
-class _HTTPSHandler(_DeadlineConnections, urllib.request.HTTPSHandler):
-    pass
-
-
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """Never follow a redirect: urllib would resend Authorization to whatever host it names."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def is_loopback(host: str) -> bool:
-    """`localhost` or a loopback address (127.0.0.0/8, ::1, and IPv4-mapped loopback)."""
-    if host.lower() in ("localhost", "localhost."):
-        return True
-    try:
-        addr = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    mapped = getattr(addr, "ipv4_mapped", None)
-    return bool(addr.is_loopback or (mapped is not None and mapped.is_loopback))
-
-
-def _check_key_transport(url: str, source: str, allow_insecure_http: bool) -> None:
-    """A key goes over plain http only to loopback, unless the spec opts in."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.scheme == "http" and not is_loopback(host) and not allow_insecure_http:
-        raise BackendError(
-            f"refusing to send the API key from {source} over plain http to {host}: anyone on "
-            "the network could read it. Use an https:// endpoint, or set "
-            "`allow_insecure_http: true` on the model if the network is trusted."
-        )
-
-
-def _key_from_env() -> tuple[str, str]:
-    """(key, name of the variable it came from); ("", "") when none is set."""
-    for name in KEY_ENV:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value, name
-    return "", ""

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from sway_engine import stats
-from sway_engine.backends.api import RETRY_BUDGET, APIBackend, completions_url
+from sway_engine.backends.api import APIBackend, completions_url
 from sway_engine.backends.api_shapes import (
     AnswerError,
     Position,
@@ -26,6 +26,7 @@ from sway_engine.backends.api_shapes import (
 )
 from sway_engine.backends.base import CONTINUATION, GENERATE, NEXT_TOKEN, ROLLING
 from sway_engine.backends.build import build_backend, build_kind
+from sway_engine.backends.http import RETRY_BUDGET, is_loopback
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.backends.two_model import TwoModelBackend
 from sway_engine.cli import main
@@ -593,7 +594,7 @@ def test_a_key_over_plain_http_goes_to_loopback_only_unless_the_spec_opts_in(
         build_backend(side, base=side)
     server = FakeServer(key=SECRET)
     try:
-        with caplog.at_level(logging.INFO, logger="sway_engine.backends.api"):
+        with caplog.at_level(logging.INFO, logger="sway_engine.backends"):
             fast(server.url)
         assert "sending the key from OPENAI_API_KEY" in caplog.text and SECRET not in caplog.text
     finally:
@@ -601,7 +602,6 @@ def test_a_key_over_plain_http_goes_to_loopback_only_unless_the_spec_opts_in(
 
 
 def test_loopback_hosts() -> None:
-    from sway_engine.backends.api import is_loopback
 
     for host in ("localhost", "127.0.0.1", "127.3.4.5", "::1", "[::1]", "::ffff:127.0.0.1"):
         assert is_loopback(host), host
