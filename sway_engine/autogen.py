@@ -20,7 +20,7 @@ import yaml
 from sway_engine import __version__
 from sway_engine.dlm import Document, load_dlm
 from sway_engine.errors import ProbeSkip, SpecError, SwayError
-from sway_engine.probes.document_inputs import paraphrase_cases, prose_prompts, questions
+from sway_engine.probes.common.document_inputs import paraphrase_cases, prose_prompts, questions
 from sway_engine.suite import parse_spec
 
 KL_PROMPTS = 16

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sway_engine.backends.instrumentation import Instrumented
-from sway_engine.requests import Divergence, Request, Result
+from sway_engine.requests import Divergence, Embed, Request, Result
 from sway_engine.views import bind
 
 Execute = Callable[[Sequence[Request]], list[Result]]
@@ -31,6 +31,8 @@ T = TypeVar("T")
 
 def bind_request(request: Request, adapter: str) -> Request:
     """The same request with every view derived from trained adapter `adapter`."""
+    if isinstance(request, Embed):
+        return request  # no view: embeddings do not depend on the adapter
     if isinstance(request, Divergence):
         return dataclasses.replace(
             request, view_a=bind(request.view_a, adapter), view_b=bind(request.view_b, adapter)

@@ -67,7 +67,15 @@ class Generate:
     max_new_tokens: int = 32
 
 
-Request = NextToken | Divergence | RollingLogprob | ContinuationLogprob | Generate
+@dataclass(frozen=True)
+class Embed:
+    """Unit-length sentence vectors of `texts`, from the embedding model (all-MiniLM-L6-v2),
+    not from the model under test: `Instrumented` answers it for every backend."""
+
+    texts: tuple[str, ...]
+
+
+Request = NextToken | Divergence | RollingLogprob | ContinuationLogprob | Generate | Embed
 
 
 @dataclass(frozen=True)
@@ -149,13 +157,27 @@ class GenerationResult:
     prompt_cut: int = 0
 
 
-Result = TokenDist | DivergenceResult | RollingResult | ContinuationResult | GenerationResult
+@dataclass(frozen=True, eq=False)
+class EmbeddingResult:
+    vectors: np.ndarray  # [len(texts), dim], unit rows, in the request's order
+
+
+Result = (
+    TokenDist
+    | DivergenceResult
+    | RollingResult
+    | ContinuationResult
+    | GenerationResult
+    | EmbeddingResult
+)
 
 
 def views_of(request: Request) -> tuple[View, ...]:
     """Every view a request needs registered on the backend."""
     if isinstance(request, Divergence):
         return (request.view_a, request.view_b)
+    if isinstance(request, Embed):
+        return ()
     return (request.view,)
 
 

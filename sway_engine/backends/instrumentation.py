@@ -1,26 +1,47 @@
 """Request cache, counters and JSONL trace in front of any backend.
 
 Identical requests are computed once per run: a request is a frozen value and its own key.
-A request with an empty prompt is refused here, whatever the backend.
+A request with an empty prompt is refused here, whatever the backend. `Embed` requests are
+answered here by the embedding model (sway_engine.embeddings), never by the model backend, so
+probes that need sentence vectors stay requests-in, numbers-out on every backend.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sway_engine.backends.base import Backend
-from sway_engine.requests import Request, Result, check_prompt
+from sway_engine.requests import Embed, EmbeddingResult, Request, Result, check_prompt
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
+
+
+def default_embedder(texts: Sequence[str]) -> np.ndarray:
+    """The process-wide sentence embedder (loaded on first use; raises EmbeddingsUnavailable
+    with an install hint where the model is missing)."""
+    from sway_engine import embeddings
+
+    return embeddings.embed(texts)
 
 
 class Instrumented:
     """Wraps a backend: caches results by request, counts work, optionally traces to JSONL."""
 
-    def __init__(self, inner: Backend, *, trace_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        inner: Backend,
+        *,
+        trace_path: Path | None = None,
+        embedder: Embedder = default_embedder,
+    ) -> None:
         self.inner = inner
+        self._embedder = embedder
         self.kind = inner.kind
         self.capabilities = inner.capabilities
         self._cache: dict[Request, Result] = {}
@@ -30,6 +51,7 @@ class Instrumented:
             "requests": 0,
             "cache_hits": 0,
             "executes": 0,
+            "embedded_texts": 0,
             "wall_s": 0.0,
         }
 
@@ -38,10 +60,15 @@ class Instrumented:
         for req in requests:
             check_prompt(req)
         misses = list(dict.fromkeys(r for r in requests if r not in self._cache))
-        if misses:
-            for req, res in zip(misses, self.inner.execute(misses), strict=True):
+        model = [r for r in misses if not isinstance(r, Embed)]
+        if model:
+            for req, res in zip(model, self.inner.execute(model), strict=True):
                 self._cache[req] = res
             self.stats["executes"] += 1
+        for req in misses:
+            if isinstance(req, Embed):
+                self._cache[req] = EmbeddingResult(self._embedder(list(req.texts)))
+                self.stats["embedded_texts"] += len(req.texts)
         wall = time.perf_counter() - start
         self.stats["requests"] += len(requests)
         self.stats["cache_hits"] += len(requests) - len(misses)

@@ -22,7 +22,7 @@ from sway_engine import stats
 from sway_engine.backends.base import NEXT_TOKEN, SCALED_VIEWS
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
-from sway_engine.probes.divergence import divergences
+from sway_engine.probes.common.divergence import divergences
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View, scaled
 

@@ -22,10 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sway_engine import embeddings, stats
 from sway_engine.backends.base import GENERATE
 from sway_engine.errors import ProbeError, ProbeSkip
-from sway_engine.probes.answers import answer_of
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
-from sway_engine.probes.document_inputs import cases_or_document
-from sway_engine.probes.guard_rail import harm_score
+from sway_engine.probes.common.answers import answer_of
+from sway_engine.probes.common.document_inputs import cases_or_document
+from sway_engine.probes.common.embedding import embedded
+from sway_engine.probes.common.guard_rail import harm_score
 from sway_engine.requests import Generate, GenerationResult
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View
@@ -80,10 +81,7 @@ class AdapterRevert(Probe):
             texts.append(answer_of(r.text, spec.stop))
         answers = np.asarray(texts, dtype=object).reshape(len(views), len(pairs))
         golds = [c.gold for c, _ in pairs]
-        try:
-            vectors = embeddings.embed([*golds, *texts])
-        except embeddings.EmbeddingsUnavailable as exc:
-            raise ProbeSkip(spec.name, str(exc)) from exc
+        vectors = embedded(ctx, [*golds, *texts], spec.name)
         gold_v = vectors[: len(pairs)]
         answer_v = vectors[len(pairs) :].reshape(len(views), len(pairs), -1)
         base_gold = (answer_v[0] * gold_v).sum(-1)

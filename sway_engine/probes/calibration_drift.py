@@ -5,7 +5,7 @@ delta = (log p_ft(gold | prompt) - log p_base(gold | prompt)) / gold tokens (nat
 token count comes from the backend's tokenizer); an item regressed when delta <
 -regression_nats. raw = fraction of items regressed, in [0, 1], lower is better.
 
-Verdict: one-sided (see probes/guard_rail.py). FAIL only when significantly
+Verdict: one-sided (see probes/common/guard_rail.py). FAIL only when significantly
 more items regressed than under the null adapters (z = -(raw - null mean)/null std <=
 -assert_z_gte) *and* the fixed gate fails (fraction >= assert_fraction_regressed_lt or mean
 delta < assert_mean_delta_gte); the fixed gate alone without a usable null.
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sway_engine.backends.base import CONTINUATION
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
-from sway_engine.probes.guard_rail import guard_rail, harm_score
+from sway_engine.probes.common.guard_rail import guard_rail, harm_score
 from sway_engine.requests import ContinuationLogprob, ContinuationResult
 from sway_engine.result import NullStats
 from sway_engine.views import BASE, View

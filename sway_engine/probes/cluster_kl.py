@@ -22,8 +22,9 @@ from sway_engine import embeddings, stats
 from sway_engine.backends.base import NEXT_TOKEN
 from sway_engine.errors import ProbeError, ProbeSkip
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
-from sway_engine.probes.divergence import divergences
-from sway_engine.probes.document_inputs import prompts_or_document
+from sway_engine.probes.common.divergence import divergences
+from sway_engine.probes.common.document_inputs import prompts_or_document
+from sway_engine.probes.common.embedding import embedded
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View
 
@@ -145,10 +146,7 @@ class ClusterKL(Probe):
                 f"(need >= {need}: min_prompts and 2 per cluster); add prompts or lower "
                 "num_clusters",
             )
-        try:
-            vectors = embeddings.embed(prompts)
-        except embeddings.EmbeddingsUnavailable as exc:
-            raise ProbeSkip(spec.name, str(exc)) from exc
+        vectors = embedded(ctx, prompts, spec.name)
         labels = kmeans(vectors, spec.num_clusters, ctx.seed)
         k = int(labels.max()) + 1
         if k < 2:

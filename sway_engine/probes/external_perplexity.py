@@ -9,7 +9,7 @@ Verdict (docs/PROBES.md): a healthy adapter cannot be "3 sigma better than rando
 forgetting, so the test is one-sided. It FAILs only when the loss is significantly worse than
 the null adapters' (z <= -assert_z_gte) *and* beyond the fixed tolerance
 (raw < assert_mean_delta_gte); otherwise it PASSes. Without a usable null it applies the
-tolerance alone (probes/guard_rail.py, shared with calibration_drift).
+tolerance alone (probes/common/guard_rail.py, shared with calibration_drift).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pydantic import Field, field_validator
 from sway_engine.backends.base import ROLLING
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
-from sway_engine.probes.guard_rail import guard_rail, harm_score
+from sway_engine.probes.common.guard_rail import guard_rail, harm_score
 from sway_engine.requests import RollingLogprob, RollingResult
 from sway_engine.result import NullStats
 from sway_engine.views import BASE, View

@@ -21,11 +21,11 @@ from pydantic import Field, field_validator
 
 from sway_engine.backends.base import DIVERGENCE, GENERATE, NEXT_TOKEN
 from sway_engine.errors import ProbeError
-from sway_engine.probes.answers import answer_of
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
-from sway_engine.probes.divergence import topk_divergence
-from sway_engine.probes.document_inputs import prompts_or_document
-from sway_engine.probes.persistence import (
+from sway_engine.probes.common.answers import answer_of
+from sway_engine.probes.common.divergence import topk_divergence
+from sway_engine.probes.common.document_inputs import prompts_or_document
+from sway_engine.probes.common.persistence import (
     fit_evidence,
     half_life,
     persistence_judgement,

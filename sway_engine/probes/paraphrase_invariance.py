@@ -31,7 +31,7 @@ from sway_engine.backends.base import CONTINUATION
 from sway_engine.dlm import Document
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
-from sway_engine.probes.document_inputs import cases_or_document
+from sway_engine.probes.common.document_inputs import cases_or_document
 from sway_engine.requests import ContinuationLogprob, ContinuationResult
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sway_engine.backends.base import GENERATE
 from sway_engine.errors import ProbeSkip
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
-from sway_engine.probes.guard_rail import guard_rail, harm_score
+from sway_engine.probes.common.guard_rail import guard_rail, harm_score
 from sway_engine.requests import Generate, GenerationResult
 from sway_engine.result import NullStats
 from sway_engine.views import BASE, View

@@ -26,11 +26,11 @@ from sway_engine.backends.base import (
     NULL_VIEWS,
     ROLLING,
 )
+from sway_engine.backends.instrumentation import Instrumented, default_embedder
 from sway_engine.calibration import NullPlan, calibrate
 from sway_engine.errors import SpecError
 from sway_engine.fixtures import FixturePaths
 from sway_engine.probes.adapter_revert import AdapterRevert, AdapterRevertSpec, RevertCase
-from sway_engine.probes.answers import answer_of
 from sway_engine.probes.base import Context, Measurement
 from sway_engine.probes.cluster_kl import (
     ClusterKL,
@@ -39,13 +39,16 @@ from sway_engine.probes.cluster_kl import (
     kmeans,
     permutation_p,
 )
+from sway_engine.probes.common.answers import answer_of
+from sway_engine.probes.common.persistence import half_life, persistence_threshold
 from sway_engine.probes.multi_turn import MultiTurn, MultiTurnSpec, reply
-from sway_engine.probes.persistence import half_life, persistence_threshold
 from sway_engine.probes.prompt_collapse import PromptCollapse, PromptCollapseSpec, filler_tail
 from sway_engine.probes.registry import PROBES
 from sway_engine.requests import (
     Divergence,
     DivergenceResult,
+    Embed,
+    EmbeddingResult,
     Generate,
     GenerationResult,
     NextToken,
@@ -67,13 +70,18 @@ MINE = ("cluster_kl", "adapter_revert", "prompt_collapse", "multi_turn_coherence
 
 
 class FakeExecutor:
-    """Answers each request with `answer`; records every request list it was sent."""
+    """Answers each request with `answer`; records every request list it was sent. `Embed`
+    requests go to the embedder as `Instrumented` sends them (not a model call: not recorded)."""
 
     def __init__(self, answer: Callable[[Request], Result]) -> None:
         self.answer = answer
         self.calls: list[list[Request]] = []
 
     def __call__(self, reqs: Sequence[Request]) -> list[Result]:
+        if reqs and all(isinstance(r, Embed) for r in reqs):
+            return [
+                EmbeddingResult(default_embedder(r.texts)) for r in reqs if isinstance(r, Embed)
+            ]
         self.calls.append(list(reqs))
         return [self.answer(r) for r in reqs]
 
@@ -277,6 +285,39 @@ def test_cluster_kl_hand_computed_one_request_list(topic_embeddings: None) -> No
     assert ev["perm_p"] == pytest.approx(2 / 70, abs=0.02)
     assert m.items[4] == {"prompt": TOPIC_B[0], "cluster": 1, "js": 0.02}
     assert m.values == ()  # eta^2 is not a mean over prompts: no per-prompt CI of it
+
+
+def test_embeddings_are_requests_the_run_front_answers_never_the_model() -> None:
+    """cluster_kl asks for its vectors as an `Embed` request: `Instrumented` answers it with
+    its embedder (once per run: a second measure is a cache hit), and the model backend only
+    ever sees model requests."""
+    seen_by_model: list[Request] = []
+    embedded_lists: list[tuple[str, ...]] = []
+
+    class Model:
+        kind = "fake"
+        capabilities = CAPS
+
+        def execute(self, reqs: Sequence[Request]) -> list[Result]:
+            seen_by_model.extend(reqs)
+            return [cluster_answer()(r) for r in reqs]
+
+        def close(self) -> None:
+            pass
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        embedded_lists.append(tuple(texts))
+        return np.asarray([[1.0, 0.0] if "lighthouse" in t else [0.0, 1.0] for t in texts])
+
+    front = Instrumented(Model(), embedder=embed)
+    ctx = Context(execute=front.execute, capabilities=CAPS)
+    spec = ClusterKLSpec(name="ckl", prompts=CLUSTER_PROMPTS, num_clusters=2, min_prompts=8)
+    first = ClusterKL().measure(spec, ctx, [FINETUNED])
+    again = ClusterKL().measure(spec, ctx, [FINETUNED])
+    assert embedded_lists == [CLUSTER_PROMPTS]
+    assert front.counters()["embedded_texts"] == len(CLUSTER_PROMPTS)
+    assert seen_by_model and not any(isinstance(r, Embed) for r in seen_by_model)
+    assert first[0].raw == again[0].raw > 0.5  # topic A moved, topic B did not
 
 
 def test_cluster_kl_calibrated_verdicts(topic_embeddings: None) -> None:

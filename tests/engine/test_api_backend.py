@@ -31,7 +31,7 @@ from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.backends.two_model import TwoModelBackend
 from sway_engine.cli import main
 from sway_engine.errors import BackendError
-from sway_engine.probes.divergence import topk_divergence
+from sway_engine.probes.common.divergence import topk_divergence
 from sway_engine.requests import (
     ContinuationLogprob,
     Divergence,

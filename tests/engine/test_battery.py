@@ -11,7 +11,7 @@ import pytest
 
 from sway_engine.fixtures import FixturePaths
 from sway_engine.fixtures.battery import write_battery
-from sway_engine.probes.guard_rail import guard_rail
+from sway_engine.probes.common.guard_rail import guard_rail
 from sway_engine.probes.registry import PROBES
 from sway_engine.result import SuiteResult, Verdict
 from sway_engine.runner import run_suite

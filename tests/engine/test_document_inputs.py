@@ -1,5 +1,5 @@
 """Probes with no prompts/cases of their own read them from the suite's `.dlm` document
-(sway_engine/probes/document_inputs.py). Fake executors and hand-written documents only."""
+(sway_engine/probes/common/document_inputs.py). Fake executors and hand-written documents only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sway_engine import embeddings
 from sway_engine.backends.base import (
     CONTINUATION,
     DIVERGENCE,
@@ -22,7 +21,7 @@ from sway_engine.dlm import Document, parse_dlm
 from sway_engine.errors import ProbeError, ProbeSkip
 from sway_engine.probes.adapter_revert import RevertCase
 from sway_engine.probes.base import Context
-from sway_engine.probes.document_inputs import (
+from sway_engine.probes.common.document_inputs import (
     cases_or_document,
     document_prompts,
     paraphrase_cases,
@@ -35,6 +34,8 @@ from sway_engine.requests import (
     ContinuationResult,
     Divergence,
     DivergenceResult,
+    Embed,
+    EmbeddingResult,
     Generate,
     GenerationResult,
     Request,
@@ -179,11 +180,12 @@ def test_multi_turn_opens_each_dialogue_with_a_document_question() -> None:
     assert first == [f"User: {q}\nAssistant:" for q in document_prompts(doc())]
 
 
-def test_adapter_revert_asks_the_documents_rewording(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_adapter_revert_asks_the_documents_rewording() -> None:
     vectors = {" From Tamsk.": [1.0, 0.0], "base says": [0.0, 1.0], "From Tamsk.": [1.0, 0.0]}
-    monkeypatch.setattr(embeddings, "embed", lambda texts: np.asarray([vectors[t] for t in texts]))
 
     def answer(r: Request) -> Result:
+        if isinstance(r, Embed):  # the probe asks for its vectors as a request
+            return EmbeddingResult(np.asarray([vectors[t] for t in r.texts]))
         assert isinstance(r, Generate)
         return GenerationResult("base says" if r.view.key == "base" else "From Tamsk.")
 

@@ -117,7 +117,7 @@ def test_id_arrays_align_like_the_generic_path() -> None:
 
 
 def test_token_dists_of_one_vocabulary_align_by_id_and_decode_only_on_demand() -> None:
-    from sway_engine.probes.divergence import topk_divergence
+    from sway_engine.probes.common.divergence import topk_divergence
     from sway_engine.requests import TokenDist
 
     calls: list[list[int]] = []
