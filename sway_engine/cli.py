@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sway_engine import cli_store
 from sway_engine.errors import SwayError
 from sway_engine.home import Settings
 
@@ -160,11 +161,11 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "doctor":
             return _doctor_calibration(args)
         if args.command == "sync-mlflow":
-            return _sync_mlflow(args)
+            return cli_store.sync_mlflow(args, _home(args.home))
         if args.command in ("leaderboard", "history", "compare"):
-            return _read_history(args)
+            return cli_store.read_history(args, _home(args.home))
         if args.command == "report":
-            return _report(args)
+            return cli_store.report(args, _home(args.home))
         if args.command == "list-probes":
             return _list_probes(args)
     except SwayError as exc:
@@ -280,66 +281,6 @@ def _record(home: Settings, suite: Suite, result: Any, passed: bool) -> None:
     print(f"recorded {key} as run {run_id} in {home.database}; {mlflow}", file=sys.stderr)
 
 
-def _read_history(args: argparse.Namespace) -> int:
-    """`sway leaderboard`, `history ADAPTER` and `compare A B`: read the store, never a model."""
-    import json
-
-    from sway_engine.history import lineage
-    from sway_engine.result import json_safe
-    from sway_engine.store import ResultStore
-
-    home = _home(args.home)
-    if not home.database.is_file():
-        raise SwayError(f"{home.database}: no result store there (set --home or SWAY_HOME)")
-    store = ResultStore(home.database)
-    failed = 0
-    if args.command == "leaderboard":
-        rows = store.leaderboard(args.spec_hash)
-        columns = ["rank", "adapter_id", "overall", "band", "gate_passed", "n_fail", "n_error"]
-    elif args.command == "compare":
-        from sway_engine.history import compare
-
-        rows = compare(store, args.a, args.b)
-        columns = ["probe", "verdict_a", "verdict_b", "raw_a", "raw_b", "delta"]
-        columns += ["beyond_nulls", "regression"]
-        failed = int(args.fail_on_regression and any(r["regression"] for r in rows))
-    else:
-        rows = lineage(store, args.adapter)
-        if not rows:
-            raise SwayError(f"no evaluation of {args.adapter!r} in {home.database}")
-        columns = ["started_at", "adapter_id", "origin", "status", "overall", "band"]
-        columns += ["gate_passed", "spec_hash"]
-    if args.json:
-        print(json.dumps(json_safe(rows), indent=2, default=str))
-        return failed
-    print("  ".join(columns))
-    for row in rows:
-        print("  ".join(_cell(row.get(c)) for c in columns))
-    return failed
-
-
-def _report(args: argparse.Namespace) -> int:
-    """A recorded evaluation as a terminal report, Markdown or HTML (from the store alone)."""
-    from sway_engine.history import latest_run_of
-    from sway_engine.mirror import plot_of
-    from sway_engine.report.text import print_terminal, to_html, to_markdown
-    from sway_engine.store import ResultStore
-
-    home = _home(args.home)
-    if not home.database.is_file():
-        raise SwayError(f"{home.database}: no result store there (set --home or SWAY_HOME)")
-    _writable([args.markdown, args.html])
-    store = ResultStore(home.database)
-    result = store.suite_of(latest_run_of(store, args.adapter)["run_id"])
-    print_terminal(result)
-    if args.markdown is not None:
-        args.markdown.write_text(to_markdown(result), encoding="utf-8")
-    if args.html is not None:
-        plots = {p.name: png for p in result.probes if (png := plot_of(p)) is not None}
-        args.html.write_text(to_html(result, plots), encoding="utf-8")
-    return 0
-
-
 def _list_probes(args: argparse.Namespace) -> int:
     """Every registered probe kind with what it measures and the inputs it takes."""
     import json
@@ -372,43 +313,6 @@ def _list_probes(args: argparse.Namespace) -> int:
         print(f"{row['kind']} ({row['category']}, {row['direction']}): {row['measures']}")
         print(f"    inputs: {inputs}; needs: {', '.join(row['needs']) or '-'}")
     return 0
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "-" if value is None else str(value)
-
-
-def _sync_mlflow(args: argparse.Namespace) -> int:
-    """Copy every pending evaluation of the home's store to MLflow, grouped by the experiment
-    each was meant for; exit 1 while any stays pending."""
-    from collections import Counter
-
-    from sway_engine.mirror import Mirror
-    from sway_engine.store import ResultStore
-    from sway_engine.tracking import MlflowTracking
-
-    settings = _home(args.home)
-    if not settings.database.is_file():
-        raise SwayError(f"{settings.database}: no result store there (set --home or SWAY_HOME)")
-    store = ResultStore(settings.database)
-    pending = store.mlflow_pending()
-    experiments = Counter((r.get("mlflow_params") or {}).get("experiment", "sway") for r in pending)
-    left = 0
-    for experiment in sorted(experiments):
-        tracking = MlflowTracking(
-            args.tracking_uri or settings.mlflow_uri,
-            experiment,
-            artifact_root=settings.mlflow_artifacts,
-        )
-        done = Mirror(tracking, store, warn=lambda m: print(m, file=sys.stderr)).catch_up(None)
-        copied = sum(p.synced for p in done)
-        left += experiments[experiment] - copied
-        print(f"{experiment}: {copied} of {experiments[experiment]} evaluation(s) copied")
-    if not pending:
-        print("nothing pending: every evaluation in the store is in MLflow")
-    return 1 if left else 0
 
 
 def _doctor_calibration(args: argparse.Namespace) -> int:

@@ -1,0 +1,110 @@
+"""`sway` commands over a sway home's recorded history: leaderboard, history, compare, report
+and sync-mlflow. They read the DuckDB store (sync-mlflow also writes MLflow), never a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from sway_engine.errors import SwayError
+from sway_engine.home import Settings
+
+if TYPE_CHECKING:
+    from sway_engine.store import ResultStore
+
+
+def open_store(home: Settings) -> ResultStore:
+    """The home's result store; a clear error where there is none."""
+    from sway_engine.store import ResultStore
+
+    if not home.database.is_file():
+        raise SwayError(f"{home.database}: no result store there (set --home or SWAY_HOME)")
+    return ResultStore(home.database)
+
+
+def read_history(args: argparse.Namespace, home: Settings) -> int:
+    """`sway leaderboard`, `history ADAPTER` and `compare A B`: read the store, never a model."""
+    from sway_engine.history import lineage
+    from sway_engine.result import json_safe
+
+    store = open_store(home)
+    failed = 0
+    if args.command == "leaderboard":
+        rows = store.leaderboard(args.spec_hash)
+        columns = ["rank", "adapter_id", "overall", "band", "gate_passed", "n_fail", "n_error"]
+    elif args.command == "compare":
+        from sway_engine.history import compare
+
+        rows = compare(store, args.a, args.b)
+        columns = ["probe", "verdict_a", "verdict_b", "raw_a", "raw_b", "delta"]
+        columns += ["beyond_nulls", "regression"]
+        failed = int(args.fail_on_regression and any(r["regression"] for r in rows))
+    else:
+        rows = lineage(store, args.adapter)
+        if not rows:
+            raise SwayError(f"no evaluation of {args.adapter!r} in {home.database}")
+        columns = ["started_at", "adapter_id", "origin", "status", "overall", "band"]
+        columns += ["gate_passed", "spec_hash"]
+    if args.json:
+        print(json.dumps(json_safe(rows), indent=2, default=str))
+        return failed
+    print("  ".join(columns))
+    for row in rows:
+        print("  ".join(_cell(row.get(c)) for c in columns))
+    return failed
+
+
+def report(args: argparse.Namespace, home: Settings) -> int:
+    """A recorded evaluation as a terminal report, Markdown or HTML (from the store alone)."""
+    from sway_engine.history import latest_run_of
+    from sway_engine.mirror import plot_of
+    from sway_engine.report.text import print_terminal, to_html, to_markdown
+
+    for path in (args.markdown, args.html):
+        if path is not None and not path.parent.is_dir():
+            raise SwayError(f"{path}: its folder {path.parent} does not exist; create it")
+    store = open_store(home)
+    result = store.suite_of(latest_run_of(store, args.adapter)["run_id"])
+    print_terminal(result)
+    if args.markdown is not None:
+        args.markdown.write_text(to_markdown(result), encoding="utf-8")
+    if args.html is not None:
+        plots = {p.name: png for p in result.probes if (png := plot_of(p)) is not None}
+        args.html.write_text(to_html(result, plots), encoding="utf-8")
+    return 0
+
+
+def sync_mlflow(args: argparse.Namespace, settings: Settings) -> int:
+    """Copy every pending evaluation of the home's store to MLflow, grouped by the experiment
+    each was meant for; exit 1 while any stays pending."""
+    from collections import Counter
+
+    from sway_engine.mirror import Mirror
+    from sway_engine.tracking import MlflowTracking
+
+    store = open_store(settings)
+    pending = store.mlflow_pending()
+    experiments = Counter((r.get("mlflow_params") or {}).get("experiment", "sway") for r in pending)
+    left = 0
+    for experiment in sorted(experiments):
+        tracking = MlflowTracking(
+            args.tracking_uri or settings.mlflow_uri,
+            experiment,
+            artifact_root=settings.mlflow_artifacts,
+        )
+        done = Mirror(tracking, store, warn=lambda m: print(m, file=sys.stderr)).catch_up(None)
+        copied = sum(p.synced for p in done)
+        left += experiments[experiment] - copied
+        print(f"{experiment}: {copied} of {experiments[experiment]} evaluation(s) copied")
+    if not pending:
+        print("nothing pending: every evaluation in the store is in MLflow")
+    return 1 if left else 0
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
