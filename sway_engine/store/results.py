@@ -11,32 +11,31 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sway_engine.adapters import AdapterInfo
 from sway_engine.calibration import NullCell, NullMatrix, NullPlan
 from sway_engine.result import ProbeResult, SuiteResult, SwayScore, finite
 from sway_engine.store.db import (
     Database,
     StoreError,
-    count,
     json_text,
     naive_utc,
     now,
-    parse_time,
 )
 from sway_engine.store.rows import (
     COMPLETE,
     FAILED,
     INCOMPLETE,
+    AdapterRecord,
     RunRecord,
     computed_in,
     put_probe,
     put_run,
     put_score,
     result_from_row,
+    run_record,
 )
 from sway_engine.store.schema import DATA_TABLES
 
@@ -44,72 +43,6 @@ MLFLOW_SYNCED, MLFLOW_PENDING = "synced", "pending"
 
 if TYPE_CHECKING:
     import duckdb
-
-
-@dataclass(frozen=True)
-class AdapterRecord:
-    """One registered adapter, as found on disk and checked by preflight."""
-
-    adapter_id: str
-    name: str
-    path: str
-    sha256: str | None = None
-    size_bytes: int | None = None
-    base_model: str | None = None
-    rank: int | None = None
-    alpha: float | None = None
-    target_modules: tuple[str, ...] = ()
-    preflight_ok: bool | None = None
-    preflight_message: str | None = None
-    registered_at: datetime | None = None
-
-    @classmethod
-    def checked(cls, adapter_id: str, info: AdapterInfo) -> AdapterRecord:
-        """The record of an adapter read and checked by `read_adapter`."""
-        return cls(
-            adapter_id=adapter_id,
-            name=info.path.name,
-            path=str(info.path),
-            sha256=info.sha256,
-            size_bytes=info.size_bytes,
-            base_model=info.base_model,
-            rank=info.rank,
-            alpha=info.alpha,
-            target_modules=info.target_modules,
-            preflight_ok=True,
-            preflight_message="all tensors finite",
-        )
-
-
-def run_record(
-    run_id: str,
-    adapter_id: str,
-    suite: SuiteResult,
-    *,
-    dagster_run_id: str | None = None,
-    mlflow_run_id: str | None = None,
-    origin: str = "cli",
-) -> RunRecord:
-    """The complete run row of a finished suite result."""
-    st = suite.backend_stats
-    return RunRecord(
-        run_id=run_id,
-        adapter_id=adapter_id,
-        spec_hash=suite.spec_hash,
-        engine_version=suite.sway_version,
-        dagster_run_id=dagster_run_id,
-        mlflow_run_id=mlflow_run_id,
-        backend_kind=suite.backend_kind,
-        started_at=parse_time("started_at", suite.started_at),
-        finished_at=parse_time("finished_at", suite.finished_at),
-        wall_s=suite.wall_s,
-        forward_passes=count(st.get("forward_passes")),
-        tokens_forwarded=count(st.get("tokens_forwarded")),
-        cache_hits=count(st.get("cache_hits")),
-        stats=dict(st),
-        status=COMPLETE,
-        origin=origin,
-    )
 
 
 class ResultStore(Database):
