@@ -1,6 +1,6 @@
 """The `sway` command: run, gate, check, autogen, doctor, convert-adapter, fixtures build,
-list-probes, and over the recorded history (a sway home): leaderboard, history, compare,
-report, sync-mlflow.
+list-probes, diff, mine, trace, and over the recorded history (a sway home): leaderboard,
+history, compare, report, sync-mlflow.
 
 Exit codes: 0 ok, 1 gate failed (or, for `run` and `check`, a probe errored or the verdict is
 not PASS), 2 bad input (spec, adapter, paths, missing extra), 3 internal error (a bug: the
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sway_engine import cli_store
+from sway_engine import cli_store, cli_tools
 from sway_engine.errors import SwayError
 from sway_engine.home import Settings
 
@@ -112,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
     sync.add_argument("--tracking-uri", help="MLflow (default: $MLFLOW_TRACKING_URI or the home's)")
+    cli_tools.add_parsers(sub)
     fixtures = sub.add_parser("fixtures", help="the tiny local model and adapters")
     fsub = fixtures.add_subparsers(dest="fixtures_command", required=True)
     build = fsub.add_parser("build", help="build (or reuse) the fixtures")
@@ -168,6 +169,8 @@ def _main(args: argparse.Namespace) -> int:
             return cli_store.report(args, _home(args.home))
         if args.command == "list-probes":
             return _list_probes(args)
+        if (code := cli_tools.run(args)) is not None:
+            return code
     except SwayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -53,7 +53,7 @@ def read_history(args: argparse.Namespace, home: Settings) -> int:
         return failed
     print("  ".join(columns))
     for row in rows:
-        print("  ".join(_cell(row.get(c)) for c in columns))
+        print("  ".join(cell(row.get(c)) for c in columns))
     return failed
 
 
@@ -104,7 +104,7 @@ def sync_mlflow(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if left else 0
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
+def cell(value: Any) -> str:
+    if isinstance(value, float):  # 3 decimals, or 3 significant digits below 0.01
+        return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2e}"
     return "-" if value is None else str(value)

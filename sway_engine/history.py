@@ -15,6 +15,7 @@ from typing import Any
 
 from sway_engine.adapters import partition_key, read_adapter
 from sway_engine.calibration import NullCell
+from sway_engine.diff import compare_probes
 from sway_engine.errors import SwayError
 from sway_engine.home import Settings
 from sway_engine.mirror import Mirror, Published
@@ -110,9 +111,6 @@ def lineage(store: ResultStore, adapter: str) -> list[dict[str, Any]]:
     )
 
 
-NOISE_SIGMAS = 3.0  # a difference counts when it exceeds this many null stds of both runs
-
-
 def latest_run_of(store: ResultStore, adapter: str) -> dict[str, Any]:
     """The newest complete run of an adapter key, directory name or run id."""
     runs = [r for r in lineage(store, adapter) if r["status"] == "complete"]
@@ -124,45 +122,14 @@ def latest_run_of(store: ResultStore, adapter: str) -> dict[str, Any]:
 
 
 def compare(store: ResultStore, a: str, b: str) -> list[dict[str, Any]]:
-    """Per-probe rows of the latest evaluations of `a` and `b` under one suite: verdicts, raws,
-    the difference oriented so that positive is better (each probe's direction), whether it
-    is beyond both runs' nulls (|delta| > NOISE_SIGMAS null stds of each), and whether `b`
-    regressed (worse beyond both nulls, or a PASS became FAIL or ERROR)."""
-    from sway_engine.probes.registry import PROBES
-
+    """`diff.compare_probes` of the latest complete evaluations of `a` and `b`, which must be
+    of one suite (numbers of different suites are not comparable)."""
     run_a, run_b = latest_run_of(store, a), latest_run_of(store, b)
     if run_a["spec_hash"] != run_b["spec_hash"]:
         raise SwayError(
             f"{a} was evaluated with suite {run_a['spec_hash']} and {b} with "
             f"{run_b['spec_hash']}: results of different suites are not comparable"
         )
-    rows_a = {r["probe"]: r for r in store.probe_results(run_id=run_a["run_id"])}
-    rows_b = {r["probe"]: r for r in store.probe_results(run_id=run_b["run_id"])}
-    out = []
-    for probe in [p for p in rows_a if p in rows_b]:
-        ra, rb = rows_a[probe], rows_b[probe]
-        sign = PROBES[ra["kind"]].z_sign if ra["kind"] in PROBES else 1
-        delta = None
-        if ra["raw"] is not None and rb["raw"] is not None:
-            delta = sign * (rb["raw"] - ra["raw"])
-        noise = [s for s in (ra["null_std"], rb["null_std"]) if s is not None]
-        beyond = bool(
-            delta is not None and noise and all(abs(delta) > NOISE_SIGMAS * s for s in noise)
-        )
-        broke = ra["verdict"] == "pass" and rb["verdict"] in ("fail", "error")
-        out.append(
-            {
-                "probe": probe,
-                "kind": ra["kind"],
-                "verdict_a": ra["verdict"],
-                "verdict_b": rb["verdict"],
-                "raw_a": ra["raw"],
-                "raw_b": rb["raw"],
-                "z_a": ra["z"],
-                "z_b": rb["z"],
-                "delta": delta,
-                "beyond_nulls": beyond,
-                "regression": broke or (beyond and delta is not None and delta < 0),
-            }
-        )
-    return out
+    return compare_probes(
+        store.suite_of(run_a["run_id"]).probes, store.suite_of(run_b["run_id"]).probes
+    )

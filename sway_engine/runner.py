@@ -210,11 +210,12 @@ def run_suite(
     t0 = time.perf_counter()
     say = progress or (lambda _msg: None)
     ctx = context_for(spec, backend)
+    backend.label = "preflight"
     try:
         preflight(backend)
     except SwayError as exc:
         results = error_results(entries, f"preflight failed: {exc}")
-        return _suite(spec, spec_path, adapter, started, t0, results, backend)
+        return suite_result(spec, spec_path, adapter, started, t0, results, backend)
     matrix = None
     calibration_s = 0.0
     if (entry := null_entry(entries)) is not None:
@@ -231,10 +232,10 @@ def run_suite(
             results.append(null_result(entry, matrix, calibration_s))
         else:
             results.append(run_entry(entry, ctx, matrix))
-    return _suite(spec, spec_path, adapter, started, t0, results, backend)
+    return suite_result(spec, spec_path, adapter, started, t0, results, backend)
 
 
-def _suite(
+def suite_result(
     spec: SuiteSpec,
     spec_path: str,
     adapter: str,
@@ -243,6 +244,8 @@ def _suite(
     results: list[ProbeResult],
     backend: Instrumented | None,
 ) -> SuiteResult:
+    """The suite result of probe results just computed: Benjamini-Hochberg, score, provenance
+    and the backend's counters."""
     results = finish(spec, results)
     return SuiteResult(
         spec_path=spec_path,
@@ -311,12 +314,12 @@ def evaluate(
     t0 = time.perf_counter()
     if not needs_model(entries):
         results = run_without_model(spec, entries, model.adapter, progress)
-        return _suite(spec, spec_path, model.adapter or "", started, t0, results, None)
+        return suite_result(spec, spec_path, model.adapter or "", started, t0, results, None)
     try:
         inner = build_backend(model, base=None if spec.defaults.differential else spec.models.base)
     except SwayError as exc:
         results = error_results(entries, f"preflight failed: {exc}")
-        return _suite(spec, spec_path, model.adapter or "", started, t0, results, None)
+        return suite_result(spec, spec_path, model.adapter or "", started, t0, results, None)
     backend = Instrumented(inner, trace_path=trace_path)
     try:
         return run_suite(
@@ -404,7 +407,9 @@ def run_many(
     loaded = reg.loaded
     say(f"{len(loaded)} adapter(s) registered on one base; {len(adapters) - len(loaded)} failed")
     out: dict[int, SuiteResult] = {
-        i: _suite(spec, spec_path, str(adapters[i]), started, t0, error_results(entries, msg), None)
+        i: suite_result(
+            spec, spec_path, str(adapters[i]), started, t0, error_results(entries, msg), None
+        )
         for i, msg in enumerate(reg.errors)
         if msg is not None
     }
@@ -419,7 +424,7 @@ def run_many(
         for i, result in zip(loaded, done, strict=True):
             if isinstance(result, BaseException):
                 msg = f"{type(result).__name__}: {result}"
-                result = _suite(
+                result = suite_result(
                     spec,
                     spec_path,
                     str(adapters[i]),
@@ -456,7 +461,7 @@ def evaluate_many(
         inner = build_backend(model)
     except SwayError as exc:
         results = error_results(entries, f"preflight failed: {exc}")
-        return [_suite(spec, spec_path, str(a), started, t0, results, None) for a in adapters]
+        return [suite_result(spec, spec_path, str(a), started, t0, results, None) for a in adapters]
     backend = Instrumented(inner, trace_path=trace_path)
     try:
         return run_many(spec, entries, backend, adapters, spec_path=spec_path, progress=progress)

@@ -17,9 +17,18 @@ from typing import Any
 import numpy as np
 
 from sway_engine.backends.base import Backend
-from sway_engine.requests import Embed, EmbeddingResult, Request, Result, check_prompt
+from sway_engine.requests import (
+    Embed,
+    EmbeddingResult,
+    Request,
+    Result,
+    check_prompt,
+    views_of,
+)
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
+# Backend counters whose change during one execute goes into the trace.
+TRACED = ("rows_forwarded", "forward_passes", "tokens_forwarded", "row_cache_hits", "http_requests")
 
 
 def default_embedder(texts: Sequence[str]) -> np.ndarray:
@@ -60,6 +69,8 @@ class Instrumented:
         for req in requests:
             check_prompt(req)
         misses = list(dict.fromkeys(r for r in requests if r not in self._cache))
+        hits = [r for r in requests if r in self._cache]
+        before = self._inner_counters() if self._trace is not None else {}
         model = [r for r in misses if not isinstance(r, Embed)]
         if model:
             for req, res in zip(model, self.inner.execute(model), strict=True):
@@ -74,7 +85,9 @@ class Instrumented:
         self.stats["cache_hits"] += len(requests) - len(misses)
         self.stats["wall_s"] += wall
         if self._trace is not None:
-            self._write_trace(len(requests), len(misses), wall, misses)
+            after = self._inner_counters()
+            work = {k: after[k] - before.get(k, 0) for k in TRACED if k in after}
+            self._write_trace(len(requests), wall, misses, hits, work)
         return [self._cache[r] for r in requests]
 
     @property
@@ -95,19 +108,41 @@ class Instrumented:
     def close(self) -> None:
         self.inner.close()
 
-    def _write_trace(self, n: int, n_miss: int, wall: float, misses: list[Request]) -> None:
+    def _inner_counters(self) -> dict[str, float]:
+        inner = getattr(self.inner, "counters", None)
+        return dict(inner()) if callable(inner) else {}
+
+    def _write_trace(
+        self,
+        n: int,
+        wall: float,
+        misses: list[Request],
+        hits: list[Request],
+        work: dict[str, float],
+    ) -> None:
+        """One JSONL event per execute: the probe, requests computed and served from the cache
+        (in all, by operation and by view), wall time and the backend's work (rows forwarded,
+        passes, tokens: counter deltas). `sway trace FILE` summarises a file of them."""
         assert self._trace is not None
         self._trace.parent.mkdir(parents=True, exist_ok=True)
         ops: dict[str, int] = {}
         for r in misses:
             ops[type(r).__name__] = ops.get(type(r).__name__, 0) + 1
+        views: dict[str, dict[str, int]] = {}
+        for reqs, field in ((misses, "computed"), (hits, "hits")):
+            for r in reqs:
+                for key in {v.key for v in views_of(r)} or {"(embedding)"}:
+                    slot = views.setdefault(key, {"computed": 0, "hits": 0})
+                    slot[field] += 1
         event: dict[str, Any] = {
             "ts": time.time(),
             "probe": self.label,
             "requests": n,
-            "computed": n_miss,
+            "computed": len(misses),
             "wall_ms": round(1000 * wall, 3),
             "ops": ops,
+            "views": views,
+            "backend": work,
         }
         with self._trace.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(event) + "\n")

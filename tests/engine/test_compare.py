@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from sway_engine.cli import main
+from sway_engine.diff import NOISE_SIGMAS
 from sway_engine.errors import SwayError
-from sway_engine.history import NOISE_SIGMAS, compare
+from sway_engine.history import compare
 from sway_engine.result import Verdict
 from sway_engine.store import ResultStore
 from tests.engine.test_store import SPEC, _probe, _suite

@@ -1,0 +1,142 @@
+"""`sway` commands that compute over a suite without recording it: diff (two adapters over one
+base load), mine (the suite's most telling prompts) and trace (a JSONL trace summarised)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sway_engine.cli_store import cell
+from sway_engine.errors import SwayError
+from sway_engine.result import json_safe
+
+
+def add_parsers(sub: Any) -> None:
+    diff = sub.add_parser(
+        "diff", help="one suite on two adapters over one base load, probe by probe"
+    )
+    diff.add_argument("spec", help="sway.yaml")
+    diff.add_argument("a", help="reference adapter directory")
+    diff.add_argument("b", help="candidate adapter directory")
+    diff.add_argument("--json", action="store_true", help="print JSON")
+    diff.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help="exit 1 when B is worse than A beyond both nulls on any probe, or lost a PASS",
+    )
+    mine = sub.add_parser("mine", help="the suite's prompts where the adapter's effect stands out")
+    mine.add_argument("spec", help="sway.yaml")
+    mine.add_argument("--adapter", help="mine around this adapter instead of models.ft")
+    mine.add_argument("--top", type=int, default=5, help="prompts per group (default 5)")
+    mine.add_argument("-o", "--output", help="write the mined suite entries (YAML) here")
+    mine.add_argument("--force", action="store_true", help="overwrite --output")
+    mine.add_argument("--json", action="store_true", help="print JSON")
+    trace = sub.add_parser("trace", help="a JSONL trace summarised per probe and per view")
+    trace.add_argument("file", help="trace file (sway run --trace, Dagster's trace.jsonl)")
+    trace.add_argument("--views", type=int, default=12, help="views listed (most computed first)")
+    trace.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace) -> int | None:
+    """The command's exit code, or None when the command is not one of these."""
+    if args.command == "diff":
+        return _diff(args)
+    if args.command == "mine":
+        return _mine(args)
+    if args.command == "trace":
+        return _trace(args)
+    return None
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from sway_engine.diff import compare_probes, evaluate_pair
+    from sway_engine.suite import load_spec
+
+    spec, entries = load_spec(args.spec)
+    result_a, result_b = evaluate_pair(
+        spec, entries, [args.a, args.b], spec_path=str(args.spec), progress=_say
+    )
+    rows = compare_probes(result_a.probes, result_b.probes)
+    failed = int(args.fail_on_regression and any(r["regression"] for r in rows))
+    if args.json:
+        print(
+            json.dumps(
+                json_safe(
+                    {
+                        "a": {"adapter": args.a, "overall": result_a.score.overall},
+                        "b": {"adapter": args.b, "overall": result_b.score.overall},
+                        "base_loads": result_b.backend_stats.get("base_loads"),
+                        "probes": rows,
+                    }
+                ),
+                indent=2,
+            )
+        )
+        return failed
+    columns = ["probe", "verdict_a", "verdict_b", "raw_a", "raw_b", "delta"]
+    _table(rows, [*columns, "beyond_nulls", "regression"])
+    print(f"overall: {result_a.score.overall:.3f} (A) -> {result_b.score.overall:.3f} (B)")
+    return failed
+
+
+def _mine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sway_engine.mine import check_output, mine, mined_yaml, pick, plan_of
+    from sway_engine.suite import load_spec
+
+    if args.top < 1:
+        raise SwayError(f"--top {args.top}: give at least 1 prompt per group")
+    output = Path(args.output) if args.output else None
+    if output is not None:
+        check_output(output, force=args.force)
+    spec, entries = load_spec(args.spec)
+    rows = mine(spec, entries, adapter=args.adapter)
+    groups = pick(rows, args.top)
+    text = mined_yaml(groups, len(plan_of(spec, entries).seeds))
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+    if args.json:
+        print(json.dumps(json_safe({"prompts": rows, **groups}), indent=2))
+        return 0
+    for group, picked in groups.items():
+        print(f"{group}:")
+        for r in picked:
+            line = f"  z {r['z']:+7.2f}  effect {r['effect']:.4f}  null cv {r['instability']:.2f}"
+            print(f"{line}  {r['prompt'][:60]!r}")
+    if args.output:
+        print(f"wrote {len(groups)} delta_kl entries to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sway_engine.trace import read_events, summarize
+
+    summary = summarize(read_events(Path(args.file)))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{summary['events']} backend calls")
+    columns = ["probe", "wall_s", "requests", "computed", "cache_hits", "rows_forwarded"]
+    _table(summary["probes"], [*columns, "forward_passes"])
+    print()
+    views = summary["views"]
+    _table(views[: args.views], ["view", "computed", "hits"])
+    if len(views) > args.views:
+        print(f"... and {len(views) - args.views} more views (--views N, or --json for all)")
+    return 0
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: list[str]) -> None:
+    print("  ".join(columns))
+    for row in rows:
+        print("  ".join(cell(row.get(c)) for c in columns))
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
