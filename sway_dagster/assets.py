@@ -1,7 +1,8 @@
 """The per-adapter asset graph, built from the suite the code location is configured with:
 
 adapter_files -> adapter_manifest -> null_calibration -> sway/<probe> (one per entry)
--> sway_score (+ gate check) -> leaderboard (all adapters).
+-> sway_score (+ gate check) -> leaderboard (all adapters). Each probe's asset (null_calibration
+for the null_adapter entry) has a verdict check, recorded by sway_score once the verdict is final.
 """
 
 import json
@@ -43,6 +44,7 @@ from sway_engine.runner import (
     run_entry,
     score_stored,
 )
+from sway_engine.score import blocker
 from sway_engine.store import AdapterRecord, run_record
 from sway_engine.suite import Suite
 
@@ -63,10 +65,16 @@ adapter_files = dg.AssetSpec(
 def pinned_preview_apis() -> Iterator[None]:
     """Silence Dagster's beta/preview notices for the two APIs we rely on, pinned at 1.13.27:
     `backfill_policy` and partitioned asset checks (docs/DESIGN.md). One notice per asset
-    would otherwise flood every code-location load."""
+    would otherwise flood every code-location load; any other beta or preview API still warns."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Parameter `backfill_policy`")
-        warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheck")
+        warnings.filterwarnings(
+            "ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning
+        )
+        warnings.filterwarnings(
+            "ignore",
+            message="Specifying a partitions_def on an AssetCheck",
+            category=dg.PreviewWarning,
+        )
         yield
 
 
@@ -74,6 +82,28 @@ def pinned_preview_apis() -> Iterator[None]:
 # sway_score runs one partition per run because its gate check is per partition.
 MODEL_BACKFILL = dg.BackfillPolicy.single_run()
 SCORE_BACKFILL = dg.BackfillPolicy.multi_run(1)
+
+
+VERDICT = "verdict"
+
+
+def verdict_check(asset: dg.AssetKey) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        VERDICT,
+        asset=asset,
+        blocking=False,
+        partitions_def=adapters,
+        description="The probe's final verdict for this adapter (after Benjamini-Hochberg).",
+    )
+
+
+def verdict_pending(context: AssetExecutionContext) -> Iterator[dg.Output[None]]:
+    """The verdict check's output without a result: sway_score records the result once
+    Benjamini-Hochberg has made the verdict final, for every partition (docs/DESIGN.md)."""
+    for check in context.selected_asset_check_keys:
+        yield dg.Output(
+            None, output_name=context.assets_def.get_output_name_for_asset_check_key(check)
+        )
 
 
 def publish(
@@ -144,7 +174,10 @@ def build_assets(suite: Suite) -> list[Any]:
         manifest = _manifest_asset()
         calibration = _calibration_asset(suite, null_entry)
         probes = [_probe_asset(suite, e) for e in probe_entries]
-        score_asset = _score_asset(suite, [p.key for p in probes])
+        checked = {e.spec.name: p.key for e, p in zip(probe_entries, probes, strict=True)}
+        if null_entry is not None:
+            checked[null_entry.spec.name] = calibration.key
+        score_asset = _score_asset(suite, checked)
     return [adapter_files, manifest, calibration, *probes, score_asset, leaderboard]
 
 
@@ -159,13 +192,14 @@ def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefin
         code_version=CODE_VERSIONS["null_calibration"],
         pool="model",
         backfill_policy=MODEL_BACKFILL,
+        check_specs=[verdict_check(dg.AssetKey("null_calibration"))] if null_entry else None,
     )
     def null_calibration(
         context: AssetExecutionContext,
         backend: ModelResource,
         adapter_store: AdapterStoreResource,
         results: ResultStoreResource,
-    ) -> dg.MaterializeResult:
+    ) -> Iterator[dg.MaterializeResult | dg.Output[None]]:
         """Each calibrated probe's raw metric under each null adapter (probe x seed x rank)."""
         store = results.store()
         run_id = context.run.run_id
@@ -183,7 +217,8 @@ def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefin
             per_key[session.key] = _store_calibration(
                 context, store, suite, null_entry, session, matrix, run
             )
-        return publish(context, per_key)
+        yield publish(context, per_key)
+        yield from verdict_pending(context)
 
     return null_calibration
 
@@ -244,10 +279,10 @@ def asset_name(probe_name: str) -> str:
 
 def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
     kind = entry.spec.kind
+    key = dg.AssetKey(["sway", asset_name(entry.spec.name)])
 
     @dg.asset(
-        name=asset_name(entry.spec.name),
-        key_prefix=["sway"],
+        key=key,
         deps=["null_calibration"],
         partitions_def=adapters,
         group_name="probes",
@@ -258,6 +293,7 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
         pool="model",
         description=f"{kind} probe `{entry.spec.name}` (docs/PROBES.md).",
         backfill_policy=MODEL_BACKFILL,
+        check_specs=[verdict_check(key)],
     )
     def probe(
         context: AssetExecutionContext,
@@ -265,7 +301,7 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
         adapter_store: AdapterStoreResource,
         results: ResultStoreResource,
         mlflow: MlflowResource,
-    ) -> dg.MaterializeResult:
+    ) -> Iterator[dg.MaterializeResult | dg.Output[None]]:
         store = results.store()
 
         def compute(session: Session) -> ProbeResult:
@@ -285,7 +321,8 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
                 context.partition_keys, backend, adapter_store, compute
             )
         }
-        return publish(context, per_key)
+        yield publish(context, per_key)
+        yield from verdict_pending(context)
 
     return probe
 
@@ -340,12 +377,13 @@ def _items_table(result: ProbeResult) -> dg.MetadataValue:
     )
 
 
-def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
+def _score_asset(suite: Suite, checked: dict[str, dg.AssetKey]) -> dg.AssetsDefinition:
+    """`checked`: the asset of each probe whose verdict check sway_score records."""
     score_key = dg.AssetKey("sway_score")
 
     @dg.asset(
         key=score_key,
-        deps=["null_calibration", *probe_keys],
+        deps=["null_calibration", *checked.values()],
         partitions_def=adapters,
         group_name="verdict",
         kinds={"duckdb", "mlflow"},
@@ -367,8 +405,9 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
         backend: ModelResource,
         results: ResultStoreResource,
         mlflow: MlflowResource,
-    ) -> dg.MaterializeResult:
-        """Composite score and band from the stored probe rows; the gate decision as a check."""
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckEvaluation]:
+        """Composite score and band from the stored probe rows; the gate decision as a check,
+        and each probe's final verdict as its asset's check."""
         if len(context.partition_keys) != 1:
             raise dg.Failure(
                 f"sway_score scores one adapter per run (its gate check is per partition), "
@@ -425,9 +464,37 @@ def _score_asset(suite: Suite, probe_keys: list[dg.AssetKey]) -> dg.AssetsDefini
         }
         if published.url:
             metadata["mlflow_run"] = dg.MetadataValue.url(published.url)
-        return dg.MaterializeResult(metadata=metadata, check_results=[check])
+        yield dg.MaterializeResult(metadata=metadata, check_results=[check])
+        allow = suite.spec.defaults.allow_uncalibrated
+        for r in probe_results:
+            if r.name in checked:
+                yield verdict_evaluation(r, checked[r.name], key, allow_uncalibrated=allow)
 
     return sway_score
+
+
+def verdict_evaluation(
+    r: ProbeResult, asset: dg.AssetKey, key: str, *, allow_uncalibrated: bool
+) -> dg.AssetCheckEvaluation:
+    """A final verdict as its asset's check in this partition. PASS and SKIP pass; a verdict
+    that fails the gate on its own (FAIL, ERROR, uncalibrated WARN) is an ERROR, any other WARN
+    a WARN."""
+    metadata: dict[str, Any] = {"verdict": r.verdict.value, "raw": num(r.raw), "z": num(r.z)}
+    if r.p is not None:
+        metadata["p"] = float(r.p)
+    if "q" in r.evidence:
+        metadata["q"] = float(r.evidence["q"])
+    metadata["message"] = r.message
+    fails_gate = blocker(r, allow_uncalibrated=allow_uncalibrated) is not None
+    return dg.AssetCheckEvaluation(
+        asset_key=asset,
+        check_name=VERDICT,
+        passed=r.verdict in (Verdict.PASS, Verdict.SKIP),
+        severity=dg.AssetCheckSeverity.ERROR if fails_gate else dg.AssetCheckSeverity.WARN,
+        metadata=metadata,
+        blocking=False,
+        partition=key,
+    )
 
 
 def _run_to_complete(store: Any, key: str, suite: Suite) -> dict[str, Any]:

@@ -169,6 +169,17 @@ def _findings(results: Sequence[ProbeResult]) -> tuple[str, ...]:
     return tuple(findings[:5])
 
 
+def blocker(r: ProbeResult, *, allow_uncalibrated: bool = False) -> str | None:
+    """Why this verdict alone fails the gate ("errored", "failed", "uncalibrated"), or None."""
+    if r.verdict == Verdict.ERROR:
+        return "errored"
+    if r.verdict == Verdict.FAIL:
+        return "failed"
+    if r.verdict == Verdict.WARN and r.evidence.get("uncalibrated") and not allow_uncalibrated:
+        return "uncalibrated"
+    return None
+
+
 def gate(
     results: Sequence[ProbeResult],
     score: SwayScore,
@@ -178,16 +189,15 @@ def gate(
 ) -> tuple[bool, str]:
     """Pass needs no FAIL, no ERROR, no uncalibrated probe (unless allowed) and
     overall >= threshold. An AND of per-probe verdicts needs no multiplicity correction."""
-    failed = [r.name for r in results if r.verdict == Verdict.FAIL]
-    errored = [r.name for r in results if r.verdict == Verdict.ERROR]
-    uncalibrated = [
-        r.name for r in results if r.verdict == Verdict.WARN and r.evidence.get("uncalibrated")
-    ]
+    why = [(r.name, blocker(r, allow_uncalibrated=allow_uncalibrated)) for r in results]
+    errored = [name for name, w in why if w == "errored"]
+    failed = [name for name, w in why if w == "failed"]
+    uncalibrated = [name for name, w in why if w == "uncalibrated"]
     if errored:
         return False, f"errored: {', '.join(errored)}"
     if failed:
         return False, f"failed: {', '.join(failed)}"
-    if uncalibrated and not allow_uncalibrated:
+    if uncalibrated:
         return False, (
             f"uncalibrated: {', '.join(uncalibrated)} (no usable null; set "
             "defaults.allow_uncalibrated: true to gate on fixed thresholds)"

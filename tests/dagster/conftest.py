@@ -308,6 +308,36 @@ def model_loads(instance: dg.DagsterInstance, run_id: str) -> int:
     return sum(LOAD_MESSAGE in (e.user_message or "") for e in instance.all_logs(run_id))
 
 
+def gate_of(result: dg.ExecuteInProcessResult) -> dg.AssetCheckEvaluation:
+    """The run's gate check (sway_score also records each probe's verdict check)."""
+    (gate,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "gate"]
+    return gate
+
+
+def verdict_checks(
+    defs: dg.Definitions, instance: dg.DagsterInstance, key: str
+) -> dict[dg.AssetKey, Any]:
+    """The latest execution record of every verdict check in partition `key`, by asset."""
+    from dagster._core.event_api import PartitionKeyFilter
+
+    from sway_dagster.assets import VERDICT
+
+    checks = [c for c in defs.resolve_asset_graph().asset_check_keys if c.name == VERDICT]
+    latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        checks, partition_filter=PartitionKeyFilter(key=key)
+    )
+    return {check.asset_key: record for check, record in latest.items()}
+
+
+def asset_of(row: dict[str, Any]) -> dg.AssetKey:
+    """The asset of a stored probe row: its probe's, or null_calibration for the null entry."""
+    from sway_dagster.assets import asset_name
+
+    if row["kind"] == "null_adapter":
+        return dg.AssetKey("null_calibration")
+    return dg.AssetKey(["sway", asset_name(row["probe"])])
+
+
 # --- run workers: a Dagster run in its own process on an instance shared through sqlite -------
 
 WORKER = """

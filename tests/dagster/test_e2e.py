@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import dagster as dg
 import pytest
 from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_END_TAG,
@@ -25,6 +26,8 @@ from tests.dagster.conftest import (
     DagsterDev,
     Evaluation,
     add_adapter,
+    asset_of,
+    verdict_checks,
     wait_until,
 )
 
@@ -117,7 +120,8 @@ def test_a_backfill_runs_the_model_assets_of_all_adapters_in_one_run(
     dagster_dev: DagsterDev, doc_strong_run: Evaluation, fx
 ) -> None:  # type: ignore[no-untyped-def]
     """The daemon applies the backfill policies: one ranged run for the model assets of both
-    adapters (one base load), then one sway_score run per adapter (its gate check)."""
+    adapters (one base load), then one sway_score run per adapter (its gate check and every
+    probe's verdict check, in that adapter's partition)."""
     selector = {"repositoryLocationName": "sway", "repositoryName": "__repository__"}
     keys = []
     for name in ("noise", "zero"):
@@ -125,7 +129,8 @@ def test_a_backfill_runs_the_model_assets_of_all_adapters_in_one_run(
         dagster_dev.graphql(ADD_PARTITION, selector=selector, name="adapters", key=key)
         add_adapter(dagster_dev.settings, fx.adapters[name])  # known first: the sensor stays out
         keys.append(key)
-    graph = build_definitions(dagster_dev.settings).resolve_asset_graph()
+    defs = build_definitions(dagster_dev.settings)
+    graph = defs.resolve_asset_graph()
     selection = [
         {"path": list(k.path)}
         for k in graph.get_all_asset_keys()
@@ -154,9 +159,16 @@ def test_a_backfill_runs_the_model_assets_of_all_adapters_in_one_run(
     assert single == sorted(keys)
 
     model_run = next(r["runId"] for r, t in zip(runs, tags, strict=True) if t in ranged)
+    score_runs = {a: r["runId"] for r, (a, b) in zip(runs, span, strict=True) if a == b}
     store = ResultStore(dagster_dev.settings.database)
-    for key in keys:
-        rows = store.probe_results(key)
-        assert rows and {r["dagster_run_id"] for r in rows} == {model_run}
-        (score,) = [s for s in store.scores() if s["adapter_id"] == key]
-        assert score["gate_passed"] is False
+    with dg.DagsterInstance.from_config(str(dagster_dev.settings.home / "dagster")) as instance:
+        for key in keys:
+            rows = store.probe_results(key)
+            assert rows and {r["dagster_run_id"] for r in rows} == {model_run}
+            (score,) = [s for s in store.scores() if s["adapter_id"] == key]
+            assert score["gate_passed"] is False
+            checks = verdict_checks(defs, instance, key)
+            assert {a: c.evaluation.passed for a, c in checks.items()} == {
+                asset_of(r): r["verdict"] in ("pass", "skip") for r in rows
+            }
+            assert {c.run_id for c in checks.values()} == {score_runs[key]}

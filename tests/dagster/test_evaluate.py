@@ -10,7 +10,7 @@ from sway_dagster.adapter_store import AdapterStoreResource
 from sway_dagster.definitions import JOB_NAME, build_definitions
 from sway_engine.adapters import read_adapter
 from sway_engine.store import ResultStore
-from tests.dagster.conftest import add_adapter, model_loads
+from tests.dagster.conftest import add_adapter, asset_of, gate_of, model_loads, verdict_checks
 
 
 def evaluate(settings, instance, names, fx):  # type: ignore[no-untyped-def]
@@ -82,7 +82,7 @@ def test_gate_check_per_adapter(home, instance, fx) -> None:  # type: ignore[no-
     outcome = {}
     for key, result in results.items():
         assert result.success  # a rejected adapter is a successful evaluation with a red check
-        (check,) = result.get_asset_check_evaluations()
+        check = gate_of(result)
         outcome[key.rsplit("-", 1)[0]] = (check.passed, check.severity)
     assert outcome["doc-strong"] == (True, dg.AssetCheckSeverity.WARN)
     for bad in ("noise", "zero", "nan"):
@@ -93,6 +93,33 @@ def test_gate_check_per_adapter(home, instance, fx) -> None:  # type: ignore[no-
     board = store.leaderboard()
     assert board[0]["adapter_id"].startswith("doc-strong-")
     assert board[-1]["adapter_id"].startswith("nan-")  # all ERROR: below noise and zero
+
+
+def test_each_probe_asset_has_its_final_verdict_as_a_check_per_adapter(home, instance, fx) -> None:  # type: ignore[no-untyped-def]
+    """sway_score records every probe's stored (Benjamini-Hochberg adjusted) verdict as the
+    `verdict` check of the probe's asset, in the adapter's partition: PASS passes, and a
+    verdict that fails the gate (here nan's ERRORs) fails at ERROR severity."""
+    defs, results = evaluate(home, instance, ["doc-strong", "nan"], fx)
+    store = ResultStore(home.database)
+    for key, result in results.items():
+        assert result.success
+        stored = {asset_of(r): r for r in store.probe_results(key)}
+        checks = verdict_checks(defs, instance, key)
+        assert set(checks) == set(stored) and len(stored) == 3  # null_baseline and two probes
+        for asset, record in checks.items():
+            verdict = stored[asset]["verdict"]
+            assert (record.run_id, record.partition) == (result.run_id, key)
+            assert record.evaluation.passed == (verdict in ("pass", "skip")), asset
+            assert record.evaluation.metadata["verdict"].value == verdict
+
+    strong = verdict_checks(defs, instance, next(k for k in results if k.startswith("doc-")))
+    dkl = strong[dg.AssetKey(["sway", "delta_kl_doc"])].evaluation
+    assert dkl.passed and dkl.metadata["q"].value <= 0.01 and dkl.metadata["z"].value >= 3
+    nan = verdict_checks(defs, instance, next(k for k in results if k.startswith("nan-")))
+    for record in nan.values():
+        assert not record.evaluation.passed
+        assert record.evaluation.severity == dg.AssetCheckSeverity.ERROR
+        assert record.evaluation.metadata["verdict"].value == "error"
 
 
 def test_a_run_hashes_the_adapter_weights_once(home, instance, fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]

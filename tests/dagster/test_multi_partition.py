@@ -1,6 +1,7 @@
 """Several adapters in one Dagster run: the model assets take a partition range (the run a
-single-run backfill launches), load the base once and share batches; sway_score and its gate
-check then run once per partition. Real instance, real DuckDB, real MLflow (sqlite)."""
+single-run backfill launches), load the base once and share batches; sway_score, its gate
+check and each probe's verdict check then run once per partition. Real instance, real DuckDB,
+real MLflow (sqlite)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sway_dagster.assets import MODEL_BACKFILL, SCORE_BACKFILL
 from sway_dagster.definitions import JOB_NAME, build_definitions
 from sway_engine.store import ResultStore
 from tests.conftest import scaled_adapter
-from tests.dagster.conftest import add_adapter, model_loads
+from tests.dagster.conftest import add_adapter, asset_of, gate_of, model_loads, verdict_checks
 
 NAMES = ["doc-strong", "noise", "zero", "nan"]
 MODEL_GROUPS = ("adapters", "calibration", "probes")
@@ -69,6 +70,7 @@ def test_one_ranged_run_evaluates_every_adapter_with_one_base_load(home, instanc
     )
     assert result.success
     assert model_loads(instance, result.run_id) == 1  # four adapters, one base load
+    assert result.get_asset_check_evaluations() == []  # verdicts are final only after scoring
 
     # every partition got its own materialization with its own metadata
     mats = result.asset_materializations_for_node("sway__delta_kl_doc")
@@ -104,8 +106,14 @@ def test_one_ranged_run_evaluates_every_adapter_with_one_base_load(home, instanc
             instance=instance, partition_key=key, asset_selection=[dg.AssetKey("sway_score")]
         )
         assert scored.success
-        (check,) = scored.get_asset_check_evaluations()
-        gates[name] = check.passed
+        gates[name] = gate_of(scored).passed
+        # every probe's final verdict, on its own asset, in this partition
+        stored = {asset_of(r): r["verdict"] for r in store.probe_results(key)}
+        checks = verdict_checks(defs, instance, key)
+        assert {a: c.evaluation.passed for a, c in checks.items()} == {
+            a: v in ("pass", "skip") for a, v in stored.items()
+        }, name
+        assert {c.run_id for c in checks.values()} == {scored.run_id}
     assert gates == {"doc-strong": True, "noise": False, "zero": False, "nan": False}
     assert store.row_counts()["scores"] == 4
     assert {r["adapter_id"] for r in store.probe_results()} == set(keys.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dagster as dg
 import pytest
 from pydantic import ValidationError
 
@@ -10,7 +11,7 @@ from sway_dagster.resources import HFModelResource, TwoModelResource
 from sway_engine.backends.hf import HFBackend as Engine
 from sway_engine.store import ResultStore
 from tests.conftest import count_constructions
-from tests.dagster.conftest import add_adapter
+from tests.dagster.conftest import add_adapter, verdict_checks
 
 
 def test_two_model_on_one_model_loads_once(fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -57,3 +58,8 @@ def test_job_runs_with_a_two_model_backend(home, instance, fx) -> None:  # type:
     assert rows["null_baseline"]["verdict"] == "skip"
     # two composed models have no null views: uncalibrated, WARN (never a fixed-threshold PASS)
     assert rows["delta_kl_doc"]["verdict"] == "warn" and rows["delta_kl_doc"]["z"] is None
+    # that WARN fails the gate, so its verdict check fails at ERROR; the SKIP passes
+    checks = verdict_checks(defs, instance, cand.key)
+    dkl = checks[dg.AssetKey(["sway", "delta_kl_doc"])].evaluation
+    assert not dkl.passed and dkl.severity == dg.AssetCheckSeverity.ERROR
+    assert checks[dg.AssetKey("null_calibration")].evaluation.passed
