@@ -6,6 +6,7 @@ every seed and rank multiplier; they ride in the same batches as everything else
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sway_engine import stats
@@ -93,14 +94,22 @@ def calibrates(entry: Entry, plan: NullPlan, capabilities: frozenset[str]) -> bo
     )
 
 
-def calibrate(entries: list[Entry], ctx: Context, plan: NullPlan) -> NullMatrix:
-    """Measure every calibrated entry under every null view; failures are recorded, not raised."""
+def calibrate(
+    entries: list[Entry],
+    ctx: Context,
+    plan: NullPlan,
+    on_entry: Callable[[Entry], None] | None = None,
+) -> NullMatrix:
+    """Measure every calibrated entry under every null view; failures are recorded, not raised.
+    `on_entry` hears of each entry before it is measured (progress)."""
     cells: list[NullCell] = []
     skipped: list[tuple[str, str]] = []
     views = plan.views()
     for entry in entries:
         if not calibrates(entry, plan, ctx.capabilities):
             continue
+        if on_entry is not None:
+            on_entry(entry)
         try:
             measured = entry.probe.measure(entry.spec, ctx, views)
         except Exception as exc:  # noqa: BLE001 - one probe's failure must not stop the matrix

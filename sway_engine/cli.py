@@ -1,4 +1,4 @@
-"""The `sway` command: run, gate, check, autogen, doctor, convert-adapter, fixtures build,
+"""The `sway` command: run, gate, validate, check, autogen, doctor, convert-adapter, fixtures build,
 list-probes, diff, mine, trace, and over the recorded history (a sway home): leaderboard,
 history, compare, report, sync-mlflow.
 
@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     gate = sub.add_parser("gate", help="run, then exit 1 unless the gate passes")
     outputs(gate)
     gate.add_argument("--threshold", type=float, help="minimum overall (default: spec)")
+    validate = sub.add_parser("validate", help="check suites without loading a model (pre-commit)")
+    validate.add_argument("specs", type=Path, nargs="+", help="sway.yaml files")
     check = sub.add_parser("check", help="one-line verdict for an adapter from a default suite")
     check.add_argument("adapter", type=Path)
     check.add_argument("--base", help="base model (default: from adapter_config.json)")
@@ -151,6 +153,8 @@ def _main(args: argparse.Namespace) -> int:
     try:
         if args.command in ("run", "gate"):
             return _run(args, gate=args.command == "gate")
+        if args.command == "validate":
+            return _validate(args.specs)
         if args.command == "check":
             return _check(args)
         if args.command == "fixtures":
@@ -215,6 +219,26 @@ def _run(args: argparse.Namespace, *, gate: bool) -> int:
     )
 
 
+def _validate(paths: Sequence[Path]) -> int:
+    """Parse and validate each suite as `run` does before loading a model (the spec, each
+    probe entry, its .dlm document); report every file, exit 2 if any is invalid."""
+    from sway_engine.suite import document_of, load_spec, spec_warnings
+
+    invalid = 0
+    for path in paths:
+        try:
+            spec, entries = load_spec(path)
+            document_of(spec)
+        except SwayError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            invalid += 1
+            continue
+        for warning in spec_warnings(entries, spec.defaults):
+            print(f"warning: {path}: {warning}", file=sys.stderr)
+        print(f"ok: {path} ({len(entries)} probes)")
+    return 2 if invalid else 0
+
+
 def _home(path: Path | None) -> Settings:
     """The sway home: `path`, else $SWAY_HOME, else .sway_home (sway_engine.home)."""
     env = dict(os.environ)
@@ -232,8 +256,7 @@ def _evaluate_and_report(
     threshold: float | None,
     record: tuple[Settings | None, Suite | None] = (None, None),
 ) -> int:
-    from rich.console import Console
-
+    from sway_engine.progress import display
     from sway_engine.report.text import print_terminal, to_json, to_junit, to_markdown
     from sway_engine.runner import evaluate
     from sway_engine.runner import gate as runner_gate
@@ -242,15 +265,14 @@ def _evaluate_and_report(
     for warning in spec_warnings(entries, spec.defaults):
         print(f"warning: {warning}", file=sys.stderr)
 
-    console = Console(stderr=True)
-    with console.status("loading model") as status:
+    with display() as progress:
         result = evaluate(
             spec,
             entries,
             spec_path=spec_path,
             adapter=getattr(args, "adapter", None),
             trace_path=getattr(args, "trace", None),
-            progress=lambda msg: status.update(msg),
+            progress=progress,
         )
     print_terminal(result)
     for path, render in (

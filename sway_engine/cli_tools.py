@@ -53,12 +53,14 @@ def run(args: argparse.Namespace) -> int | None:
 
 def _diff(args: argparse.Namespace) -> int:
     from sway_engine.diff import compare_probes, evaluate_pair
+    from sway_engine.progress import display
     from sway_engine.suite import load_spec
 
     spec, entries = load_spec(args.spec)
-    result_a, result_b = evaluate_pair(
-        spec, entries, [args.a, args.b], spec_path=str(args.spec), progress=_say
-    )
+    with display() as progress:
+        result_a, result_b = evaluate_pair(
+            spec, entries, [args.a, args.b], spec_path=str(args.spec), progress=progress
+        )
     rows = compare_probes(result_a.probes, result_b.probes)
     failed = int(args.fail_on_regression and any(r["regression"] for r in rows))
     if args.json:
@@ -136,7 +138,3 @@ def _table(rows: Sequence[dict[str, Any]], columns: list[str]) -> None:
     print("  ".join(columns))
     for row in rows:
         print("  ".join(cell(row.get(c)) for c in columns))
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr)

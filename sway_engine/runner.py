@@ -17,18 +17,17 @@ from sway_engine import __version__, score, stats
 from sway_engine.backends.base import NULL_VIEWS
 from sway_engine.backends.build import build_backend
 from sway_engine.backends.instrumentation import Instrumented
-from sway_engine.calibration import NullMatrix, calibrate, plan_for
+from sway_engine.calibration import NullMatrix, NullPlan, calibrate, calibrates, plan_for
 from sway_engine.errors import ProbeSkip, SwayError
 from sway_engine.probes.base import Context, finalize, skipped
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
+from sway_engine.progress import Progress, Step
 from sway_engine.requests import NextToken, Request, Result
 from sway_engine.result import ProbeResult, SuiteResult, Verdict
 from sway_engine.spec import SuiteSpec
 from sway_engine.suite import Suite, document_of, null_entry
 from sway_engine.views import BASE, FINETUNED, Finetuned
-
-Progress = Callable[[str], None]
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +49,25 @@ def preflight(backend: Instrumented) -> None:
     backend.execute([NextToken("hello", BASE, 8), NextToken("hello", FINETUNED, 8)])
 
 
-def calibrate_suite(spec: SuiteSpec, entries: list[Entry], ctx: Context) -> NullMatrix | None:
-    """The null matrix, or None when the suite has no (enabled) null_adapter entry."""
+def null_plan(spec: SuiteSpec, entries: list[Entry], ctx: Context) -> NullPlan | None:
+    """The suite's null plan, or None when it has no (enabled) null_adapter entry or the
+    backend cannot build null views."""
     entry = null_entry(entries)
     if entry is None or NULL_VIEWS not in ctx.capabilities:
         return None
     assert isinstance(entry.spec, NullAdapterSpec)
-    return calibrate(entries, ctx, plan_for(entry.spec, spec.defaults.null))
+    return plan_for(entry.spec, spec.defaults.null)
+
+
+def calibrate_suite(
+    spec: SuiteSpec,
+    entries: list[Entry],
+    ctx: Context,
+    on_entry: Callable[[Entry], None] | None = None,
+) -> NullMatrix | None:
+    """The null matrix, or None when the suite has no (enabled) null_adapter entry."""
+    plan = null_plan(spec, entries, ctx)
+    return None if plan is None else calibrate(entries, ctx, plan, on_entry)
 
 
 def null_result(entry: Entry, matrix: NullMatrix | None, duration_s: float) -> ProbeResult:
@@ -205,11 +216,20 @@ def run_suite(
     adapter: str = "",
     progress: Progress | None = None,
 ) -> SuiteResult:
-    """Preflight, calibrate, run every entry in declaration order, score."""
+    """Preflight, calibrate, run every entry in declaration order, score. `progress` hears of
+    each step: every calibrated probe under the nulls, then every entry."""
     started = datetime.now(UTC)
     t0 = time.perf_counter()
-    say = progress or (lambda _msg: None)
     ctx = context_for(spec, backend)
+    plan = null_plan(spec, entries, ctx)
+    calibrated = [e for e in entries if plan is not None and calibrates(e, plan, ctx.capabilities)]
+    steps = iter(range(1, len(calibrated) + len(entries) + 1))
+    total = len(calibrated) + len(entries)
+
+    def say(label: str) -> None:
+        if progress is not None:
+            progress(Step(next(steps), total, label))
+
     backend.label = "preflight"
     try:
         preflight(backend)
@@ -219,10 +239,12 @@ def run_suite(
     matrix = None
     calibration_s = 0.0
     if (entry := null_entry(entries)) is not None:
-        say(f"null calibration ({entry.spec.name})")
         backend.label = entry.spec.name
         t = time.perf_counter()
-        matrix = calibrate_suite(spec, entries, ctx)
+        nulls = len(plan.views()) if plan is not None else 0
+        matrix = calibrate_suite(
+            spec, entries, ctx, lambda e: say(f"{e.spec.name} under {nulls} null adapters")
+        )
         calibration_s = time.perf_counter() - t
     results = []
     for entry in entries:
@@ -357,10 +379,10 @@ def run_without_model(
         document=document_of(spec),
         adapter_path=adapter,
     )
-    say = progress or (lambda _msg: None)
     results = []
-    for entry in entries:
-        say(f"{entry.spec.name} ({entry.spec.kind})")
+    for i, entry in enumerate(entries, 1):
+        if progress is not None:
+            progress(Step(i, len(entries), f"{entry.spec.name} ({entry.spec.kind})"))
         results.append(run_entry(entry, ctx, None))
     return results
 
@@ -399,13 +421,16 @@ def run_many(
             f"the {backend.kind} backend holds one adapter at a time; "
             "evaluate the adapters one by one (evaluate) instead"
         )
-    say = progress or (lambda _msg: None)
     backend.reset()
     started = datetime.now(UTC)
     t0 = time.perf_counter()
     reg = register(backend.inner, adapters)
     loaded = reg.loaded
-    say(f"{len(loaded)} adapter(s) registered on one base; {len(adapters) - len(loaded)} failed")
+    log.info(
+        "%d adapter(s) registered on one base; %d failed",
+        len(loaded),
+        len(reg.errors) - reg.errors.count(None),
+    )
     out: dict[int, SuiteResult] = {
         i: suite_result(
             spec, spec_path, str(adapters[i]), started, t0, error_results(entries, msg), None
@@ -434,7 +459,6 @@ def run_many(
                     None,
                 )
             out[i] = result
-        say(f"{len(loaded)} suite(s) done")
     return [out[i] for i in range(len(adapters))]
 
 

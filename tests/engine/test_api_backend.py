@@ -32,6 +32,7 @@ from sway_engine.backends.two_model import TwoModelBackend
 from sway_engine.cli import main
 from sway_engine.errors import BackendError
 from sway_engine.probes.common.divergence import topk_divergence
+from sway_engine.progress import Step
 from sway_engine.requests import (
     ContinuationLogprob,
     Divergence,
@@ -688,8 +689,8 @@ def test_server_killed_mid_run_gives_error_rows_naming_the_url(tmp_path: Path) -
         TwoModelBackend(fast(base.url, max_retries=1), fast(ft.url, max_retries=1))
     )
 
-    def kill_on_first_probe(msg: str) -> None:
-        if msg.startswith("dkl"):
+    def kill_on_first_probe(step: Step) -> None:
+        if step.label.startswith("dkl"):
             ft.stop()
 
     try:
