@@ -35,6 +35,7 @@ from sway_engine.history import mlflow_params
 from sway_engine.mirror import plot_of
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
+from sway_engine.report.html import Gate, write_page
 from sway_engine.result import ProbeResult, Verdict
 from sway_engine.runner import (
     calibrate_suite,
@@ -209,7 +210,12 @@ def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefin
                 return None
             assert session.backend is not None
             session.backend.label = null_entry.spec.name
-            return calibrate_suite(suite.spec, list(suite.entries), session.context(suite))
+
+            def step(e: Entry) -> None:
+                context.log.info(f"{session.key}: {e.spec.name} under the null adapters")
+
+            ctx = session.context(suite)
+            return calibrate_suite(suite.spec, list(suite.entries), ctx, step)
 
         per_key: dict[str, dict[str, Any]] = {}
         for session, matrix in per_adapter(context.partition_keys, backend, adapter_store, compute):
@@ -312,6 +318,7 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
             session.backend.label = entry.spec.name
             run = evaluation_id(context.run.run_id, session.key)
             matrix = null_matrix_for(store, session.key, suite, run)
+            context.log.info(f"{session.key}: {entry.spec.name} ({entry.spec.kind})")
             return run_entry(entry, session.context(suite), matrix)
 
         kind = backend.served_kind()
@@ -464,6 +471,15 @@ def _score_asset(suite: Suite, checked: dict[str, dg.AssetKey]) -> dg.AssetsDefi
         }
         if published.url:
             metadata["mlflow_run"] = dg.MetadataValue.url(published.url)
+        if results.reports:
+            page = write_page(
+                Path(results.reports),
+                key,
+                run["run_id"],
+                store.suite_of(run["run_id"]),
+                Gate(passed, why),
+            )
+            metadata["report"] = dg.MetadataValue.path(str(page))
         yield dg.MaterializeResult(metadata=metadata, check_results=[check])
         allow = suite.spec.defaults.allow_uncalibrated
         for r in probe_results:

@@ -35,6 +35,10 @@ def test_one_partition_writes_duckdb_and_one_mlflow_run(home, instance, fx) -> N
     assert model_loads(instance, result.run_id) == 1  # one base load for the whole run
     sha8 = read_adapter(fx.adapters["doc-strong"]).sha8
     assert key == f"doc-strong-{sha8}"
+    # the run's log says each step, as `sway run` shows it
+    logged = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert f"{key}: delta_kl_doc under the null adapters" in logged
+    assert f"{key}: delta_kl_doc (delta_kl)" in logged
 
     store = ResultStore(home.database)
     counts = store.row_counts()
