@@ -61,6 +61,7 @@ class ProbeResult:
         d["verdict"] = self.verdict.value
         d["ci_95"] = list(self.ci_95) if self.ci_95 else None
         d["items"] = list(self.items)
+        d["z_score"] = d["z"]  # upstream dlm-sway's name (UPSTREAM_NAMES)
         return json_safe(d)
 
 
@@ -114,7 +115,82 @@ class SuiteResult:
             "backend_stats": self.backend_stats,
             "score": self.score.to_dict(),
             "probes": [p.to_dict() for p in self.probes],
+            # upstream dlm-sway's names for the same values, so its consumers read ours
+            **{theirs: getattr(self, ours) for theirs, ours in UPSTREAM_NAMES.items()},
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SuiteResult:
+        """A suite result from its JSON (`sway run --json`), or from upstream dlm-sway's
+        (`adapter_id`, `base_model_id`, `wall_seconds`, per probe `z_score`); fields upstream
+        lacks get neutral values. Raises ValueError naming what is missing."""
+        try:
+            got = dict(data)
+            for theirs, ours in UPSTREAM_NAMES.items():
+                got.setdefault(ours, got.get(theirs))
+            score = got.get("score") or {}
+            return cls(
+                spec_path=str(got.get("spec_path") or ""),
+                spec_hash=str(got.get("spec_hash") or ""),
+                base_model=str(got.get("base_model") or ""),
+                adapter=str(got.get("adapter") or ""),
+                started_at=str(got.get("started_at") or ""),
+                finished_at=str(got.get("finished_at") or ""),
+                wall_s=float(got.get("wall_s") or 0.0),
+                sway_version=str(got.get("sway_version") or ""),
+                probes=tuple(_probe_from_dict(p) for p in got["probes"]),
+                score=SwayScore(
+                    overall=float(score.get("overall") or 0.0),
+                    band=str(score.get("band") or ""),
+                    components=dict(score.get("components") or {}),
+                    weights=dict(score.get("weights") or {}),
+                    findings=tuple(score.get("findings") or ()),
+                ),
+                backend_stats=dict(got.get("backend_stats") or {}),
+                backend_kind=str(got.get("backend_kind") or ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"not a sway result ({type(exc).__name__}: {exc}); give the JSON that "
+                "`sway run --json` (or upstream dlm-sway) wrote"
+            ) from exc
+
+
+# Upstream dlm-sway's JSON names for fields sway names differently (ours -> written beside).
+UPSTREAM_NAMES = {"adapter_id": "adapter", "base_model_id": "base_model", "wall_seconds": "wall_s"}
+
+
+def _probe_from_dict(d: Mapping[str, Any]) -> ProbeResult:
+    null = d.get("null")
+    ci = d.get("ci_95")
+    return ProbeResult(
+        name=str(d["name"]),
+        kind=str(d["kind"]),
+        category=str(d.get("category") or ""),
+        verdict=Verdict(d["verdict"]),
+        message=str(d.get("message") or ""),
+        score=finite(d.get("score")),
+        raw=finite(d.get("raw")),
+        z=finite(d["z"] if "z" in d else d.get("z_score")),
+        p=finite(d.get("p")),
+        ci_95=(float(ci[0]), float(ci[1]))
+        if isinstance(ci, list | tuple) and len(ci) == 2
+        else None,
+        weight=float(d.get("weight", 1.0)),
+        null=NullStats(
+            mean=float(null["mean"]),
+            std=float(null["std"]),
+            n=int(null["n"]),
+            samples=tuple(float(x) for x in null.get("samples") or ()),
+            degenerate=bool(null.get("degenerate", False)),
+            non_finite=int(null.get("non_finite", 0)),
+        )
+        if isinstance(null, Mapping)
+        else None,
+        items=tuple(d.get("items") or ()),
+        evidence=dict(d.get("evidence") or {}),
+        duration_s=float(d.get("duration_s") or 0.0),
+    )
 
 
 def finite(value: float | int | None) -> float | None:

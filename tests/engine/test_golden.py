@@ -43,10 +43,11 @@ IGNORED = {
 
 
 def differences(a: Any, b: Any, path: str = "") -> list[str]:
-    """Where two JSON results differ: numbers beyond TOLERANCE (relative above 1), anything
-    else unequal; keys in IGNORED are skipped."""
+    """Where result `b` differs from reference `a`: numbers beyond TOLERANCE (relative above 1),
+    anything else unequal, a key `b` lost; keys in IGNORED are skipped. Keys only `b` has are
+    additions (a new field), not moved numbers."""
     if isinstance(a, dict) and isinstance(b, dict):
-        out = [f"{path}/{k}: only in one" for k in sorted(set(a) ^ set(b)) if k not in IGNORED]
+        out = [f"{path}/{k}: missing now" for k in sorted(set(a) - set(b)) if k not in IGNORED]
         for k in sorted(set(a) & set(b) - IGNORED):
             out += differences(a[k], b[k], f"{path}/{k}")
         return out
@@ -88,6 +89,9 @@ def test_the_comparison_catches_a_moved_number_and_ignores_timings() -> None:
     )
     assert moved == ["/probes[0]/raw: 0.25 against 0.250002"]
     assert differences(before, {"probes": [{**before["probes"][0], "verdict": "fail"}]})
+    added = {"probes": [{**before["probes"][0], "z_score": 1.0}]}
+    assert differences(before, added) == []  # a new field is not a moved number
+    assert differences(added, before) == ["/probes[0]/z_score: missing now"]
 
 
 def _tree_of(ref: str, dest: Path) -> Path:
