@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -166,3 +168,25 @@ def test_list_probes_names_every_kind_with_what_it_measures_and_its_inputs(capsy
     assert rows["leakage"]["direction"] == "lower is better"
     assert main(["list-probes"]) == 0
     assert "delta_kl (adherence, higher is better)" in capsys.readouterr().out
+
+
+def test_validate_checks_each_spec_without_loading_a_model(fx, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nsuite: [{name: d, kind: nope}]\n")
+    no_doc = tmp_path / "no-doc.yaml"
+    no_doc.write_text(fx.suite.read_text() + "dlm_source: missing.dlm\n")
+    few_nulls = tmp_path / "few.yaml"
+    few_nulls.write_text(fx.suite.read_text().replace("runs: 16", "runs: 2"))
+    assert main(["validate", str(fx.suite), str(bad), str(no_doc), str(few_nulls)]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"ok: {fx.suite} (3 probes)", f"ok: {few_nulls} (3 probes)"]
+    assert "suite[0].kind: unknown probe kind 'nope'" in err
+    assert f"{tmp_path / 'missing.dlm'}: cannot read the document" in err
+    assert f"warning: {few_nulls}: null_baseline: runs: 2 is too few" in err
+    assert main(["validate", str(fx.suite)]) == 0
+    code = (
+        "import sys; from sway_engine.cli import main; "
+        f"print(main(['validate', {str(fx.suite)!r}]), 'torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.splitlines()[-1] == "0 False", done.stderr
