@@ -31,7 +31,7 @@ from sway_dagster.partitions import adapters
 from sway_dagster.resources import MlflowResource, ModelResource, ResultStoreResource
 from sway_engine.calibration import NullMatrix
 from sway_engine.errors import AdapterError
-from sway_engine.history import mlflow_params
+from sway_engine.history import mlflow_params, registered_model
 from sway_engine.mirror import plot_of
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
@@ -445,7 +445,9 @@ def _score_asset(suite: Suite, checked: dict[str, dg.AssetKey]) -> dg.AssetsDefi
         # and a failure there leaves the copy pending instead of failing this step.
         mirror = mlflow.mirror(store, context.log.warning)
         trace = Path(backend.trace_dir) / "trace.jsonl" if backend.trace_dir else None
-        published = mirror.publish(run["run_id"], _params(suite, store, key), trace)
+        published = mirror.publish(
+            run["run_id"], _params(suite, store, key), trace, registered_model(suite)
+        )
         if published.synced:
             mirror.catch_up()
         probe_results = suite_result.probes

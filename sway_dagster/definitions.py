@@ -1,7 +1,8 @@
 """The code location: assets from the configured suite, resources bound in one place.
 
 Configuration comes from the environment (see sway_engine.home): SWAY_HOME,
-SWAY_SUITE, SWAY_ADAPTERS_DIR, MLFLOW_TRACKING_URI, SWAY_MLFLOW_UI, SWAY_ALLOW_SPEC_CODE.
+SWAY_SUITE, SWAY_ADAPTERS_DIR, MLFLOW_TRACKING_URI, SWAY_MLFLOW_UI, SWAY_DAGSTER_URL,
+SWAY_ALLOW_SPEC_CODE.
 """
 
 from __future__ import annotations
@@ -67,12 +68,15 @@ def build_definitions(
         resources={
             "backend": backend or backend_for(suite.spec, trace_dir=str(settings.traces)),
             "adapter_store": AdapterStoreResource(root=str(settings.adapters_dir)),
-            "results": ResultStoreResource(database=str(settings.database)),
+            "results": ResultStoreResource(
+                database=str(settings.database), reports=str(settings.reports)
+            ),
             "mlflow": MlflowResource(
                 tracking_uri=settings.mlflow_uri,
                 experiment=f"sway-{suite.path.stem}",
                 artifact_root=str(settings.mlflow_artifacts),
                 ui_url=settings.mlflow_ui,
+                dagster_ui=settings.dagster_ui,
             ),
         },
     )

@@ -427,9 +427,11 @@ CONFIGURED_KIND = {
 
 
 class ResultStoreResource(_Strict):
-    """The DuckDB result store (short connections, retried writes, numbered migrations)."""
+    """The DuckDB result store (short connections, retried writes, numbered migrations), and
+    the folder sway_score writes each evaluation's HTML page into ("": no pages)."""
 
     database: str
+    reports: str = ""
 
     def store(self) -> DuckStore:
         return DuckStore(self.database)
@@ -443,6 +445,7 @@ class MlflowResource(_Strict):
     experiment: str = "sway"
     artifact_root: str = ""
     ui_url: str = ""
+    dagster_ui: str = ""  # the Dagster UI's base URL: each copy links its Dagster run
     _tracking: MlflowTracking | None = PrivateAttr(default=None)
 
     def tracking(self) -> MlflowTracking:
@@ -456,4 +459,4 @@ class MlflowResource(_Strict):
         return self._tracking
 
     def mirror(self, store: DuckStore, warn: Callable[[str], None]) -> Mirror:
-        return Mirror(self.tracking(), store, warn)
+        return Mirror(self.tracking(), store, warn, dagster_ui=self.dagster_ui or None)

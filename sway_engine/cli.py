@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("spec", type=Path, help="sway.yaml")
         p.add_argument("--json", "-j", type=Path, help="write the JSON result here")
         p.add_argument("--markdown", "-m", type=Path, help="write a Markdown report here")
+        p.add_argument("--html", type=Path, help="write a self-contained HTML report here")
         p.add_argument("--junit", type=Path, help="write JUnit XML here")
         p.add_argument("--weights", help="category weights, e.g. adherence=0.5,ablation=0")
         p.add_argument("--adapter", help="evaluate this adapter directory instead of models.ft")
@@ -209,7 +210,7 @@ def _run(args: argparse.Namespace, *, gate: bool) -> int:
             update={"defaults": spec.defaults.model_copy(update={"score_weights": weights})}
         )
     threshold = getattr(args, "threshold", None)
-    _writable([args.json, args.markdown, args.junit, args.trace])
+    _writable([args.json, args.markdown, args.html, args.junit, args.trace])
     home = _home(args.home) if args.home is not None or "SWAY_HOME" in os.environ else None
     if home is not None:
         _writable([home.database])
@@ -283,6 +284,10 @@ def _evaluate_and_report(
         if path is not None:
             Path(path).write_text(render(result), encoding="utf-8")
     passed, why = runner_gate(spec, result, threshold)
+    if (page := getattr(args, "html", None)) is not None:
+        from sway_engine.report.html import Gate, to_html
+
+        Path(page).write_text(to_html(result, Gate(passed, why)), encoding="utf-8")
     home, suite = record
     if home is not None and suite is not None:
         _record(home, suite, result, passed)

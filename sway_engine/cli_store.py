@@ -60,20 +60,21 @@ def read_history(args: argparse.Namespace, home: Settings) -> int:
 def report(args: argparse.Namespace, home: Settings) -> int:
     """A recorded evaluation as a terminal report, Markdown or HTML (from the store alone)."""
     from sway_engine.history import latest_run_of
-    from sway_engine.mirror import plot_of
-    from sway_engine.report.text import print_terminal, to_html, to_markdown
+    from sway_engine.report.html import recorded_gate, to_html
+    from sway_engine.report.text import print_terminal, to_markdown
 
     for path in (args.markdown, args.html):
         if path is not None and not path.parent.is_dir():
             raise SwayError(f"{path}: its folder {path.parent} does not exist; create it")
     store = open_store(home)
-    result = store.suite_of(latest_run_of(store, args.adapter)["run_id"])
+    run_id = latest_run_of(store, args.adapter)["run_id"]
+    result = store.suite_of(run_id)
     print_terminal(result)
     if args.markdown is not None:
         args.markdown.write_text(to_markdown(result), encoding="utf-8")
     if args.html is not None:
-        plots = {p.name: png for p in result.probes if (png := plot_of(p)) is not None}
-        args.html.write_text(to_html(result, plots), encoding="utf-8")
+        gate = recorded_gate(result, store.gate_passed(run_id))
+        args.html.write_text(to_html(result, gate), encoding="utf-8")
     return 0
 
 
@@ -95,7 +96,8 @@ def sync_mlflow(args: argparse.Namespace, settings: Settings) -> int:
             experiment,
             artifact_root=settings.mlflow_artifacts,
         )
-        done = Mirror(tracking, store, warn=lambda m: print(m, file=sys.stderr)).catch_up(None)
+        mirror = Mirror(tracking, store, lambda m: print(m, file=sys.stderr), settings.dagster_ui)
+        done = mirror.catch_up(None)
         copied = sum(p.synced for p in done)
         left += experiments[experiment] - copied
         print(f"{experiment}: {copied} of {experiments[experiment]} evaluation(s) copied")

@@ -2,7 +2,8 @@
 and MLflow exactly as a Dagster run records it (same adapter key, same rows, same MLflow
 experiment and params), apart from its origin.
 
-`mlflow_params` is the one definition of an evaluation's MLflow params, for both paths.
+`mlflow_params` is the one definition of an evaluation's MLflow params, and `registered_model`
+of the registered model a passing adapter joins, for both paths.
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ def mlflow_params(suite: Suite, adapter: Mapping[str, Any]) -> dict[str, str | i
     }
 
 
+def registered_model(suite: Suite) -> str | None:
+    """The registered model a gate-passing adapter of this suite becomes a version of
+    (`defaults.mlflow.model_name`, else the suite's experiment), or None unless it registers."""
+    options = suite.spec.defaults.mlflow
+    if not options.register_adapters:
+        return None
+    return options.model_name or experiment_for(suite.source)
+
+
 def record_cli_run(
     settings: Settings,
     suite: Suite,
@@ -73,7 +83,9 @@ def record_cli_run(
         ui_url=settings.mlflow_ui,
     )
     params = mlflow_params(suite, record.__dict__)
-    published = Mirror(tracking, store, warn).publish(run_id, params)
+    published = Mirror(tracking, store, warn).publish(
+        run_id, params, register=registered_model(suite)
+    )
     return key, run_id, published
 
 

@@ -20,6 +20,8 @@ class Settings:
     mlflow_artifacts: Path
     mlflow_ui: str
     traces: Path
+    dagster_ui: str  # the Dagster UI's base URL, linked from each MLflow copy of a Dagster run
+    reports: Path  # Dagster's HTML page of each evaluation: <reports>/<adapter>/<run id>.html
     # A spec is code (kind custom imports a module, trust_remote_code runs a model repo's
     # Python): the Dagster code location runs such a spec only when its environment says so.
     allow_spec_code: bool = False
@@ -39,5 +41,7 @@ class Settings:
             mlflow_artifacts=home / "mlartifacts",
             mlflow_ui=env.get("SWAY_MLFLOW_UI", "http://127.0.0.1:5000"),
             traces=home / "traces",
+            dagster_ui=env.get("SWAY_DAGSTER_URL", "http://127.0.0.1:3000"),
+            reports=home / "reports",
             allow_spec_code=env.get("SWAY_ALLOW_SPEC_CODE", "").lower() in ("1", "true", "yes"),
         )

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sway_engine import __version__
+from sway_engine.report.plots import plot_of
 from sway_engine.result import ProbeResult
 from sway_engine.store.results import MLFLOW_PENDING, MLFLOW_SYNCED, ResultStore
-from sway_engine.tracking import MlflowTracking, TrackingError
+from sway_engine.tracking import TABLE_FILE, MlflowTracking, TrackingError, probe_table
 
 T = TypeVar("T")
 
@@ -31,6 +32,7 @@ COOLDOWN_S = 60.0
 SLOW_FAILURE_S = 1.0  # a failure that took this long is remembered for COOLDOWN_S
 CATCH_UP_LIMIT = 20  # older pending runs copied per publication; `sway sync-mlflow` takes all
 _down: dict[str, tuple[float, str]] = {}  # tracking URI -> (monotonic retry time, why)
+MODEL_PARAMS = ("base_model", "rank", "alpha", "target_modules")  # of history.mlflow_params
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,13 @@ class Mirror:
         tracking: MlflowTracking,
         store: ResultStore,
         warn: Callable[[str], None] = lambda _message: None,
+        dagster_ui: str | None = None,
     ) -> None:
         self.tracking = tracking
         self.store = store
         self.warn = warn
+        # The Dagster UI's base URL: a run's copy links to its Dagster run (None: no link).
+        self.dagster_ui = dagster_ui.rstrip("/") if dagster_ui else None
 
     def preview(
         self, adapter_id: str, dagster_run_id: str, tags: Mapping[str, str], result: ProbeResult
@@ -81,19 +86,26 @@ class Mirror:
             return None
 
     def publish(
-        self, run_id: str, params: Mapping[str, Any], trace: Path | None = None
+        self,
+        run_id: str,
+        params: Mapping[str, Any],
+        trace: Path | None = None,
+        register: str | None = None,
     ) -> Published:
         """Copy the complete evaluation `run_id` into its MLflow run (the one its probes logged
-        to, else a new one) and mark it synced; when MLflow fails, mark it pending instead."""
+        to, else a new one) and mark it synced; when MLflow fails, mark it pending instead.
+        `register`: the registered model a gate-passing adapter becomes a version of."""
         run = self.store.run_row(run_id)
         if run is None:
             raise TrackingError(f"run {run_id}: not in the result store {self.store.path}")
         target = {"experiment": self.tracking.experiment, "params": dict(params)}
         if trace is not None:
             target["trace"] = str(trace)
+        if register is not None:
+            target["register"] = register
         started: list[str] = []
         try:
-            mlflow_id = self._guarded(lambda: self._copy(run, params, trace, started))
+            mlflow_id = self._guarded(lambda: self._copy(run, params, trace, register, started))
         except TrackingError as exc:
             if started:
                 self._mark_failed(started[0])
@@ -115,46 +127,69 @@ class Mirror:
             if target.get("experiment", self.tracking.experiment) != self.tracking.experiment:
                 continue
             trace = Path(target["trace"]) if target.get("trace") else None
-            published = self.publish(run["run_id"], target.get("params") or {}, trace)
+            params = target.get("params") or {}
+            published = self.publish(run["run_id"], params, trace, target.get("register"))
             done.append(published)
             if not published.synced:
                 break
         return done
 
     def _copy(
-        self, run: Mapping[str, Any], params: Mapping[str, Any], trace: Path | None, started: list
+        self,
+        run: Mapping[str, Any],
+        params: Mapping[str, Any],
+        trace: Path | None,
+        register: str | None,
+        started: list,
     ) -> str:
         suite = self.store.suite_of(run["run_id"])
         tracking = self.tracking
-        tags = self._tags(run)
+        adapter = next(
+            (a for a in self.store.adapters() if a["adapter_id"] == run["adapter_id"]), {}
+        )
+        tags = self._tags(run, adapter)
         mlflow_id = tracking.run_for(
             run["adapter_id"], run["dagster_run_id"] or run["run_id"], tags
         )
         started.append(mlflow_id)
         tracking.set_tags(mlflow_id, tags)  # a run the probes' previews created lacks some
-        tracking.log_suite(mlflow_id, suite, {k: v for k, v in params.items()})
+        model_id = tracking.logged_model(run["adapter_id"], _model_params(params, adapter))
+        tracking.log_suite(mlflow_id, suite, {k: v for k, v in params.items()}, model_id)
+        tracking.log_table(mlflow_id, probe_table(suite), TABLE_FILE)
         tracking.log_json(mlflow_id, suite.to_dict(), "results.json")
+        from sway_engine.report.html import recorded_gate, to_html
         from sway_engine.report.text import to_markdown
 
-        tracking.log_text(mlflow_id, to_markdown(suite), "report.md")
+        report = to_markdown(suite)
+        tracking.log_text(mlflow_id, report, "report.md")
+        tracking.describe(mlflow_id, report)
+        passed = self.store.gate_passed(run["run_id"])
+        gate = recorded_gate(suite, passed)
+        tracking.log_text(mlflow_id, to_html(suite, gate), "report.html")
         for result in suite.probes:
             png = plot_of(result)
             if png is not None:
                 tracking.log_figure_png(mlflow_id, png, f"plots/{result.name}.png")
         if trace is not None and trace.is_file():
             tracking.log_artifact_file(mlflow_id, trace)
+        if register is not None and passed:
+            passed_at = run["finished_at"].isoformat() if run.get("finished_at") else ""
+            tracking.register(register, model_id, mlflow_id, passed_at)
         tracking.finish(mlflow_id)
         return mlflow_id
 
-    def _tags(self, run: Mapping[str, Any]) -> dict[str, str]:
-        tags = {"dagster.partition": run["adapter_id"], "sway.engine_version": __version__}
-        adapter = next(
-            (a for a in self.store.adapters() if a["adapter_id"] == run["adapter_id"]), {}
-        )
+    def _tags(self, run: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict[str, str]:
+        tags = {
+            "dagster.partition": run["adapter_id"],
+            "sway.engine_version": __version__,
+            "sway.run_id": run["run_id"],  # the evaluation in DuckDB
+        }
         if adapter.get("sha256"):
             tags["sway.adapter_sha"] = adapter["sha256"]
         if run.get("origin"):
             tags["sway.origin"] = run["origin"]
+        if run.get("dagster_run_id") and self.dagster_ui:
+            tags["sway.dagster_run_url"] = f"{self.dagster_ui}/runs/{run['dagster_run_id']}"
         return tags
 
     def _mark_failed(self, mlflow_id: str) -> None:
@@ -189,21 +224,12 @@ class Mirror:
         return result
 
 
-def plot_of(result: ProbeResult) -> bytes | None:
-    """The probe's plot (ablation curve, else null histogram), or None when there is nothing
-    to draw or matplotlib is not installed (plots are a nicety of the MLflow copy)."""
-    from sway_engine.report import plots
-
-    try:
-        if result.kind == "adapter_ablation" and "curve" in result.evidence:
-            return plots.ablation_curve(
-                result.name, result.evidence["lambdas"], result.evidence["curve"]
-            )
-        if result.null is not None and result.null.samples:
-            return plots.null_histogram(result.name, result.null.samples, result.raw)
-    except ImportError:
-        return None
-    return None
+def _model_params(params: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict[str, Any]:
+    """The adapter's LoggedModel params: its part of the run's params, and its weights' hash."""
+    found = {k: params[k] for k in MODEL_PARAMS if k in params}
+    if adapter.get("sha256"):
+        found["weights_sha256"] = adapter["sha256"]
+    return found
 
 
 def forget_failures() -> None:

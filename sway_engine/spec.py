@@ -1,7 +1,7 @@
 """Pydantic models of `sway.yaml` version 1 (upstream dlm-sway compatible) plus our additions.
 
 Plain models: loading and validating a file is `sway_engine.suite`. Our additions live under
-`defaults` (null, divergence_mode, alpha, allow_uncalibrated, score) and a few model fields;
+`defaults` (null, divergence_mode, alpha, allow_uncalibrated, score, mlflow) and a few model fields;
 everything else matches upstream, unknown keys rejected.
 """
 
@@ -91,6 +91,17 @@ class NullConfig(_Strict):
         return v
 
 
+class MlflowOptions(_Strict):
+    """What the MLflow copy adds (ours): with `register`, an adapter that passes the gate becomes
+    a version of the registered model `model_name` (default: the experiment, `sway-<suite
+    stem>`) and the alias `gate-passed` points at the newest pass."""
+
+    # `register` in the file; named apart because pydantic models inherit ABC's `register`.
+    register_adapters: bool = Field(default=False, alias="register")
+    # MLflow refuses '/' and ':' in registered model names.
+    model_name: str | None = Field(default=None, min_length=1, pattern=r"^[^/:]+$")
+
+
 class Defaults(_Strict):
     seed: int = 0
     top_k: int = Field(256, ge=1)
@@ -107,6 +118,9 @@ class Defaults(_Strict):
     allow_uncalibrated: bool = False
     # Ours: "evidence" ranks by significant effects (PROBES.md); "upstream" is dlm-sway's.
     score: Literal["evidence", "upstream"] = "evidence"
+    # Ours: what the MLflow copy registers. Where results go, not what is measured: left out of
+    # the spec hash.
+    mlflow: MlflowOptions = Field(default=MlflowOptions(), exclude=True)
 
     @field_validator("score_weights")
     @classmethod

@@ -20,7 +20,7 @@ from sway_engine.result import ProbeResult, SuiteResult, finite, json_safe
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
+    from mlflow.entities import LoggedModel, Metric, Run
 
 ADAPTER_TAG = "sway.adapter_id"
 DAGSTER_RUN_TAG = "dagster.run_id"
@@ -30,6 +30,16 @@ PROBE_METRICS = ("raw", "z", "p", "score")
 # Metric names are `<probe>/<field>` and `sway/score`: MLflow's UI groups charts by the part
 # before the first "/", so each probe's raw, z, p and score sit together.
 SCORE_METRIC = "sway/score"
+# The probe rows as a table artifact: MLflow's UI shows it and lines it up across runs.
+TABLE_FILE = "probe_results.json"
+TABLE_COLUMNS = ("probe", "kind", "verdict", "raw", "z", "p", "q", "score", "message")
+# Each adapter is an external LoggedModel (its weights stay where they are), one per experiment.
+MODEL_TYPE = "lora-adapter"
+MODEL_ID_TAG = "sway.model_id"  # on a registered model version: the LoggedModel it stands for
+PASSED_AT_TAG = "sway.gate_passed_at"  # on a version: when its adapter last passed the gate
+GATE_ALIAS = "gate-passed"
+NOTE_TAG = "mlflow.note.content"  # MLflow shows this tag as the run's description
+NOTE_LIMIT = 8000  # MLflow's longest tag value (MAX_TAG_VAL_LENGTH)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # At most about 2 + 4 s of backoff and 10 s per request: a dead server costs seconds, not minutes.
 CLIENT_DEADLINES = {
@@ -129,27 +139,127 @@ class MlflowTracking:
             return str(created.info.run_id)
 
     def log_suite(
-        self, run_id: str, suite: SuiteResult, params: Mapping[str, str | int | float]
+        self,
+        run_id: str,
+        suite: SuiteResult,
+        params: Mapping[str, str | int | float],
+        model_id: str | None = None,
     ) -> None:
-        """Log every probe's metrics and verdict, the overall score and band, and `params`."""
-        from mlflow.entities import Metric, Param, RunTag
+        """Log every probe's metrics and verdict, the overall score and band, and `params`. With
+        `model_id` the metrics are that LoggedModel's too, and the run lists it as an input (the
+        model it evaluated), as MLflow's own `log_metrics(model_id=...)` does."""
+        from mlflow.entities import LoggedModelInput, Metric, Param, RunTag
 
         now = _now_ms()
-        metrics = [m for r in suite.probes for m in _probe_metrics(r, now)]
+        metrics = [m for r in suite.probes for m in _probe_metrics(r, now, model_id)]
         overall = finite(suite.score.overall)
         if overall is not None:
-            metrics.append(Metric(SCORE_METRIC, overall, now, 0))
+            metrics.append(Metric(SCORE_METRIC, overall, now, 0, model_id=model_id))
         tags = [RunTag("sway.band", suite.score.band), RunTag("sway.spec_hash", suite.spec_hash)]
         tags += [RunTag(f"sway.verdict.{r.name}", r.verdict.value) for r in suite.probes]
         with self._errors(f"run {run_id}"):
-            new_params = self._new_params(run_id, params)
+            run = self.client.get_run(run_id)
+            new_params = self._new_params(run, params)
             self.client.log_batch(
                 run_id,
-                metrics=self._new_metrics(run_id, metrics),
+                metrics=self._new_metrics(run, metrics, model_id),
                 params=[Param(k, v) for k, v in new_params.items()],
                 tags=tags,
                 synchronous=True,
             )
+            inputs = run.inputs.model_inputs if run.inputs and run.inputs.model_inputs else []
+            if model_id is not None and model_id not in {i.model_id for i in inputs}:
+                self.client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
+
+    def log_table(self, run_id: str, columns: Mapping[str, list[Any]], artifact_file: str) -> None:
+        """Write `columns` (name -> one value per row) as the table artifact `artifact_file`
+        (.json), which MLflow's UI shows and compares across runs. A table the run holds already
+        is kept: MLflow's `log_table` appends, so a copy made again would hold each row twice."""
+        folder = str(PurePosixPath(artifact_file).parent)
+        with self._errors(f"run {run_id}"):
+            held = self.client.list_artifacts(run_id, None if folder == "." else folder)
+            if artifact_file not in {f.path for f in held}:
+                self.client.log_table(run_id, data=dict(columns), artifact_file=artifact_file)
+
+    def describe(self, run_id: str, markdown: str) -> None:
+        """Make `markdown` the run's description, cut at a line end to fit MLflow's tag limit."""
+        self.set_tags(run_id, {NOTE_TAG: _note(markdown)})
+
+    def logged_model(self, adapter_id: str, params: Mapping[str, str | int | float]) -> str:
+        """Id of the adapter's LoggedModel in the experiment: an external model named by the
+        adapter key, created once with `params` (secrets dropped), found by its tag after."""
+        from mlflow.entities import LoggedModelStatus
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+        experiment_id = self.experiment_id()
+        query = f"tags.`{ADAPTER_TAG}` = {_quote(adapter_id)}"
+        with self._errors(f"model of adapter {adapter_id!r}"):
+            found = self.client.search_logged_models(
+                [experiment_id],
+                filter_string=query,
+                max_results=1,
+                order_by=[{"field_name": "creation_timestamp", "ascending": True}],
+            )
+            if found:
+                model = found[0]
+            else:
+                model = self.client.create_logged_model(
+                    experiment_id,
+                    name=adapter_id,
+                    tags={ADAPTER_TAG: adapter_id, MLFLOW_MODEL_IS_EXTERNAL: "true"},
+                    params={k: str(v) for k, v in params.items() if not is_secret_name(k)},
+                    model_type=MODEL_TYPE,
+                )
+            if model.status != LoggedModelStatus.READY:
+                self._finish_external(model)
+            return str(model.model_id)
+
+    def register(self, name: str, model_id: str, run_id: str, passed_at: str) -> str:
+        """Make the LoggedModel a version of registered model `name` (once: found by its tag
+        after) and point GATE_ALIAS at it unless the version holding the alias passed later
+        (`passed_at`: ISO time of this passing evaluation); the version number."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        with self._errors(f"registered model {name!r}"):
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            query = f"name = {_quote(name)} AND tags.`{MODEL_ID_TAG}` = {_quote(model_id)}"
+            found = self.client.search_model_versions(query, max_results=1)
+            model = self.client.get_logged_model(model_id)
+            # A file source, not models:/<id>: MLflow's sqlite registry resolves that through
+            # the global tracking URI, not this client's.
+            version = (
+                found[0]
+                if found
+                else self.client.create_model_version(
+                    name,
+                    model.artifact_location,
+                    run_id=run_id,
+                    tags={MODEL_ID_TAG: model_id, ADAPTER_TAG: model.name},
+                    await_creation_for=0,
+                    model_id=model_id,
+                )
+            )
+            number = str(version.version)
+            if version.tags.get(PASSED_AT_TAG, "") < passed_at:
+                self.client.set_model_version_tag(name, number, PASSED_AT_TAG, passed_at)
+            links = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+            if {"name": name, "version": version.version} not in links:
+                links.append({"name": name, "version": version.version})
+                self.client.set_logged_model_tags(
+                    model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(links)}
+                )
+            holder = self.client.get_registered_model(name).aliases.get(GATE_ALIAS)
+            if holder is not None and str(holder) != number:
+                held_since = self.client.get_model_version(name, str(holder)).tags
+                if held_since.get(PASSED_AT_TAG, "") > passed_at:
+                    return number
+            self.client.set_registered_model_alias(name, GATE_ALIAS, number)
+            return number
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) tags on the run."""
@@ -167,7 +277,7 @@ class MlflowTracking:
         with self._errors(f"run {run_id}"):
             self.client.log_batch(
                 run_id,
-                metrics=_probe_metrics(result, _now_ms()),
+                metrics=_probe_metrics(result, _now_ms(), None),
                 tags=[RunTag(f"sway.verdict.{result.name}", result.verdict.value)],
                 synchronous=True,
             )
@@ -233,24 +343,50 @@ class MlflowTracking:
             return None
         return f"{self.ui_url}/#/experiments/{self.experiment_id()}/runs/{run_id}"
 
-    def _new_metrics(self, run_id: str, metrics: list[Metric]) -> list[Metric]:
+    def _new_metrics(self, run: Run, metrics: list[Metric], model_id: str | None) -> list[Metric]:
         """Metrics the run does not already hold at the same value: a probe logged while the
-        suite ran, or a copy caught up again, is one point in its history, not two."""
-        held = self.client.get_run(run_id).data.metrics
-        return [m for m in metrics if held.get(m.key) != m.value]
+        suite ran, or a copy caught up again, is one point in its history, not two. A value the
+        run holds that `model_id` lacks is logged again at the point's own timestamp and step:
+        MLflow keeps the run's one point and links it to the model."""
+        from mlflow.entities import Metric
 
-    def _new_params(self, run_id: str, params: Mapping[str, str | int | float]) -> dict[str, str]:
+        held = run.data.metrics
+        new = [m for m in metrics if held.get(m.key) != m.value]
+        if model_id is None:
+            return new
+        run_id = run.info.run_id
+        model = self.client.get_logged_model(model_id)
+        linked = {(m.key, m.value) for m in model.metrics or () if m.run_id == run_id}
+        for m in metrics:
+            if held.get(m.key) == m.value and (m.key, m.value) not in linked:
+                history = self.client.get_metric_history(run_id, m.key)
+                point = max((p for p in history if p.value == m.value), key=_position)
+                new.append(Metric(m.key, m.value, point.timestamp, point.step, model_id=model_id))
+        return new
+
+    def _new_params(self, run: Run, params: Mapping[str, str | int | float]) -> dict[str, str]:
         """Params not yet on the run, secrets dropped; a changed value raises."""
         wanted = {str(k): str(v) for k, v in params.items() if not is_secret_name(str(k))}
-        existing = self.client.get_run(run_id).data.params
+        existing = run.data.params
         changed = sorted(k for k, v in wanted.items() if k in existing and existing[k] != v)
         if changed:
             detail = ", ".join(f"{k}: {existing[k]!r} -> {wanted[k]!r}" for k in changed)
             raise TrackingError(
-                f"run {run_id}: MLflow params are immutable and these would change: {detail}; "
-                "log to a new run instead"
+                f"run {run.info.run_id}: MLflow params are immutable and these would change: "
+                f"{detail}; log to a new run instead"
             )
         return {k: v for k, v in wanted.items() if k not in existing}
+
+    def _finish_external(self, model: LoggedModel) -> None:
+        """Give the model the MLmodel file of an external model and mark it READY: what
+        `mlflow.create_external_model` does, through this client instead of the global one."""
+        from mlflow.models.model import MLMODEL_FILE_NAME
+        from mlflow.models.utils import get_external_mlflow_model_spec
+
+        with tempfile.TemporaryDirectory(prefix="sway-model-") as tmp:
+            get_external_mlflow_model_spec(model).save(str(Path(tmp) / MLMODEL_FILE_NAME))
+            self.client.log_model_artifacts(model.model_id, tmp)
+        self.client.finalize_logged_model(model.model_id, "READY")
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -278,15 +414,49 @@ def is_secret_name(name: str) -> bool:
     return any(marker in lowered for marker in SECRET_MARKERS)
 
 
-def _probe_metrics(result: ProbeResult, timestamp_ms: int) -> list[Metric]:
+def probe_table(suite: SuiteResult) -> dict[str, list[Any]]:
+    """The probe rows as TABLE_COLUMNS, one value per probe (a number that is not finite is
+    None), for `MlflowTracking.log_table`."""
+    rows = [
+        {
+            "probe": r.name,
+            "kind": r.kind,
+            "verdict": r.verdict.value,
+            "raw": finite(r.raw),
+            "z": finite(r.z),
+            "p": finite(r.p),
+            "q": finite(r.evidence.get("q")),
+            "score": finite(r.score),
+            "message": r.message,
+        }
+        for r in suite.probes
+    ]
+    return {column: [row[column] for row in rows] for column in TABLE_COLUMNS}
+
+
+def _probe_metrics(result: ProbeResult, timestamp_ms: int, model_id: str | None) -> list[Metric]:
     from mlflow.entities import Metric
 
     metrics = []
     for field_name in PROBE_METRICS:
         value = finite(getattr(result, field_name))
         if value is not None:
-            metrics.append(Metric(f"{result.name}/{field_name}", value, timestamp_ms, 0))
+            key = f"{result.name}/{field_name}"
+            metrics.append(Metric(key, value, timestamp_ms, 0, model_id=model_id))
     return metrics
+
+
+def _position(metric: Metric) -> tuple[int, int]:
+    return (metric.step, metric.timestamp)
+
+
+def _note(markdown: str) -> str:
+    """`markdown` whole when it fits a tag value, else its first lines and where the rest is."""
+    if len(markdown) <= NOTE_LIMIT:
+        return markdown
+    tail = "\n*(cut to fit MLflow's description: the whole report is the artifact report.md)*\n"
+    head = markdown[: NOTE_LIMIT - len(tail)]
+    return head[: head.rfind("\n") + 1] + tail
 
 
 def _quote(value: str) -> str:

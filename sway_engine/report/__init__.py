@@ -1,1 +1,1 @@
-"""Renderers of a SuiteResult: terminal, JSON, Markdown, JUnit."""
+"""Renderers of a SuiteResult: terminal, JSON, Markdown, JUnit (text.py) and HTML (html.py)."""

@@ -1,46 +1,154 @@
-"""Small PNG plots (matplotlib, Agg): the null histogram and the ablation curve."""
+"""Small PNG plots (matplotlib, Agg) of a probe result: the null histogram with the adapter's
+raw marked, and the ablation curve beside the nulls' D(1). Each is None when there is nothing to
+draw or matplotlib is not installed (it comes with the `dagster` extra)."""
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sway_engine import stats
+from sway_engine.result import ProbeResult
+
+ADAPTER, NULLS, BAND = "#cf222e", "#8c959f", "#d0d7de"
+DPI = 100
 
 
-def _png(fig: object) -> bytes:
-    import matplotlib.pyplot as plt
+def null_plot(result: ProbeResult) -> bytes | None:
+    """The null histogram of a calibrated probe, or None."""
+    if result.null is None or not result.null.samples:
+        return None
+    try:
+        return null_histogram(
+            result.name, result.null.samples, result.raw, log=_scale(result) == "log"
+        )
+    except ImportError:
+        return None
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")  # type: ignore[attr-defined]
-    plt.close(fig)  # type: ignore[arg-type]
-    return buf.getvalue()
+
+def ablation_plot(result: ProbeResult) -> bytes | None:
+    """The ablation curve of an adapter_ablation result, or None."""
+    if result.kind != "adapter_ablation" or "curve" not in result.evidence:
+        return None
+    samples = result.null.samples if result.null is not None else ()
+    try:
+        return ablation_curve(
+            result.name,
+            result.evidence["lambdas"],
+            result.evidence["curve"],
+            samples,
+            null_band(samples, _scale(result)),
+            log=_scale(result) == "log",
+        )
+    except ImportError:
+        return None
 
 
-def null_histogram(name: str, samples: Sequence[float], raw: float | None) -> bytes:
-    """Histogram of the null raws with the adapter's raw marked as a red line."""
-    import matplotlib
+def plot_of(result: ProbeResult) -> bytes | None:
+    """The probe's one plot (ablation curve, else null histogram), as MLflow and Dagster log."""
+    return ablation_plot(result) or null_plot(result)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4, 2.4))
-    ax.hist(list(samples), bins=max(3, min(12, len(samples))), color="#8899aa", label="null")
-    if raw is not None:
-        ax.axvline(raw, color="#cc2222", linewidth=2, label="adapter")
-    ax.set_title(f"{name}: null vs adapter", fontsize=9)
-    ax.legend(fontsize=7)
+def null_band(samples: Sequence[float], scale: str) -> tuple[float, float] | None:
+    """The nulls' mean +- 2 std, on the scale the probe calibrates on (log: a geometric band,
+    as positive right-skewed divergences are judged); None for fewer than two samples."""
+    xs = [float(x) for x in samples if math.isfinite(x)]
+    if len(xs) < 2:
+        return None
+    if scale == "log" and all(x > 0 for x in xs):
+        s = stats.null_stats(np.log(xs).tolist())
+        return math.exp(s.mean - 2 * s.std), math.exp(s.mean + 2 * s.std)
+    s = stats.null_stats(xs)
+    return s.mean - 2 * s.std, s.mean + 2 * s.std
+
+
+def null_histogram(
+    name: str, samples: Sequence[float], raw: float | None, *, log: bool = False
+) -> bytes:
+    """Histogram of the null raws with the adapter's raw marked as a red line; `log` bins and
+    draws on a log axis (all values positive)."""
+    plt = _pyplot()
+    xs = np.asarray([x for x in samples if math.isfinite(x)], dtype=float)
+    everything = np.append(xs, raw) if raw is not None and math.isfinite(raw) else xs
+    log = log and bool(everything.size) and bool(np.all(everything > 0))
+    bins: Any = max(3, min(12, len(xs)))
+    if log and everything.size:
+        bins = np.geomspace(everything.min(), everything.max(), 16)
+    fig, ax = plt.subplots(figsize=(4.6, 2.6))
+    ax.hist(xs, bins=bins, color=NULLS, edgecolor="white", label=f"{len(xs)} nulls")
+    if raw is not None and math.isfinite(raw):
+        ax.axvline(raw, color=ADAPTER, linewidth=2, label="adapter")
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel("raw" + (" (log scale)" if log else ""), fontsize=8)
+    ax.set_ylabel("nulls", fontsize=8)
+    ax.set_title(f"{name}: null distribution and the adapter", fontsize=9)
+    _style(ax)
     return _png(fig)
 
 
-def ablation_curve(name: str, lambdas: Sequence[float], curve: Sequence[float]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 2.4))
-    ax.plot(list(lambdas), list(curve), marker="o", color="#2255aa")
-    ax.axvline(1.0, color="#999999", linestyle="--", linewidth=1)
-    ax.set_xlabel("lambda", fontsize=8)
-    ax.set_ylabel("mean divergence (nats)", fontsize=8)
+def ablation_curve(
+    name: str,
+    lambdas: Sequence[float],
+    curve: Sequence[float],
+    null_d1: Sequence[float] = (),
+    band: tuple[float, float] | None = None,
+    *,
+    log: bool = False,
+) -> bytes:
+    """The adapter's D(lambda); at lambda = 1 each null's D(1) as a grey dot and their band as
+    a bar (the nulls' whole curves are not kept). `log`: a log y axis, where the nulls' small
+    divergences stay visible beside the adapter's (D(0) = 0 is left out there)."""
+    plt = _pyplot()
+    points = [(x, y) for x, y in zip(lambdas, curve, strict=True) if math.isfinite(y)]
+    nulls = [float(y) for y in null_d1 if math.isfinite(y)]
+    log = log and all(y > 0 for _, y in points[1:]) and all(y > 0 for y in nulls)
+    if log:
+        points = [(x, y) for x, y in points if y > 0]
+    fig, ax = plt.subplots(figsize=(4.6, 2.6))
+    ax.plot(*zip(*points, strict=True), marker="o", color="#0969da", label="adapter D(λ)")
+    ax.axvline(1.0, color=BAND, linestyle="--", linewidth=1)
+    if band is not None:
+        lo, hi = band if log else (max(band[0], 0.0), band[1])
+        ax.vlines(1.0, lo, hi, color=NULLS, linewidth=7, alpha=0.45, label="nulls' D(1) ±2σ")
+    if nulls:
+        jitter = np.linspace(-0.025, 0.025, len(nulls))
+        ax.scatter(1.0 + jitter, nulls, s=8, color="#57606a", zorder=3, label="null D(1)")
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("λ (scale of the adapter's update)", fontsize=8)
+    ax.set_ylabel("mean divergence (nats" + (", log)" if log else ")"), fontsize=8)
     ax.set_title(f"{name}: ablation curve", fontsize=9)
+    _style(ax)
     return _png(fig)
+
+
+def _scale(result: ProbeResult) -> str:
+    return str(result.evidence.get("significance", {}).get("scale", "linear"))
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(ax: Any) -> None:
+    ax.legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.tick_params(labelsize=7)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buf.getvalue()

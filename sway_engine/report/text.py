@@ -99,52 +99,6 @@ def to_markdown(result: SuiteResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_html(result: SuiteResult, plots: dict[str, bytes] | None = None) -> str:
-    """A self-contained HTML page: overall, components, one row per probe (verdict coloured)
-    and each probe's plot embedded (`plots`: probe name -> PNG bytes)."""
-    import base64
-    from html import escape
-
-    colours = {"pass": "#1a7f37", "fail": "#cf222e", "warn": "#9a6700", "error": "#8250df"}
-    s = result.score
-    rows = []
-    for p in result.probes:
-        colour = colours.get(p.verdict.value, "#57606a")
-        rows.append(
-            f"<tr><td>{escape(p.name)}</td><td>{escape(p.kind)}</td>"
-            f'<td style="color:{colour};font-weight:600">{p.verdict.value.upper()}</td>'
-            f"<td>{fmt.num(p.score, 2)}</td><td>{fmt.num(p.raw, 4)}</td>"
-            f"<td>{fmt.zfmt(p.z)}</td><td>{fmt.pval(p.p)}</td><td>{escape(p.message)}</td></tr>"
-        )
-    figures = [
-        f'<figure><img alt="{escape(name)}" src="data:image/png;base64,'
-        f'{base64.b64encode(png).decode()}"><figcaption>{escape(name)}</figcaption></figure>'
-        for name, png in (plots or {}).items()
-    ]
-    components = "".join(
-        f"<tr><td>{escape(c)}</td><td>{v:.2f}</td></tr>" for c, v in s.components.items()
-    )
-    findings = "".join(f"<li>{escape(f)}</li>" for f in s.findings)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>sway report: {escape(result.adapter)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:80rem}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #d0d7de;padding:.3rem .6rem;
-text-align:left;vertical-align:top}}figure{{display:inline-block;margin:.5rem}}</style></head>
-<body><h1>sway report</h1>
-<p><b>Overall:</b> {fmt.num(s.overall, 2)} ({escape(s.band)})<br>
-<b>Adapter:</b> <code>{escape(result.adapter)}</code><br>
-<b>Base:</b> <code>{escape(result.base_model)}</code><br>
-<b>Spec hash:</b> <code>{escape(result.spec_hash)}</code> &middot; finished
-{escape(result.finished_at)}</p>
-<h2>Components</h2><table><tr><th>category</th><th>score</th></tr>{components}</table>
-<h2>Probes</h2><table><tr><th>name</th><th>kind</th><th>verdict</th><th>score</th><th>raw</th>
-<th>z</th><th>p</th><th>note</th></tr>{"".join(rows)}</table>
-<h2>Findings</h2><ol>{findings}</ol>
-<h2>Plots</h2>{"".join(figures) or "<p>none</p>"}
-</body></html>
-"""
-
-
 def to_junit(result: SuiteResult) -> str:
     counts = {v: sum(p.verdict == v for p in result.probes) for v in Verdict}
     suite = ET.Element(

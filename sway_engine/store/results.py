@@ -351,6 +351,11 @@ class ResultStore(Database):
         rows = self.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
         return rows[0] if rows else None
 
+    def gate_passed(self, run_id: str) -> bool | None:
+        """The gate decision recorded with the run's score, or None (no score yet)."""
+        rows = self.query("SELECT gate_passed FROM scores WHERE run_id = ?", [run_id])
+        return rows[0]["gate_passed"] if rows else None
+
     def mark_mlflow(
         self,
         run_id: str,

@@ -1,4 +1,5 @@
-"""The Dagster and MLflow UIs, rendered by headless Chromium after one real evaluation.
+"""The Dagster and MLflow UIs and sway's HTML report, rendered by headless Chromium after one real
+evaluation.
 
 Each page is loaded once with `--dump-dom` (the DOM after React has rendered) and
 `--screenshot` (kept in test-artifacts/ for a human to look at). Needs Debian's `chromium`:
@@ -8,6 +9,7 @@ Each page is loaded once with `--dump-dom` (the DOM after React has rendered) an
 from __future__ import annotations
 
 import html.parser
+import json
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from sway_engine.cli import main
 from sway_engine.store import ResultStore
 from tests.dagster.conftest import BIN, REPO, DagsterDev, Evaluation, Server
 
@@ -253,3 +256,40 @@ def test_the_mlflow_run_page_shows_the_probe_metrics_and_verdicts(
     assert f"dagster.run_id : {doc_strong_run.run_id}" in page.text
     assert "sway.verdict.delta_kl_doc : pass" in page.text
     assert re.search(r"Metrics \(\d+\)", page.text)
+
+
+# After `load`, the page copy says what the reader sees: the banner's text and where it sits,
+# and how many images the browser decoded (naturalWidth > 0: a broken data URL has none).
+MEASURE = """<script>addEventListener("load", () => {
+  const imgs = [...document.images], banner = document.getElementById("verdict");
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.decoded = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.banner = banner.innerText.replace(/\\s+/g, " ").trim();
+  document.body.dataset.bannerTop = Math.round(banner.getBoundingClientRect().top);
+});</script>"""
+
+
+def test_the_html_report_renders_its_verdict_and_every_plot(
+    browser: Browser, fx, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    page, out = tmp_path / "report.html", tmp_path / "r.json"
+    code = main(["gate", str(fx.suite), "--html", str(page), "--json", str(out)])
+    result = json.loads(out.read_text())
+    plots = sum(bool((p["null"] or {}).get("samples")) for p in result["probes"])
+    plots += sum(p["kind"] == "adapter_ablation" for p in result["probes"])
+    assert plots == 3  # delta_kl_doc and ablation null histograms, the ablation curve
+    measured = tmp_path / "measured.html"
+    measured.write_text(page.read_text().replace("</body>", f"{MEASURE}</body>"))
+
+    shown = browser.open(
+        measured.as_uri(), "html-report.png", expect=["Calibration"], size=(1400, 2600)
+    )
+    body = dict(re.findall(r'data-([a-z-]+)="([^"]*)"', shown.dom.split("<body", 1)[1][:2000]))
+    verdict = "Gate passed" if code == 0 else "Gate FAILED"
+    assert body["banner"].startswith(verdict), body
+    assert f"{result['score']['overall']:.2f}" in body["banner"]
+    assert 0 <= int(body["banner-top"]) < 300  # in the first screenful
+    assert int(body["images"]) == int(body["decoded"]) == plots
+    for name in ("null_baseline", "delta_kl_doc", "ablation", "The nulls' whole curves"):
+        assert name in shown.text, name
+    assert shown.screenshot.stat().st_size > 20_000  # a rendered page, not a blank one

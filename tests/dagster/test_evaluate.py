@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pytest
 from mlflow import MlflowClient
@@ -60,12 +62,18 @@ def test_one_partition_writes_duckdb_and_one_mlflow_run(home, instance, fx) -> N
     assert len(client.get_metric_history(run.info.run_id, "delta_kl_doc/z")) == 1
     assert "sway/score" in run.data.metrics and run.data.params["rank"] == "8"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"results.json", "report.md", "plots"} <= artifacts
+    assert {"results.json", "report.md", "report.html", "plots"} <= artifacts
 
     mats = result.asset_materializations_for_node("sway__delta_kl_doc")
     meta = mats[0].metadata
     assert meta["verdict"].value == "pass" and meta["z"].value >= 3
     assert "mlflow_run" in meta and "plot" in meta and "items" in meta
+    # sway_score links this evaluation's HTML page, written under the home's reports folder
+    (score,) = result.asset_materializations_for_node("sway_score")
+    page = Path(score.metadata["report"].value)
+    assert page == home.reports / key / f"{result.run_id}_{key}-{page.stem[-8:]}.html"
+    text = page.read_text()
+    assert "Gate passed" in text and 'alt="delta_kl_doc null distribution"' in text
 
     # Again: a new Dagster run is a second evaluation beside the first (history is kept), the
     # reads show the latest complete one, and it gets its own MLflow run.
@@ -79,6 +87,11 @@ def test_one_partition_writes_duckdb_and_one_mlflow_run(home, instance, fx) -> N
     assert latest == {f"{again.run_id}:{key}"}
     assert len(store.probe_results(run_id=f"{result.run_id}:{key}")) == 3  # still queryable
     assert len(client.search_runs([exp.experiment_id])) == 2
+    (again_score,) = again.asset_materializations_for_node("sway_score")
+    assert Path(again_score.metadata["report"].value) != page and page.is_file()
+    assert sorted(p.name for p in (home.reports / key).iterdir()) == sorted(
+        [page.name, Path(again_score.metadata["report"].value).name]
+    )
 
 
 def test_gate_check_per_adapter(home, instance, fx) -> None:  # type: ignore[no-untyped-def]

@@ -18,6 +18,9 @@ from tests.dagster.test_evaluate import evaluate
 def test_a_cli_run_and_a_dagster_run_of_one_adapter_share_one_history(
     home: Settings, instance, fx, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
+    spec = home.suite.read_text()
+    assert "defaults: {seed: 0}" in spec
+    home.suite.write_text(spec.replace("{seed: 0}", "{seed: 0, mlflow: {register: true}}"))
     _, results = evaluate(home, instance, ["doc-strong"], fx)
     ((key, dagster),) = results.items()
     assert dagster.success
@@ -56,6 +59,29 @@ def test_a_cli_run_and_a_dagster_run_of_one_adapter_share_one_history(
     ]
     assert params[0] == params[1]
     assert {r["mlflow_status"] for r in store.runs()} == {"synced"}
+
+    # Made for comparing: each run names its DuckDB evaluation (the Dagster one links its
+    # Dagster run), holds the probe table and the report as description; one LoggedModel for
+    # the adapter holds both runs' metrics, registered once, with the gate-passed alias.
+    copies = {r.data.tags["sway.origin"]: r for r in mlflow_runs}
+    assert {o: r.data.tags["sway.run_id"] for o, r in copies.items()} == {
+        o: r["run_id"] for o, r in runs.items()
+    }
+    assert copies["dagster"].data.tags["sway.dagster_run_url"] == (
+        f"http://127.0.0.1:3000/runs/{dagster.run_id}"
+    )
+    assert "sway.dagster_run_url" not in copies["cli"].data.tags
+    for copy in mlflow_runs:
+        assert "probe_results.json" in {a.path for a in client.list_artifacts(copy.info.run_id)}
+        assert copy.data.tags["mlflow.note.content"].startswith("# sway report")
+    (model,) = client.search_logged_models([experiment.experiment_id])
+    assert model.name == key
+    linked = client.get_logged_model(model.model_id).metrics
+    assert {m.run_id for m in linked} == {r.info.run_id for r in mlflow_runs}
+    (version,) = client.search_model_versions("name = 'sway-sway'")
+    assert version.tags["sway.model_id"] == model.model_id
+    assert version.run_id == copies["dagster"].info.run_id  # the first pass registered it
+    assert client.get_registered_model("sway-sway").aliases == {"gate-passed": version.version}
 
     # The history, by directory name and by key, oldest first; and the leaderboard.
     capsys.readouterr()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sway_engine.result import NullStats, ProbeResult, SuiteResult, SwayScore, Verdict
-from sway_engine.tracking import MlflowTracking, TrackingError, is_secret_name
+from sway_engine.tracking import NOTE_LIMIT, MlflowTracking, TrackingError, is_secret_name
 
 EXPERIMENT = "sway tests/adapters"
 
@@ -178,6 +178,60 @@ def test_artifacts_land_under_artifact_root(tracking: MlflowTracking, tmp_path: 
         tracking.log_figure_png(run_id, b"GIF89a", "bad.png")
     with pytest.raises(TrackingError, match="no such file"):
         tracking.log_artifact_file(run_id, tmp_path / "missing.txt")
+
+
+def test_log_suite_links_each_metric_to_the_model_once(tracking: MlflowTracking) -> None:
+    run_id = tracking.run_for("a", "dagster-1", {})
+    tracking.log_probe(run_id, _probe("delta_kl", Verdict.PASS))  # live, before any model
+    model_id = tracking.logged_model("a", {"rank": 8})
+    tracking.log_suite(run_id, _suite(), {}, model_id)
+    tracking.log_suite(run_id, _suite(), {}, model_id)
+
+    run = tracking.client.get_run(run_id)
+    model = tracking.client.get_logged_model(model_id)
+    assert sorted((m.key, m.value) for m in model.metrics) == sorted(run.data.metrics.items())
+    assert len(model.metrics) == 7  # delta_kl x4, style raw and score, sway/score
+    for key in ("delta_kl/z", "sway/score"):
+        assert len(tracking.client.get_metric_history(run_id, key)) == 1, key
+    assert [i.model_id for i in run.inputs.model_inputs] == [model_id]
+
+
+def test_logged_model_is_made_once_and_a_half_made_one_is_finished(
+    tracking: MlflowTracking,
+) -> None:
+    model_id = tracking.logged_model("a", {"rank": 8, "api_key": "sk-1"})
+    assert tracking.logged_model("a", {"rank": 9}) == model_id  # found by its tag, kept
+    model = tracking.client.get_logged_model(model_id)
+    assert (model.name, str(model.status), model.params) == ("a", "READY", {"rank": "8"})
+    assert {a.path for a in tracking.client.list_logged_model_artifacts(model_id)} == {"MLmodel"}
+
+    # A copy that died between creating the model and finishing it: the next one finishes it.
+    pending = tracking.client.create_logged_model(
+        tracking.experiment_id(), name="b", tags={"sway.adapter_id": "b"}
+    )
+    assert str(pending.status) == "PENDING"
+    assert tracking.logged_model("b", {}) == pending.model_id
+    assert str(tracking.client.get_logged_model(pending.model_id).status) == "READY"
+    found = tracking.client.search_logged_models([tracking.experiment_id()])
+    assert sorted(m.name for m in found) == ["a", "b"]
+
+
+def test_describe_sets_the_report_and_cuts_a_long_one_at_a_line_end(
+    tracking: MlflowTracking,
+) -> None:
+    run_id = tracking.run_for("a", "dagster-1", {})
+    tracking.describe(run_id, "# sway report\n\nall good\n")
+    assert tracking.client.get_run(run_id).data.tags["mlflow.note.content"] == (
+        "# sway report\n\nall good\n"
+    )
+    lines = [f"| probe_{i:04d} | pass |" for i in range(1000)]  # 21 characters a line
+    tracking.describe(run_id, "\n".join(lines) + "\n")
+    note = tracking.client.get_run(run_id).data.tags["mlflow.note.content"]
+    assert len(note) <= NOTE_LIMIT
+    head, _, tail = note.partition("\n*(cut")
+    assert head.splitlines() == lines[: len(head.splitlines())]
+    assert len(head.splitlines()) > 300
+    assert "report.md" in tail
 
 
 def test_run_url(tracking: MlflowTracking) -> None:
