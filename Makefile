@@ -39,7 +39,7 @@ browser:
 
 lint: $(STAMP)
 	$(BIN)/ruff check sway_engine sway_dagster tests bench
-	$(BIN)/mypy sway_engine
+	$(BIN)/mypy sway_engine sway_dagster
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

@@ -17,36 +17,21 @@ import dagster as dg
 from dagster import AssetExecutionContext
 
 from sway_dagster.adapter_store import AdapterStoreResource
-from sway_dagster.evaluation import (
-    Session,
-    adapter_tags,
-    ensure_run,
-    evaluation_id,
-    null_matrix_for,
-    num,
-    per_adapter,
-    png_markdown,
-)
+from sway_dagster.evaluation import Session, adapter_tags, num, per_adapter, png_markdown
 from sway_dagster.partitions import adapters
 from sway_dagster.resources import MlflowResource, ModelResource, ResultStoreResource
+from sway_engine import evaluations
 from sway_engine.calibration import NullMatrix
-from sway_engine.errors import AdapterError
+from sway_engine.errors import AdapterError, SwayError
 from sway_engine.history import mlflow_params, registered_model
-from sway_engine.mirror import plot_of
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
 from sway_engine.report.html import Gate, write_page
+from sway_engine.report.plots import plot_of
 from sway_engine.result import ProbeResult, Verdict
-from sway_engine.runner import (
-    calibrate_suite,
-    error_results,
-    gate,
-    null_result,
-    run_entry,
-    score_stored,
-)
+from sway_engine.runner import calibrate_suite, error_results, run_entry
 from sway_engine.score import blocker
-from sway_engine.store import AdapterRecord, run_record
+from sway_engine.store import AdapterRecord
 from sway_engine.suite import Suite
 
 OWNERS = ["team:ml-eval"]
@@ -219,7 +204,7 @@ def _calibration_asset(suite: Suite, null_entry: Entry | None) -> dg.AssetsDefin
 
         per_key: dict[str, dict[str, Any]] = {}
         for session, matrix in per_adapter(context.partition_keys, backend, adapter_store, compute):
-            run = ensure_run(store, run_id, session.key, suite, backend.served_kind())
+            run = evaluations.begin(store, run_id, session.key, suite, backend.served_kind())
             per_key[session.key] = _store_calibration(
                 context, store, suite, null_entry, session, matrix, run
             )
@@ -238,21 +223,17 @@ def _store_calibration(
     matrix: NullMatrix | None,
     run: str,
 ) -> dict[str, Any]:
-    key, dagster_run = session.key, context.run.run_id
     if null_entry is None:
         return {"calibrated_probes": 0, "note": "no null_adapter entry"}
+    key, dagster_run = session.key, context.run.run_id
+    row, written = evaluations.record_calibration(
+        store, run, key, suite, null_entry, matrix, session.error, dagster_run
+    )
     if session.error is not None:
-        (row,) = error_results([null_entry], session.error)
-        store.write_probe_results(run, key, suite.spec_hash, [row], dagster_run)
         context.log.error(session.error)
         return {"calibrated_probes": 0, "error": session.error}
     if matrix is None:
-        skip = null_result(null_entry, None, 0.0)
-        store.write_probe_results(run, key, suite.spec_hash, [skip], dagster_run)
-        return {"calibrated_probes": 0, "note": skip.message}
-    written = store.write_null_cells(run, key, suite.spec_hash, matrix.cells)
-    summary = null_result(null_entry, matrix, 0.0)
-    store.write_probe_results(run, key, suite.spec_hash, [summary], dagster_run)
+        return {"calibrated_probes": 0, "note": row.message}
     table = [
         dg.TableRecord({"probe": p, "mean": num(s.mean), "std": num(s.std), "n": s.n})
         for p in matrix.probes()
@@ -316,8 +297,8 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
                 return failed
             assert session.backend is not None
             session.backend.label = entry.spec.name
-            run = evaluation_id(context.run.run_id, session.key)
-            matrix = null_matrix_for(store, session.key, suite, run)
+            run = evaluations.evaluation_id(context.run.run_id, session.key)
+            matrix = evaluations.null_matrix_for(store, session.key, suite, run)
             context.log.info(f"{session.key}: {entry.spec.name} ({entry.spec.kind})")
             return run_entry(entry, session.context(suite), matrix)
 
@@ -346,8 +327,8 @@ def _store_probe(
     key, run_id = session.key, context.run.run_id
     if session.error is not None:
         context.log.error(f"{key}: {session.error}")
-    run = ensure_run(store, run_id, key, suite, kind)
-    written = store.write_probe_results(run, key, suite.spec_hash, [result], run_id)
+    run = evaluations.begin(store, run_id, key, suite, kind)
+    written = evaluations.record_probe(store, run, key, suite, result, run_id)
     url = mlflow.mirror(store, context.log.warning).preview(
         key, run_id, adapter_tags(key, session.info), result
     )
@@ -423,24 +404,23 @@ def _score_asset(suite: Suite, checked: dict[str, dg.AssetKey]) -> dg.AssetsDefi
             )
         key = context.partition_key
         store = results.store()
-        run = _run_to_complete(store, key, suite)
-        suite_result = score_stored(
+        try:
+            run, passed_over = evaluations.to_complete(store, key, suite)
+        except SwayError as exc:
+            raise dg.Failure(str(exc)) from exc
+        if passed_over is not None:
+            context.log.warning(passed_over)
+        done = evaluations.complete(
+            store,
             suite,
-            store.results_of(run["run_id"], {e.spec.name: e.spec.weight for e in suite.entries}),
-            adapter=key,
-            base_model=backend.model_id(),
-            backend_kind=run.get("backend_kind") or backend.served_kind(),
-            backend_stats=backend.counters(),
-        )
-        passed, why = gate(suite.spec, suite_result)
-        record = run_record(
-            run["run_id"],
+            run,
             key,
-            suite_result,
-            dagster_run_id=run.get("dagster_run_id") or context.run.run_id,
-            origin="dagster",
+            base_model=backend.model_id(),
+            backend_kind=backend.served_kind(),
+            backend_stats=backend.counters(),
+            dagster_run_id=context.run.run_id,
         )
-        store.complete_run(record, suite_result, passed)
+        suite_result, passed, why = done.result, done.passed, done.why
         # DuckDB holds the evaluation now; MLflow gets its copy (and older pending copies),
         # and a failure there leaves the copy pending instead of failing this step.
         mirror = mlflow.mirror(store, context.log.warning)
@@ -513,16 +493,6 @@ def verdict_evaluation(
         blocking=False,
         partition=key,
     )
-
-
-def _run_to_complete(store: Any, key: str, suite: Suite) -> dict[str, Any]:
-    """The evaluation sway_score completes: the adapter's newest incomplete run under this
-    suite, else its newest complete one (scored again, the same rows and the same score)."""
-    for status in ("incomplete", "complete"):
-        run = store.latest_run(key, suite.spec_hash, status=status)
-        if run is not None and store.probe_results(run_id=run["run_id"]):
-            return dict(run)
-    raise dg.Failure(f"no evaluation of {key} under this suite: materialize its probes first")
 
 
 def _params(suite: Suite, store: Any, key: str) -> dict[str, str | int | float]:

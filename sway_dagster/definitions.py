@@ -15,6 +15,7 @@ from sway_dagster.resources import MlflowResource, ModelResource, ResultStoreRes
 from sway_dagster.run_health import make_reaper_sensor, sway_failed_runs
 from sway_dagster.sensors import make_adapter_sensor
 from sway_engine.errors import SpecError
+from sway_engine.history import experiment_for
 from sway_engine.home import Settings
 from sway_engine.spec import SuiteSpec
 from sway_engine.suite import Suite
@@ -73,7 +74,7 @@ def build_definitions(
             ),
             "mlflow": MlflowResource(
                 tracking_uri=settings.mlflow_uri,
-                experiment=f"sway-{suite.path.stem}",
+                experiment=experiment_for(suite.source),
                 artifact_root=str(settings.mlflow_artifacts),
                 ui_url=settings.mlflow_ui,
                 dagster_ui=settings.dagster_ui,

@@ -118,7 +118,7 @@ def register_adapters(
     from sway_dagster.adapter_store import WAITING, AdapterStoreResource
 
     sensor = defs.resolve_sensor_def("adapter_sensor")
-    store = defs.resources["adapter_store"]
+    store = (defs.resources or {})["adapter_store"]
     assert isinstance(store, AdapterStoreResource)
     cursor: str | None = None
     requests: list[dg.RunRequest] = []

@@ -1,5 +1,6 @@
-"""Per-partition plumbing the assets share: the suite, the adapter session, the null matrix,
-the MLflow run. Assets talk to each other through DuckDB, never through process memory.
+"""Per-partition plumbing the assets share: the adapter session on the run's backend and
+metadata helpers. What is stored and scored is the engine's (`sway_engine.evaluations`);
+assets talk to each other through DuckDB, never through process memory.
 """
 
 import base64
@@ -14,13 +15,10 @@ from sway_dagster.resources import ModelResource
 from sway_engine import __version__
 from sway_engine.adapters import AdapterInfo
 from sway_engine.backends.instrumentation import Instrumented
-from sway_engine.calibration import NullMatrix
 from sway_engine.errors import SwayError
 from sway_engine.multi import each_adapter
 from sway_engine.probes.base import Context
 from sway_engine.runner import context_for, preflight
-from sway_engine.store import ResultStore as DuckStore
-from sway_engine.store import RunRecord
 from sway_engine.suite import Suite
 
 T = TypeVar("T")
@@ -114,48 +112,6 @@ def open_session(key: str, backend: ModelResource, adapters: AdapterStoreResourc
     except SwayError as exc:
         return Session(key, info, None, f"preflight failed: {exc}")
     return Session(key, info, session, None)
-
-
-def evaluation_id(dagster_run_id: str, key: str) -> str:
-    """The store's run id of one adapter's evaluation inside one Dagster run (a ranged run
-    evaluates several adapters, each its own store run)."""
-    return f"{dagster_run_id}:{key}"
-
-
-def ensure_run(store: DuckStore, dagster_run_id: str, key: str, suite: Suite, kind: str) -> str:
-    """Register this evaluation as an incomplete run (once); return its id. Its rows stay
-    invisible until sway_score completes it, so a run that dies never shows half a suite."""
-    run_id = evaluation_id(dagster_run_id, key)
-    store.begin_run(
-        RunRecord(
-            run_id=run_id,
-            adapter_id=key,
-            spec_hash=suite.spec_hash,
-            engine_version=__version__,
-            dagster_run_id=dagster_run_id,
-            backend_kind=kind,
-            origin="dagster",
-        )
-    )
-    return run_id
-
-
-def null_matrix_for(store: DuckStore, key: str, suite: Suite, run_id: str) -> NullMatrix | None:
-    """The null samples of this evaluation, else of the adapter's latest run that has them
-    (null draws are seeded: a probe re-materialised alone reuses them). None without a
-    null_adapter entry."""
-    plan = suite.plan()
-    if plan is None:
-        return None
-    matrix = store.null_matrix(run_id, plan)
-    if matrix.cells:
-        return matrix
-    for run in store.runs():
-        if run["adapter_id"] == key and run["spec_hash"] == suite.spec_hash:
-            earlier = store.null_matrix(run["run_id"], plan)
-            if earlier.cells:
-                return earlier
-    return matrix
 
 
 def adapter_tags(key: str, info: AdapterInfo | None) -> dict[str, str]:

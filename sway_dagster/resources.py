@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import dagster as dg
 from pydantic import ConfigDict, PrivateAttr, model_validator
@@ -107,7 +107,7 @@ class _LocalModel(ModelResource):
         return ModelSpec(
             kind=kind,
             base=self.base,
-            dtype=self.dtype,  # type: ignore[arg-type]
+            dtype=self.dtype,
             device=self.device,
             trust_remote_code=self.trust_remote_code,
         )
@@ -137,7 +137,7 @@ class _LocalModel(ModelResource):
         session = self._shared()
         if self._adapter != adapter_path:
             self._adapter, self._registered = None, None
-            session.inner.load_adapter(adapter_path)
+            cast(Any, session.inner).load_adapter(adapter_path)  # a local backend
             session.reset()
             self._adapter = adapter_path
         return session

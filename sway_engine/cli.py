@@ -104,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 1 when B is worse than A beyond both nulls on any probe, or lost a PASS",
     )
     report = sub.add_parser("report", help="the latest recorded evaluation of an adapter")
-    report.add_argument("adapter", help="adapter key, directory name or run id")
+    report.add_argument(
+        "adapter", help="adapter key, directory name or run id, or a result .json file"
+    )
     report.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
     report.add_argument("--markdown", "-m", type=Path, help="write Markdown here")
     report.add_argument("--html", type=Path, help="write a self-contained HTML page here")

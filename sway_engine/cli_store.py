@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sway_engine.errors import SwayError
 from sway_engine.home import Settings
 
 if TYPE_CHECKING:
+    from sway_engine.result import SuiteResult
     from sway_engine.store import ResultStore
 
 
@@ -66,16 +68,30 @@ def report(args: argparse.Namespace, home: Settings) -> int:
     for path in (args.markdown, args.html):
         if path is not None and not path.parent.is_dir():
             raise SwayError(f"{path}: its folder {path.parent} does not exist; create it")
-    store = open_store(home)
-    run_id = latest_run_of(store, args.adapter)["run_id"]
-    result = store.suite_of(run_id)
+    saved = Path(args.adapter)
+    passed: bool | None = None
+    if saved.suffix == ".json" and saved.is_file():  # a saved result (ours or dlm-sway's)
+        result = read_result(saved)
+    else:
+        store = open_store(home)
+        run_id = latest_run_of(store, args.adapter)["run_id"]
+        result, passed = store.suite_of(run_id), store.gate_passed(run_id)
     print_terminal(result)
     if args.markdown is not None:
         args.markdown.write_text(to_markdown(result), encoding="utf-8")
     if args.html is not None:
-        gate = recorded_gate(result, store.gate_passed(run_id))
-        args.html.write_text(to_html(result, gate), encoding="utf-8")
+        args.html.write_text(to_html(result, recorded_gate(result, passed)), encoding="utf-8")
     return 0
+
+
+def read_result(path: Path) -> SuiteResult:
+    """A result JSON written by `sway run --json` or by upstream dlm-sway."""
+    from sway_engine.result import SuiteResult
+
+    try:
+        return SuiteResult.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, AttributeError) as exc:
+        raise SwayError(f"{path}: {exc}") from exc
 
 
 def sync_mlflow(args: argparse.Namespace, settings: Settings) -> int:

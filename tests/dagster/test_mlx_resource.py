@@ -33,8 +33,12 @@ def test_suite_kind_mlx_picks_the_mlx_resource_and_materializes(
     rows = {r["probe"]: r for r in ResultStore(home.database).probe_results(cand.key)}
     assert rows["delta_kl_doc"]["verdict"] == "pass" and rows["delta_kl_doc"]["z"] >= 3
     assert rows["null_baseline"]["verdict"] == "pass"  # nulls exist on mlx now
-    ((check,)) = result.get_asset_check_evaluations()
-    assert check.passed
+    checks = {
+        (c.asset_key.to_user_string(), c.check_name): c
+        for c in result.get_asset_check_evaluations()
+    }
+    assert checks["sway_score", "gate"].passed
+    assert checks["sway/delta_kl_doc", "verdict"].passed  # each probe's final verdict too
     assert any((tmp_path / "cache" / "mlx-adapters").glob("*/adapters.safetensors"))
 
 

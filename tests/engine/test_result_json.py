@@ -52,3 +52,32 @@ def test_upstreams_json_is_read_with_its_own_names() -> None:
 def test_a_json_that_is_not_a_result_is_refused_by_what_is_missing(bad: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(ValueError, match="not a sway result"):
         SuiteResult.from_dict(bad)
+
+
+def test_sway_report_renders_a_saved_result_file_ours_or_upstreams(fx, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from sway_engine.cli import main
+
+    saved = tmp_path / "r.json"
+    assert main(["run", str(fx.suite), "-j", str(saved)]) == 0
+    md, page = tmp_path / "r.md", tmp_path / "r.html"
+    assert main(["report", str(saved), "--markdown", str(md), "--html", str(page)]) == 0
+    assert "| delta_kl_doc | delta_kl | pass |" in md.read_text()
+    assert "Gate passed" in page.read_text()
+    upstream = tmp_path / "upstream.json"
+    upstream.write_text(
+        json.dumps(
+            {
+                "adapter_id": "runs/v3",
+                "base_model_id": "b",
+                "probes": [{"name": "dkl", "kind": "delta_kl", "verdict": "fail", "z_score": 0.4}],
+                "score": {"overall": 0.1, "band": "weak"},
+            }
+        )
+    )
+    capsys.readouterr()
+    assert main(["report", str(upstream), "--html", str(page)]) == 0
+    assert "dkl" in capsys.readouterr().out and "Gate FAILED" in page.read_text()
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"probes": 3}')
+    assert main(["report", str(broken)]) == 2
+    assert f"{broken}: not a sway result" in capsys.readouterr().err
