@@ -242,9 +242,12 @@ def run_suite(
         backend.label = entry.spec.name
         t = time.perf_counter()
         nulls = len(plan.views()) if plan is not None else 0
-        matrix = calibrate_suite(
-            spec, entries, ctx, lambda e: say(f"{e.spec.name} under {nulls} null adapters")
-        )
+
+        def calibrating(e: Entry) -> None:
+            backend.label = f"{e.spec.name} (nulls)"  # the trace tells each probe's null cost
+            say(f"{e.spec.name} under {nulls} null adapters")
+
+        matrix = calibrate_suite(spec, entries, ctx, calibrating)
         calibration_s = time.perf_counter() - t
     results = []
     for entry in entries:

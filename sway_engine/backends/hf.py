@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import torch
 
 BASE_NAME = "__base__"
+GENERATE_MAX_ROWS = 2048  # per generate call, whatever the cache budget allows
 
 
 def _import_stack() -> tuple[Any, Any, Any]:
@@ -70,6 +71,7 @@ class HFBackend(LocalBackend):
         max_batch_rows: int = 64,
         pad_tokens_per_pass: int | None = None,
         row_cache_bytes: int = 256 << 20,
+        generate_cache_bytes: int = 1 << 30,
     ) -> None:
         torch, transformers, _ = _import_stack()
         self._torch = torch
@@ -105,6 +107,10 @@ class HFBackend(LocalBackend):
             else max(4, min(256, int(2e8 / max(params, 1))))
         )
         self.max_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        # A decode step costs about the same for 64 rows as for 1000 on a small model, so
+        # generation batches as many rows as the KV cache budget holds (`_generate_rows`).
+        self.generate_cache_bytes = generate_cache_bytes
+        self._kv_bytes_per_token = _kv_bytes_per_token(model.config, self.dtype)
         self.vocab_size = int(model.config.vocab_size)
         self._peft: Any = None
         self._ft_name = ""
@@ -372,12 +378,19 @@ class HFBackend(LocalBackend):
         for (_, max_new), group in groups.items():
             # rows of one adapter contiguous: the row hook adds each adapter to its block
             group.sort(key=lambda g: self._row_name(g.view))
-            for start in range(0, len(group), self.max_batch_rows):
-                chunk = group[start : start + self.max_batch_rows]
+            rows = self._generate_rows(max(len(prompts[g]) for g in group) + max_new)
+            for start in range(0, len(group), rows):
+                chunk = group[start : start + rows]
                 out.update(self._generate_chunk(chunk, prompts, max_new, mixed))
         for req, twin in same:
             out[req] = out[twin]
         return out
+
+    def _generate_rows(self, length: int) -> int:
+        """Rows per generate call: as many sequences of `length` tokens as the KV cache budget
+        holds, at most GENERATE_MAX_ROWS (and at least max_batch_rows)."""
+        fits = self.generate_cache_bytes // max(1, self._kv_bytes_per_token * length)
+        return max(self.max_batch_rows, min(GENERATE_MAX_ROWS, int(fits)))
 
     def _generate_chunk(
         self,
@@ -421,6 +434,17 @@ class HFBackend(LocalBackend):
         self._base_model = None
         if self.device.startswith("cuda"):
             self._torch.cuda.empty_cache()
+
+
+def _kv_bytes_per_token(config: Any, dtype: Any) -> int:
+    """Bytes of KV cache one token takes: keys and values of every layer."""
+    layers = int(getattr(config, "num_hidden_layers", 0) or 32)
+    hidden = int(getattr(config, "hidden_size", 0) or 4096)
+    heads = int(getattr(config, "num_attention_heads", 0) or 1)
+    head_dim = int(getattr(config, "head_dim", 0) or hidden // heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", 0) or heads)
+    size = 2 if "16" in str(dtype) else 4
+    return 2 * layers * kv_heads * head_dim * size
 
 
 def _pick_device(torch: Any, device: str) -> str:
