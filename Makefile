@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 SWAY_DEMO_HOME ?= $(CURDIR)/.sway_demo
 export SWAY_DEMO_HOME
 
-.PHONY: run test lint bench calibration ui clean clean-demo fixtures browser
+.PHONY: run test lint bench bench-battery calibration ui clean clean-demo fixtures browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# Where the full battery's time goes per probe and phase (adapter, nulls), fresh processes.
+bench-battery: $(STAMP)
+	$(BIN)/python -m bench.battery
 
 # The calibration audit of the fixture battery (200 random adapters per null mode).
 calibration: $(STAMP)

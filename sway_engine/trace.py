@@ -12,7 +12,15 @@ from typing import Any
 
 from sway_engine.errors import SwayError
 
-WORK = ("rows_forwarded", "forward_passes", "tokens_forwarded", "row_cache_hits", "http_requests")
+WORK = (
+    "rows_forwarded",
+    "forward_passes",
+    "tokens_forwarded",
+    "row_cache_hits",
+    "http_requests",
+    "generate_row_steps",
+    "generated_tokens",
+)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

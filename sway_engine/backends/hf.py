@@ -82,6 +82,8 @@ class HFBackend(LocalBackend):
             batch_tokens=batch_tokens,
             max_batch_rows=max_batch_rows,
             row_cache_bytes=row_cache_bytes,
+            # decode steps computed for all rows of a batch, and the tokens rows kept (to EOS)
+            extra_counters=("generate_row_steps", "generated_tokens"),
         )
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -420,11 +422,14 @@ class HFBackend(LocalBackend):
                 )
             finally:
                 self._row_plan = None
-        self._counters["forward_passes"] += max_new
+        steps = int(gen.shape[1]) - width  # generate stops early when every row ended
+        self._counters["forward_passes"] += steps
+        self._counters["generate_row_steps"] += steps * len(chunk)
         out: dict[Generate, GenerationResult] = {}
         for req, row in zip(chunk, gen[:, width:].cpu(), strict=True):
             # a row that ended early is padded to the batch's length: cut it
             ids = cut_at_eos([int(i) for i in row], [self.tokenizer.eos_token_id])
+            self._counters["generated_tokens"] += len(ids)
             text = self.tokenizer.decode(ids, skip_special_tokens=True)
             out[req] = GenerationResult(text=text, token_ids=tuple(ids))
         return out

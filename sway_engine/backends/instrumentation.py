@@ -28,7 +28,15 @@ from sway_engine.requests import (
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
 # Backend counters whose change during one execute goes into the trace.
-TRACED = ("rows_forwarded", "forward_passes", "tokens_forwarded", "row_cache_hits", "http_requests")
+TRACED = (
+    "rows_forwarded",
+    "forward_passes",
+    "tokens_forwarded",
+    "row_cache_hits",
+    "http_requests",
+    "generate_row_steps",
+    "generated_tokens",
+)
 
 
 def default_embedder(texts: Sequence[str]) -> np.ndarray:

@@ -132,3 +132,18 @@ def test_report_renders_a_table_from_measured_values(exact_run: dict[str, Any]) 
     assert f"{exact_run['suite_s']:.2f}" in text
     assert "dlm-sway 0.1.0 (3 fixed nulls, top-k) | not run" in text
     assert "no CUDA device" in text
+
+
+def test_battery_profile_splits_phases_and_counts_generation_waste(fx, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`make bench-battery`'s profile on the small fixture suite: one whole `sway run` with a
+    trace; the null phase is told from the adapter's, and generation row-steps are at least
+    the tokens kept (a kept token was computed)."""
+    from bench import battery
+
+    run = battery.profile(fx.suite, fx.adapters["doc-strong"], tmp_path)
+    assert 0 < run["suite_s"] < run["process_s"]
+    split = battery.phases(run["summary"])
+    assert split["nulls"]["rows_forwarded"] > split["adapter"]["rows_forwarded"] > 0
+    lines = battery.table("doc-strong", run)
+    assert any(line.startswith("- null calibration / the adapter's own steps") for line in lines)
+    assert any(line.startswith("| delta_kl_doc (nulls) |") for line in lines)

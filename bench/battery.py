@@ -1,0 +1,104 @@
+"""`make bench-battery`: where the full battery's time goes, one adapter per fresh process.
+
+For each fixture adapter (doc-strong, noise), `sway run` of the fixture battery with a trace,
+as a user times it; then, from the trace, per probe and phase (the adapter's own step, its
+null calibration): wall, forward passes, rows and tokens forwarded, and for generation the
+decode row-steps computed against the tokens rows kept (up to EOS): anything above 1.0x is
+rows computed after they ended. Ratios only, measured in this run (machines are noisy).
+Writes bench/results/battery-<utc>.md.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sway_engine.fixtures import build_fixtures
+from sway_engine.fixtures.battery import write_battery
+from sway_engine.trace import read_events, summarize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ADAPTERS = ("doc-strong", "noise")
+
+
+def profile(spec: Path, adapter: Path, work: Path) -> dict[str, Any]:
+    trace, out = work / f"{adapter.name}.jsonl", work / f"{adapter.name}.json"
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "sway_engine.cli", "run", str(spec), "--adapter", str(adapter)]
+    subprocess.run([*cmd, "--trace", str(trace), "-j", str(out)], check=False, capture_output=True)
+    process_s = time.perf_counter() - start
+    result = json.loads(out.read_text())
+    return {
+        "process_s": process_s,
+        "suite_s": result["wall_s"],
+        "summary": summarize(read_events(trace)),
+    }
+
+
+def phases(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Totals of the adapter's own steps and of the null calibration."""
+    out: dict[str, dict[str, float]] = {}
+    for row in summary["probes"]:
+        phase = "nulls" if row["probe"].endswith("(nulls)") else "adapter"
+        slot = out.setdefault(phase, {})
+        for key, value in row.items():
+            if isinstance(value, int | float):
+                slot[key] = slot.get(key, 0) + value
+    return out
+
+
+def table(name: str, run: dict[str, Any]) -> list[str]:
+    lines = [
+        f"### {name}: whole process {run['process_s']:.1f} s, suite {run['suite_s']:.1f} s "
+        f"({run['suite_s'] / run['process_s']:.0%} of the process)",
+        "",
+        "| probe | wall s | share | passes | rows | tokens | gen row-steps / kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    total = run["summary"]["total"]["wall_s"] or 1.0
+    for row in sorted(run["summary"]["probes"], key=lambda r: -r["wall_s"]):
+        kept = row.get("generated_tokens", 0)
+        waste = f"{row['generate_row_steps'] / kept:.2f}x" if kept else "-"
+        lines.append(
+            f"| {row['probe']} | {row['wall_s']:.2f} | {row['wall_s'] / total:.0%} | "
+            f"{row['forward_passes']} | {row['rows_forwarded']} | {row['tokens_forwarded']} | "
+            f"{waste} |"
+        )
+    split = phases(run["summary"])
+    nulls, own = split.get("nulls", {}), split.get("adapter", {})
+    gen_kept = sum(p.get("generated_tokens", 0) for p in split.values())
+    gen_steps = sum(p.get("generate_row_steps", 0) for p in split.values())
+    lines += [
+        "",
+        f"- null calibration / the adapter's own steps (wall): "
+        f"{nulls.get('wall_s', 0) / max(own.get('wall_s', 0), 1e-9):.1f}x",
+        f"- generation: {gen_steps} decode row-steps for {gen_kept} kept tokens "
+        f"({gen_steps / max(gen_kept, 1):.2f}x)",
+        "",
+    ]
+    return lines
+
+
+def main() -> None:
+    fx = build_fixtures(log=lambda _m: None)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S%z")
+    lines = [f"# Full battery profile, {stamp}", "", f"fixture {fx.root.name}", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        spec = write_battery(fx, work / "battery.yaml")
+        for name in ADAPTERS:
+            lines += table(name, profile(spec, fx.adapters[name], work))
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"battery-{stamp}.md").write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
