@@ -58,7 +58,8 @@ def leaderboard(fx: Any, work: Path) -> list[dict[str, Any]]:
     """The five fixture adapters on the battery: evidence score and upstream's, one base load."""
     from sway_engine import score
     from sway_engine.fixtures.battery import write_battery
-    from sway_engine.runner import evaluate_many, gate
+    from sway_engine.multi import evaluate_many
+    from sway_engine.runner import gate
     from sway_engine.suite import load_spec
 
     spec, entries = load_spec(write_battery(fx, work / "board" / "sway.yaml"))

@@ -6,7 +6,7 @@ Jobs (JSON):
   delta_kl and ablation divergences from a plain transformers + PEFT computation (full
   vocabulary, no sway code) for the exact-mode check.
 - {"tool": "sway-many", "spec": path, "base": path, "adapters": [...]}: one base load, the
-  suite for every adapter in shared batches (`runner.run_many`).
+  suite for every adapter in shared batches (`multi.run_many`).
 - {"tool": "sway-rolling", "base": path, "texts": [...]}: rolling log-probs of the texts on
   the base (each prefixed with the end-of-text token, as lm-eval scores them).
 The last stdout line is the result as JSON.
@@ -176,7 +176,7 @@ def sway_many(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(job.get("threads", torch.get_num_threads())))
     from sway_engine.backends.instrumentation import Instrumented
-    from sway_engine.runner import run_many
+    from sway_engine.multi import run_many
     from sway_engine.suite import load_spec
 
     t_import = time.perf_counter() - T_START

@@ -157,7 +157,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.command in ("run", "gate"):
             return _run(args, gate=args.command == "gate")
         if args.command == "validate":
-            return _validate(args.specs)
+            return cli_tools.validate(args.specs)
         if args.command == "check":
             return _check(args)
         if args.command == "fixtures":
@@ -175,7 +175,7 @@ def _main(args: argparse.Namespace) -> int:
         if args.command == "report":
             return cli_store.report(args, _home(args.home))
         if args.command == "list-probes":
-            return _list_probes(args)
+            return cli_tools.list_probes(args)
         if (code := cli_tools.run(args)) is not None:
             return code
     except SwayError as exc:
@@ -220,26 +220,6 @@ def _run(args: argparse.Namespace, *, gate: bool) -> int:
     return _evaluate_and_report(
         spec, entries, args, str(args.spec), gate, threshold, record=(home, suite)
     )
-
-
-def _validate(paths: Sequence[Path]) -> int:
-    """Parse and validate each suite as `run` does before loading a model (the spec, each
-    probe entry, its .dlm document); report every file, exit 2 if any is invalid."""
-    from sway_engine.suite import document_of, load_spec, spec_warnings
-
-    invalid = 0
-    for path in paths:
-        try:
-            spec, entries = load_spec(path)
-            document_of(spec)
-        except SwayError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            invalid += 1
-            continue
-        for warning in spec_warnings(entries, spec.defaults):
-            print(f"warning: {path}: {warning}", file=sys.stderr)
-        print(f"ok: {path} ({len(entries)} probes)")
-    return 2 if invalid else 0
 
 
 def _home(path: Path | None) -> Settings:
@@ -311,40 +291,6 @@ def _record(home: Settings, suite: Suite, result: Any, passed: bool) -> None:
     key, run_id, published = record_cli_run(home, suite, result, passed, warn)
     mlflow = "copied to MLflow" if published.synced else "MLflow copy pending (sway sync-mlflow)"
     print(f"recorded {key} as run {run_id} in {home.database}; {mlflow}", file=sys.stderr)
-
-
-def _list_probes(args: argparse.Namespace) -> int:
-    """Every registered probe kind with what it measures and the inputs it takes."""
-    import json
-
-    from sway_engine.probes.base import ProbeSpec
-    from sway_engine.probes.registry import PROBES
-
-    common = set(ProbeSpec.model_fields)
-    rows: list[dict[str, Any]] = []
-    for kind, probe in sorted(PROBES.items()):
-        doc = (sys.modules[probe.__module__].__doc__ or "").strip().splitlines()
-        summary = doc[0].split(":", 1)[-1].strip() if doc else ""
-        rows.append(
-            {
-                "kind": kind,
-                "category": probe.category,
-                "measures": summary,
-                "direction": "lower is better" if probe.z_sign < 0 else "higher is better",
-                "claim": probe.claim,
-                "calibrated": probe.calibrated,
-                "needs": sorted(probe.needs),
-                "inputs": sorted(set(probe.spec_cls.model_fields) - common),
-            }
-        )
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for row in rows:
-        inputs = ", ".join(row["inputs"]) or "-"
-        print(f"{row['kind']} ({row['category']}, {row['direction']}): {row['measures']}")
-        print(f"    inputs: {inputs}; needs: {', '.join(row['needs']) or '-'}")
-    return 0
 
 
 def _doctor_calibration(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""`sway` commands that compute over a suite without recording it: diff (two adapters over one
-base load), mine (the suite's most telling prompts) and trace (a JSONL trace summarised)."""
+"""`sway` commands that compute without recording: diff (two adapters over one base load),
+mine (the suite's most telling prompts), trace (a JSONL trace summarised), validate (suites
+checked without a model) and list-probes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from sway_engine.cli_store import cell
@@ -85,7 +87,6 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _mine(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from sway_engine.mine import check_output, mine, mined_yaml, pick, plan_of
     from sway_engine.suite import load_spec
@@ -115,7 +116,6 @@ def _mine(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from sway_engine.trace import read_events, summarize
 
@@ -132,6 +132,60 @@ def _trace(args: argparse.Namespace) -> int:
     if len(views) > args.views:
         print(f"... and {len(views) - args.views} more views (--views N, or --json for all)")
     return 0
+
+
+def list_probes(args: argparse.Namespace) -> int:
+    """Every registered probe kind with what it measures and the inputs it takes."""
+    import json
+
+    from sway_engine.probes.base import ProbeSpec
+    from sway_engine.probes.registry import PROBES
+
+    common = set(ProbeSpec.model_fields)
+    rows: list[dict[str, Any]] = []
+    for kind, probe in sorted(PROBES.items()):
+        doc = (sys.modules[probe.__module__].__doc__ or "").strip().splitlines()
+        summary = doc[0].split(":", 1)[-1].strip() if doc else ""
+        rows.append(
+            {
+                "kind": kind,
+                "category": probe.category,
+                "measures": summary,
+                "direction": "lower is better" if probe.z_sign < 0 else "higher is better",
+                "claim": probe.claim,
+                "calibrated": probe.calibrated,
+                "needs": sorted(probe.needs),
+                "inputs": sorted(set(probe.spec_cls.model_fields) - common),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        inputs = ", ".join(row["inputs"]) or "-"
+        print(f"{row['kind']} ({row['category']}, {row['direction']}): {row['measures']}")
+        print(f"    inputs: {inputs}; needs: {', '.join(row['needs']) or '-'}")
+    return 0
+
+
+def validate(paths: Sequence[Path]) -> int:
+    """Parse and validate each suite as `run` does before loading a model (the spec, each
+    probe entry, its .dlm document); report every file, exit 2 if any is invalid."""
+    from sway_engine.suite import document_of, load_spec, spec_warnings
+
+    invalid = 0
+    for path in paths:
+        try:
+            spec, entries = load_spec(path)
+            document_of(spec)
+        except SwayError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            invalid += 1
+            continue
+        for warning in spec_warnings(entries, spec.defaults):
+            print(f"warning: {path}: {warning}", file=sys.stderr)
+        print(f"ok: {path} ({len(entries)} probes)")
+    return 2 if invalid else 0
 
 
 def _table(rows: Sequence[dict[str, Any]], columns: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Several trained adapters of one base in one run: their requests share batches.
 
-`runner.run_many` runs the same suite once per adapter, each in its own thread, over one
+`run_many` runs the same suite once per adapter, each in its own thread, over one
 loaded base. Every suite sees an ordinary single-adapter session (`BoundSession`): the views
 its probes name (`Finetuned()`, `Scaled(lam)`, `Null(seed)`) are bound to that adapter's
 label on the way to the backend, and the adapter's directory is `ctx.adapter_path`.
@@ -16,17 +16,29 @@ only the rounding, well below 1e-6).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sway_engine.backends.build import build_backend
 from sway_engine.backends.instrumentation import Instrumented
+from sway_engine.errors import SwayError
+from sway_engine.probes.registry import Entry
+from sway_engine.progress import Progress
 from sway_engine.requests import Divergence, Embed, Request, Result
+from sway_engine.result import SuiteResult
+from sway_engine.runner import error_results, run_suite, suite_result
+from sway_engine.spec import SuiteSpec
+from sway_engine.suite import document_of
 from sway_engine.views import bind
 
 Execute = Callable[[Sequence[Request]], list[Result]]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def bind_request(request: Request, adapter: str) -> Request:
@@ -215,3 +227,96 @@ def each_adapter(
     for thread in threads:
         thread.join()
     return [out[i] for i in range(len(labels))]
+
+
+def run_many(
+    spec: SuiteSpec,
+    entries: list[Entry],
+    backend: Instrumented,
+    adapters: Sequence[str | Path],
+    *,
+    spec_path: str = "<memory>",
+    progress: Progress | None = None,
+) -> list[SuiteResult]:
+    """Run the suite for every adapter over the backend's one loaded base, in shared batches.
+
+    The backend must hold several trained adapters (`load_adapter` + `add_adapter`, as
+    `HFBackend` does). The first adapter that loads becomes the primary; an adapter that
+    fails to load gets ERROR rows (as `evaluate` gives), the others still run. Results come
+    back in the order of `adapters` and equal running each adapter alone.
+    """
+    if not can_hold_many(backend.inner):
+        raise SwayError(
+            f"the {backend.kind} backend holds one adapter at a time; "
+            "evaluate the adapters one by one (evaluate) instead"
+        )
+    backend.reset()
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    reg = register(backend.inner, adapters)
+    loaded = reg.loaded
+    log.info(
+        "%d adapter(s) registered on one base; %d failed",
+        len(loaded),
+        len(reg.errors) - reg.errors.count(None),
+    )
+    out: dict[int, SuiteResult] = {
+        i: suite_result(
+            spec, spec_path, str(adapters[i]), started, t0, error_results(entries, msg), None
+        )
+        for i, msg in enumerate(reg.errors)
+        if msg is not None
+    }
+    if loaded:
+
+        def one(_slot: int, session: Instrumented) -> SuiteResult:
+            path = str(session.adapter_path)
+            return run_suite(spec, entries, session, spec_path=spec_path, adapter=path)
+
+        labels = [reg.labels[i] or "" for i in loaded]
+        done = each_adapter(backend, labels, [adapters[i] for i in loaded], one)
+        for i, result in zip(loaded, done, strict=True):
+            if isinstance(result, BaseException):
+                msg = f"{type(result).__name__}: {result}"
+                result = suite_result(
+                    spec,
+                    spec_path,
+                    str(adapters[i]),
+                    started,
+                    t0,
+                    error_results(entries, msg),
+                    None,
+                )
+            out[i] = result
+    return [out[i] for i in range(len(adapters))]
+
+
+def evaluate_many(
+    spec: SuiteSpec,
+    entries: list[Entry],
+    adapters: Sequence[str | Path],
+    *,
+    spec_path: str = "<memory>",
+    trace_path: Path | None = None,
+    progress: Progress | None = None,
+) -> list[SuiteResult]:
+    """Build the backend once (no adapter), run the suite for every adapter, close it.
+
+    The multi-adapter counterpart of `evaluate`: one base load however many adapters.
+    """
+    if not adapters:
+        raise SwayError("evaluate_many needs at least one adapter directory")
+    document_of(spec)
+    model = spec.models.ft.model_copy(update={"adapter": None})
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    try:
+        inner = build_backend(model)
+    except SwayError as exc:
+        results = error_results(entries, f"preflight failed: {exc}")
+        return [suite_result(spec, spec_path, str(a), started, t0, results, None) for a in adapters]
+    backend = Instrumented(inner, trace_path=trace_path)
+    try:
+        return run_many(spec, entries, backend, adapters, spec_path=spec_path, progress=progress)
+    finally:
+        backend.close()

@@ -5,7 +5,7 @@ adapter on the base and evaluates rows of different views in one batch.
 
 Every non-base view derives from one trained adapter, named by its `adapter` field: ""
 (the default) is the primary adapter under test, so single-adapter code never spells it;
-a multi-adapter run (`runner.run_many`) binds the same views to each of its adapters.
+a multi-adapter run (`multi.run_many`) binds the same views to each of its adapters.
 """
 
 from __future__ import annotations

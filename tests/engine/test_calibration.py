@@ -239,8 +239,8 @@ def test_without_a_null_entry_nothing_passes_on_a_fixed_threshold() -> None:
 
 def test_a_nan_null_never_leads_to_a_pass_through_the_store(tmp_path: Path) -> None:
     """The Dagster path reads nulls back from DuckDB, where NaN is NULL: still no PASS."""
-    from sway_engine.evaluations import null_matrix_for
     from sway_engine.calibration import NullCell
+    from sway_engine.evaluations import null_matrix_for
     from sway_engine.store import ResultStore
     from sway_engine.suite import Suite
 

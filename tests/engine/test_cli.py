@@ -28,7 +28,7 @@ def test_run_writes_json_markdown_and_junit(fx, tmp_path: Path, capsys) -> None:
     suite = ET.fromstring(junit.read_text())
     assert suite.get("failures") == "0" and suite.get("tests") == "3"
     events = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert {e["probe"] for e in events} >= {"null_baseline", "ablation"}
+    assert {e["probe"] for e in events} >= {"ablation (nulls)", "ablation"}
     assert "delta_kl_doc" in capsys.readouterr().out
 
 

@@ -10,10 +10,10 @@ import pytest
 from sway_engine.backends.hf import HFBackend
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.errors import BackendError, SwayError
-from sway_engine.multi import Lockstep, bind_request
+from sway_engine.multi import Lockstep, bind_request, evaluate_many, run_many
 from sway_engine.requests import Divergence, NextToken, Request, Result, TokenDist
 from sway_engine.result import SuiteResult, Verdict
-from sway_engine.runner import evaluate_many, run_many, run_suite
+from sway_engine.runner import run_suite
 from sway_engine.suite import load_spec
 from sway_engine.views import BASE, FINETUNED, Finetuned, Null, Scaled, bind, canonical
 from tests.conftest import count_constructions
