@@ -258,6 +258,37 @@ def test_the_mlflow_run_page_shows_the_probe_metrics_and_verdicts(
     assert re.search(r"Metrics \(\d+\)", page.text)
 
 
+def test_mlflow_compares_two_adapters_side_by_side(
+    browser: Browser,
+    mlflow_ui: Server,
+    dagster_dev: DagsterDev,
+    doc_strong_run: Evaluation,
+    fx,  # type: ignore[no-untyped-def]
+) -> None:
+    """doc-weak recorded by the CLI into the same home lands in the same experiment as
+    Dagster's doc-strong run, and MLflow's compare view puts their probe metrics side by side."""
+    settings = dagster_dev.settings
+    argv = ["run", str(settings.suite), "--adapter", str(fx.adapters["doc-weak"])]
+    assert main([*argv, "--home", str(settings.home)]) == 0
+    client = MlflowClient(settings.mlflow_uri)
+    exp = client.get_experiment_by_name("sway-sway")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])
+    weak = next(r for r in runs if r.data.tags.get("sway.origin") == "cli")
+    strong = next(r for r in runs if r.data.tags.get("dagster.run_id") == doc_strong_run.run_id)
+    ids = json.dumps([strong.info.run_id, weak.info.run_id]).replace(" ", "")
+    url = (
+        f"http://127.0.0.1:{dagster_dev.mlflow_port}/#/compare-runs?runs={ids}"
+        f"&experiments={json.dumps([exp.experiment_id]).replace(' ', '')}"
+    )
+    names = [strong.info.run_name, weak.info.run_name]
+    page = browser.open(
+        url, "mlflow-compare.png", expect=[*names, "delta_kl_doc/z"], size=(1600, 1800)
+    )
+    for name in names:
+        assert name in page.text, name
+    assert "delta_kl_doc/z" in page.text and "sway/score" in page.text
+
+
 # After `load`, the page copy says what the reader sees: the banner's text and where it sits,
 # and how many images the browser decoded (naturalWidth > 0: a broken data URL has none).
 MEASURE = """<script>addEventListener("load", () => {
