@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--mode", choices=("matched", "spectrum", "fixed"), help="null mode")
     cal.add_argument("--probe", action="append", default=[], help="only these kinds")
     cal.add_argument("--json", "-j", type=Path, help="write the audit as JSON here")
+    self_check = dsub.add_parser(
+        "check", help="batch invariance, determinism, cache integrity, hf vs mlx"
+    )
+    self_check.add_argument("spec", type=Path, help="sway.yaml (its model and prompts)")
+    self_check.add_argument("--adapter", help="this adapter instead of models.ft")
+    self_check.add_argument("--json", action="store_true", help="print JSON")
     convert = sub.add_parser("convert-adapter", help="convert a PEFT LoRA adapter for mlx-lm")
     convert.add_argument("src", type=Path, help="PEFT adapter directory")
     convert.add_argument("dst", type=Path, help="output directory (mlx-lm adapter_path)")
@@ -166,6 +172,8 @@ def _main(args: argparse.Namespace) -> int:
             return _convert_adapter(args)
         if args.command == "autogen":
             return _autogen(args)
+        if args.command == "doctor" and args.doctor_command == "check":
+            return cli_tools.doctor_check(args)
         if args.command == "doctor":
             return _doctor_calibration(args)
         if args.command == "sync-mlflow":

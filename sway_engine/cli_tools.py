@@ -188,6 +188,28 @@ def validate(paths: Sequence[Path]) -> int:
     return 2 if invalid else 0
 
 
+def doctor_check(args: argparse.Namespace) -> int:
+    """`sway doctor check`: 0 when every check holds, 1 on any disagreement."""
+    from sway_engine.doctor import run
+
+    checks = run(str(args.spec), adapter=args.adapter)
+    if args.json:
+        print(json.dumps([c.to_dict() for c in checks], indent=2))
+    else:
+        rows = [
+            {
+                "check": c.name,
+                "result": "ok" if c.passed else "FAILED",
+                "max |dlogp|": c.measured,
+                "bound": c.bound,
+                "what": c.detail,
+            }
+            for c in checks
+        ]
+        _table(rows, ["check", "result", "max |dlogp|", "bound", "what"])
+    return 0 if all(c.passed for c in checks) else 1
+
+
 def _table(rows: Sequence[dict[str, Any]], columns: list[str]) -> None:
     print("  ".join(columns))
     for row in rows:

@@ -253,6 +253,10 @@ class LocalBackend:
     def counters(self) -> dict[str, float]:
         return dict(self._counters)
 
+    def forget_rows(self) -> None:
+        """Drop the cached rows, so the next execute computes everything (`sway doctor`)."""
+        self._row_cache.clear()
+
     def close(self) -> None:
         self._row_cache.clear()
         self._release()

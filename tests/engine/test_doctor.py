@@ -1,0 +1,91 @@
+"""`sway doctor check`: the backend checks itself, passes on the fixtures, and catches a
+backend that is broken in each way it checks (injected here)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from sway_engine import doctor
+from sway_engine.backends.hf import HFBackend
+from sway_engine.cli import main
+from sway_engine.requests import Request, Result, RollingResult, TokenDist
+
+PROMPTS = ["Q: Where is the island of Quellmoor?\nA:", "The Orrindale Light stands on the"]
+
+
+class Broken:
+    """A working backend with one fault: results that depend on the batch's size (batch),
+    results that differ on every call (drift), or a cache whose rows are corrupt (cache)."""
+
+    def __init__(self, inner: HFBackend, fault: str) -> None:
+        self.inner, self.fault, self.kind = inner, fault, inner.kind
+        self.capabilities = inner.capabilities
+        self.calls = 0
+        self.stale: dict[Request, Result] = {}
+
+    def execute(self, requests: Sequence[Request]) -> list[Result]:
+        self.calls += 1
+        out = self.inner.execute(requests)
+        if self.fault == "cache":  # a repeat is served from a cache that holds corrupt rows
+            served = []
+            for req, res in zip(requests, out, strict=True):
+                served.append(self.stale.get(req, res))
+                self.stale.setdefault(req, _shifted(res, 1e-2))
+            return served
+        shift = 1e-3 * len(requests) if self.fault == "batch" else 1e-9 * self.calls
+        return [_shifted(r, shift) for r in out]
+
+    def forget_rows(self) -> None:
+        self.inner.forget_rows()
+        self.stale.clear()
+
+    def close(self) -> None:
+        pass
+
+
+def _shifted(result: Result, by: float) -> Result:
+    if isinstance(result, RollingResult | TokenDist):
+        return replace(result, logprobs=np.asarray(result.logprobs) + by)
+    return result
+
+
+@pytest.fixture(scope="module")
+def hf(fx) -> HFBackend:  # type: ignore[no-untyped-def]
+    return HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+
+
+def test_the_fixture_backend_passes_every_check(fx, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["doctor", "check", str(fx.suite), "--json"]) == 0
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    assert set(checks) >= {"batch invariance", "determinism", "cache integrity", "hf vs mlx"}
+    assert all(c["passed"] for c in checks.values()), checks
+    assert checks["batch invariance"]["measured"] < doctor.BATCH_BOUND
+    assert checks["determinism"]["measured"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("fault", "fails"),
+    [
+        ("batch", {"batch invariance"}),
+        ("drift", {"determinism", "cache integrity"}),  # every repeat differs, cached ones too
+        ("cache", {"cache integrity"}),
+    ],
+)
+def test_a_broken_backend_fails_the_checks_for_its_fault(
+    hf: HFBackend, fault: str, fails: set[str]
+) -> None:
+    checks = {c.name: c for c in doctor.check(Broken(hf, fault), PROMPTS)}
+    assert {name for name, c in checks.items() if not c.passed} == fails, checks
+
+
+def test_the_command_exits_1_on_a_broken_backend(fx, hf: HFBackend, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import sway_engine.backends.build as build
+
+    monkeypatch.setattr(build, "build_backend", lambda *a, **k: Broken(hf, "batch"))
+    assert main(["doctor", "check", str(fx.suite)]) == 1
+    assert "batch invariance  FAILED" in capsys.readouterr().out
