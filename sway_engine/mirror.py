@@ -29,7 +29,6 @@ from sway_engine.tracking import TABLE_FILE, MlflowTracking, TrackingError, prob
 T = TypeVar("T")
 
 COOLDOWN_S = 60.0
-SLOW_FAILURE_S = 1.0  # a failure that took this long is remembered for COOLDOWN_S
 CATCH_UP_LIMIT = 20  # older pending runs copied per publication; `sway sync-mlflow` takes all
 _down: dict[str, tuple[float, str]] = {}  # tracking URI -> (monotonic retry time, why)
 MODEL_PARAMS = ("base_model", "rank", "alpha", "target_modules")  # of history.mlflow_params
@@ -206,18 +205,19 @@ class Mirror:
 
     def _guarded(self, work: Callable[[], T]) -> T:
         """Run `work` unless MLflow failed slowly in this process within COOLDOWN_S. Only a
-        slow failure (a dead server's retries, a locked db's busy wait) is remembered: one that
-        fails at once (a full artifact disk) costs nothing to meet again, and later calls can
-        still close the run it left open."""
+        slow failure (a dead server's retries, a locked db's busy wait: the failing call itself
+        was slow, `TrackingError.slow`) is remembered: one that fails at once (a full artifact
+        disk) costs nothing to meet again, and later calls can still close the run it left
+        open. The failing call is timed, not `work`: on a busy machine the calls that succeeded
+        before it would make a full disk look like a dead server."""
         uri = self.tracking.tracking_uri
         until, why = _down.get(uri, (0.0, ""))
         if time.monotonic() < until:
             raise TrackingError(f"{uri} failed {why!r} less than {COOLDOWN_S:g} s ago; not tried")
-        started = time.monotonic()
         try:
             result = work()
         except TrackingError as exc:
-            if time.monotonic() - started >= SLOW_FAILURE_S:
+            if exc.slow:
                 _down[uri] = (time.monotonic() + COOLDOWN_S, str(exc)[:200])
             raise
         _down.pop(uri, None)

@@ -49,8 +49,18 @@ CLIENT_DEADLINES = {
 }
 
 
+# A client call that failed after this long met a dead server's retries or a locked db's
+# busy wait (the mirror then leaves the URI alone for a while); a fast failure did not.
+SLOW_FAILURE_S = 1.0
+
+
 class TrackingError(SwayError):
-    """MLflow refused a request, or sway was asked to log something it must not."""
+    """MLflow refused a request, or sway was asked to log something it must not. `slow`: the
+    failing client call itself took SLOW_FAILURE_S or more."""
+
+    def __init__(self, message: str, *, slow: bool = False) -> None:
+        super().__init__(message)
+        self.slow = slow
 
 
 class MlflowTracking:
@@ -395,16 +405,19 @@ class MlflowTracking:
         sqlalchemy's OperationalError, a refused connection requests' ConnectionError)."""
         from mlflow.exceptions import MlflowException
 
+        started = time.monotonic()
         try:
             yield
         except TrackingError:
             raise
         except MlflowException as exc:
-            raise TrackingError(f"{what} at {self.tracking_uri}: {exc.message}") from exc
+            slow = time.monotonic() - started >= SLOW_FAILURE_S
+            raise TrackingError(f"{what} at {self.tracking_uri}: {exc.message}", slow=slow) from exc
         except Exception as exc:
+            slow = time.monotonic() - started >= SLOW_FAILURE_S
             detail = str(exc).splitlines()[0] if str(exc) else ""
             raise TrackingError(
-                f"{what} at {self.tracking_uri}: {type(exc).__name__}: {detail}"
+                f"{what} at {self.tracking_uri}: {type(exc).__name__}: {detail}", slow=slow
             ) from exc
 
 

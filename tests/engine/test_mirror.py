@@ -281,3 +281,42 @@ def test_defaults_mlflow_names_the_registered_model_without_changing_the_spec_ha
     assert plain.spec_hash == named.spec_hash  # where results go is not what is measured
     with pytest.raises(Exception, match="model_name"):
         load("docs", {"register": True, "model_name": "a/b"})
+
+
+def test_a_full_disk_on_a_busy_machine_is_not_taken_for_a_dead_server(
+    tracking: MlflowTracking, store: ResultStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preview whose calls are slow (a loaded machine) before the artifact write fails at once
+    (a full disk) must not stop the mirror for COOLDOWN_S: the score step's copy is still
+    tried, and closes the MLflow run FAILED instead of leaving it RUNNING. (Timing the whole
+    preview made it look like a dead server; a fresh-clone test met this under load.)"""
+    import errno
+    import time
+
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    def no_space(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifact", no_space)
+    slow_log = tracking.log_probe
+
+    def busy(*args: object, **kwargs: object) -> None:
+        time.sleep(1.2)  # longer than SLOW_FAILURE_S, and it succeeds
+        slow_log(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tracking, "log_probe", busy)
+    run_id = _evaluation(
+        store, "dag-1:" + KEY, KEY, passed=True, finished_at="2025-01-02T03:05:05", dagster="dag-1"
+    )
+    warned: list[str] = []
+    mirror = Mirror(tracking, store, warn=warned.append)
+    plotted = _probe(
+        "delta_kl_doc", Verdict.PASS, null=NullStats(0.05, 0.02, 3, (0.03, 0.05, 0.07), False)
+    )
+    mirror.preview(KEY, "dag-1", {}, plotted)  # logs the metrics (slowly), then the plot fails
+    assert warned and "No space left on device" in warned[0], warned
+    published = mirror.publish(run_id, PARAMS)
+    assert not published.synced and "No space left on device" in (published.error or "")
+    assert published.mlflow_run_id is not None  # the copy was tried, not refused
+    assert tracking.client.get_run(published.mlflow_run_id).info.status == "FAILED"
