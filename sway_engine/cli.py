@@ -104,11 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("b", help="adapter key, directory name or run id (the candidate)")
     cmp.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
     cmp.add_argument("--json", action="store_true", help="print JSON")
-    cmp.add_argument(
-        "--fail-on-regression",
-        action="store_true",
-        help="exit 1 when B is worse than A beyond both nulls on any probe, or lost a PASS",
-    )
+    cli_tools.fail_on_regression(cmp)
     report = sub.add_parser("report", help="the latest recorded evaluation of an adapter")
     report.add_argument(
         "adapter", help="adapter key, directory name or run id, or a result .json file"

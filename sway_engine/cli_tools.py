@@ -16,6 +16,15 @@ from sway_engine.errors import SwayError
 from sway_engine.result import json_safe
 
 
+def fail_on_regression(parser: argparse.ArgumentParser) -> None:
+    """The CI switch `compare` and `diff` share."""
+    parser.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help="exit 1 when B is worse than A beyond both nulls on any probe, or lost a PASS",
+    )
+
+
 def add_parsers(sub: Any) -> None:
     diff = sub.add_parser(
         "diff", help="one suite on two adapters over one base load, probe by probe"
@@ -24,11 +33,7 @@ def add_parsers(sub: Any) -> None:
     diff.add_argument("a", help="reference adapter directory")
     diff.add_argument("b", help="candidate adapter directory")
     diff.add_argument("--json", action="store_true", help="print JSON")
-    diff.add_argument(
-        "--fail-on-regression",
-        action="store_true",
-        help="exit 1 when B is worse than A beyond both nulls on any probe, or lost a PASS",
-    )
+    fail_on_regression(diff)
     mine = sub.add_parser("mine", help="the suite's prompts where the adapter's effect stands out")
     mine.add_argument("spec", help="sway.yaml")
     mine.add_argument("--adapter", help="mine around this adapter instead of models.ft")
@@ -54,13 +59,14 @@ def run(args: argparse.Namespace) -> int | None:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from sway_engine.diff import compare_probes, evaluate_pair
+    from sway_engine.diff import compare_probes
+    from sway_engine.multi import evaluate_each
     from sway_engine.progress import display
     from sway_engine.suite import load_spec
 
     spec, entries = load_spec(args.spec)
     with display() as progress:
-        result_a, result_b = evaluate_pair(
+        result_a, result_b = evaluate_each(
             spec, entries, [args.a, args.b], spec_path=str(args.spec), progress=progress
         )
     rows = compare_probes(result_a.probes, result_b.probes)

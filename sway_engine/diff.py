@@ -1,24 +1,15 @@
 """Two adapters side by side: probe-by-probe differences oriented by each probe's direction,
 and whether each is beyond both adapters' nulls. `sway compare` reads two recorded
-evaluations; `sway diff` computes both in one process over one base load (`evaluate_pair`).
+evaluations; `sway diff` computes both in one process over one base load
+(`multi.evaluate_each`).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from sway_engine.backends.build import build_backend
-from sway_engine.backends.instrumentation import Instrumented
-from sway_engine.errors import SwayError
-from sway_engine.probes.registry import Entry
-from sway_engine.result import ProbeResult, SuiteResult
-from sway_engine.runner import Progress, error_results, evaluate, run_suite, suite_result
-from sway_engine.spec import SuiteSpec
-from sway_engine.suite import document_of
+from sway_engine.result import ProbeResult
 
 NOISE_SIGMAS = 3.0  # a difference counts when it exceeds this many null stds of both runs
 
@@ -58,57 +49,4 @@ def compare_probes(a: Sequence[ProbeResult], b: Sequence[ProbeResult]) -> list[d
                 "regression": broke or (beyond and delta is not None and delta < 0),
             }
         )
-    return out
-
-
-def evaluate_pair(
-    spec: SuiteSpec,
-    entries: list[Entry],
-    adapters: Sequence[str | Path],
-    *,
-    spec_path: str = "<memory>",
-    trace_path: Path | None = None,
-    progress: Progress | None = None,
-) -> list[SuiteResult]:
-    """The suite on each adapter in turn over one base load: the adapter is swapped in place
-    (`load_adapter`) and the request cache reset between them, so each result equals a run of
-    that adapter alone. A backend that cannot swap adapters (api, custom) is built per adapter.
-    An adapter that fails to load gets ERROR rows; the others still run."""
-    document_of(spec)
-    model = spec.models.ft.model_copy(update={"adapter": None})
-    started, t0 = datetime.now(UTC), time.perf_counter()
-    try:
-        inner = build_backend(model)
-    except SwayError as exc:
-        rows = error_results(entries, f"preflight failed: {exc}")
-        return [suite_result(spec, spec_path, str(a), started, t0, rows, None) for a in adapters]
-    if not callable(getattr(inner, "load_adapter", None)):
-        inner.close()
-        return [
-            evaluate(spec, entries, spec_path=spec_path, adapter=str(a), trace_path=trace_path)
-            for a in adapters
-        ]
-    backend = Instrumented(inner, trace_path=trace_path)
-    out = []
-    try:
-        for adapter in adapters:
-            backend.reset()
-            try:
-                inner.load_adapter(str(adapter))  # type: ignore[attr-defined]
-            except SwayError as exc:
-                rows = error_results(entries, f"preflight failed: {exc}")
-                out.append(suite_result(spec, spec_path, str(adapter), started, t0, rows, backend))
-                continue
-            out.append(
-                run_suite(
-                    spec,
-                    entries,
-                    backend,
-                    spec_path=spec_path,
-                    adapter=str(adapter),
-                    progress=progress,
-                )
-            )
-    finally:
-        backend.close()
     return out

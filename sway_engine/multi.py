@@ -31,7 +31,7 @@ from sway_engine.probes.registry import Entry
 from sway_engine.progress import Progress
 from sway_engine.requests import Divergence, Embed, Request, Result
 from sway_engine.result import SuiteResult
-from sway_engine.runner import error_results, run_suite, suite_result
+from sway_engine.runner import error_results, evaluate, run_suite, suite_result
 from sway_engine.spec import SuiteSpec
 from sway_engine.suite import document_of
 from sway_engine.views import bind
@@ -291,6 +291,23 @@ def run_many(
     return [out[i] for i in range(len(adapters))]
 
 
+def adapterless(
+    spec: SuiteSpec, entries: list[Entry], adapters: Sequence[str | Path], spec_path: str
+) -> tuple[Any, list[SuiteResult]]:
+    """The suite's backend built once without an adapter, or (None, ERROR results for every
+    adapter) when it cannot load: what `evaluate_many` and `evaluate_each` start from."""
+    document_of(spec)
+    model = spec.models.ft.model_copy(update={"adapter": None})
+    started, t0 = datetime.now(UTC), time.perf_counter()
+    try:
+        return build_backend(model), []
+    except SwayError as exc:
+        rows = error_results(entries, f"preflight failed: {exc}")
+        return None, [
+            suite_result(spec, spec_path, str(a), started, t0, rows, None) for a in adapters
+        ]
+
+
 def evaluate_many(
     spec: SuiteSpec,
     entries: list[Entry],
@@ -300,23 +317,64 @@ def evaluate_many(
     trace_path: Path | None = None,
     progress: Progress | None = None,
 ) -> list[SuiteResult]:
-    """Build the backend once (no adapter), run the suite for every adapter, close it.
-
-    The multi-adapter counterpart of `evaluate`: one base load however many adapters.
-    """
+    """Build the backend once (no adapter), run the suite for every adapter in lockstep (their
+    requests in shared batches), close it: one base load however many adapters."""
     if not adapters:
         raise SwayError("evaluate_many needs at least one adapter directory")
-    document_of(spec)
-    model = spec.models.ft.model_copy(update={"adapter": None})
-    started = datetime.now(UTC)
-    t0 = time.perf_counter()
-    try:
-        inner = build_backend(model)
-    except SwayError as exc:
-        results = error_results(entries, f"preflight failed: {exc}")
-        return [suite_result(spec, spec_path, str(a), started, t0, results, None) for a in adapters]
+    inner, failed = adapterless(spec, entries, adapters, spec_path)
+    if inner is None:
+        return failed
     backend = Instrumented(inner, trace_path=trace_path)
     try:
         return run_many(spec, entries, backend, adapters, spec_path=spec_path, progress=progress)
     finally:
         backend.close()
+
+
+def evaluate_each(
+    spec: SuiteSpec,
+    entries: list[Entry],
+    adapters: Sequence[str | Path],
+    *,
+    spec_path: str = "<memory>",
+    trace_path: Path | None = None,
+    progress: Progress | None = None,
+) -> list[SuiteResult]:
+    """The suite on each adapter in turn over one base load: the adapter is swapped in place
+    (`load_adapter`) and the request cache reset between them, so each result equals a run of
+    that adapter alone. A backend that cannot swap adapters (api, custom) is built per adapter.
+    An adapter that fails to load gets ERROR rows; the others still run."""
+    inner, failed = adapterless(spec, entries, adapters, spec_path)
+    if inner is None:
+        return failed
+    if not callable(getattr(inner, "load_adapter", None)):
+        inner.close()
+        return [
+            evaluate(spec, entries, spec_path=spec_path, adapter=str(a), trace_path=trace_path)
+            for a in adapters
+        ]
+    backend = Instrumented(inner, trace_path=trace_path)
+    started, t0 = datetime.now(UTC), time.perf_counter()
+    out = []
+    try:
+        for adapter in adapters:
+            backend.reset()
+            try:
+                inner.load_adapter(str(adapter))
+            except SwayError as exc:
+                rows = error_results(entries, f"preflight failed: {exc}")
+                out.append(suite_result(spec, spec_path, str(adapter), started, t0, rows, backend))
+                continue
+            out.append(
+                run_suite(
+                    spec,
+                    entries,
+                    backend,
+                    spec_path=spec_path,
+                    adapter=str(adapter),
+                    progress=progress,
+                )
+            )
+    finally:
+        backend.close()
+    return out
