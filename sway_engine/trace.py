@@ -10,17 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sway_engine.backends.instrumentation import TRACED
 from sway_engine.errors import SwayError
 
-WORK = (
-    "rows_forwarded",
-    "forward_passes",
-    "tokens_forwarded",
-    "row_cache_hits",
-    "http_requests",
-    "generate_row_steps",
-    "generated_tokens",
-)
+WORK = TRACED  # the backend counters each event carries
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -77,8 +77,9 @@ class Instrumented:
         for req in requests:
             check_prompt(req)
         misses = list(dict.fromkeys(r for r in requests if r not in self._cache))
-        hits = [r for r in requests if r in self._cache]
-        before = self._inner_counters() if self._trace is not None else {}
+        tracing = self._trace is not None
+        hits = [r for r in requests if r in self._cache] if tracing else []
+        before = self._inner_counters() if tracing else {}
         model = [r for r in misses if not isinstance(r, Embed)]
         if model:
             for req, res in zip(model, self.inner.execute(model), strict=True):
@@ -92,7 +93,7 @@ class Instrumented:
         self.stats["requests"] += len(requests)
         self.stats["cache_hits"] += len(requests) - len(misses)
         self.stats["wall_s"] += wall
-        if self._trace is not None:
+        if tracing:
             after = self._inner_counters()
             work = {k: after[k] - before.get(k, 0) for k in TRACED if k in after}
             self._write_trace(len(requests), wall, misses, hits, work)
