@@ -67,7 +67,10 @@ def build_definitions(
         jobs=[evaluate],
         sensors=[make_adapter_sensor(JOB_NAME), automation, make_reaper_sensor(), sway_failed_runs],
         resources={
-            "backend": backend or backend_for(suite.spec, trace_dir=str(settings.traces)),
+            "backend": backend
+            or backend_for(
+                suite.spec, trace_dir=str(settings.traces), cache_dir=str(settings.home / "cache")
+            ),
             "adapter_store": AdapterStoreResource(root=str(settings.adapters_dir)),
             "results": ResultStoreResource(
                 database=str(settings.database), reports=str(settings.reports)

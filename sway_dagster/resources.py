@@ -15,7 +15,7 @@ import dagster as dg
 from pydantic import ConfigDict, PrivateAttr, model_validator
 
 from sway_engine.backends.build import build_kind, build_side, check_one_model
-from sway_engine.backends.instrumentation import Instrumented
+from sway_engine.backends.instrumentation import Instrumented, session
 from sway_engine.mirror import Mirror
 from sway_engine.multi import Registration, register
 from sway_engine.spec import ModelSpec, SuiteSpec
@@ -45,6 +45,9 @@ class ModelResource(_Strict):
     """A backend resource: `session(adapter)` gives an instrumented engine backend."""
 
     trace_dir: str = ""
+    # The persistent scoring cache's folder ("": ScoreCache.open_default's choice); the
+    # environment's SWAY_SCORE_CACHE=off turns it off.
+    cache_dir: str = ""
 
     def session(self, adapter_path: str) -> Instrumented:
         raise NotImplementedError
@@ -83,6 +86,14 @@ class ModelResource(_Strict):
 
     def _trace(self) -> Path | None:
         return Path(self.trace_dir) / "trace.jsonl" if self.trace_dir else None
+
+    def _session_on(self, engine: Any) -> Instrumented:
+        """A run's front on `engine`: trace file and persistent scoring cache."""
+        return session(
+            engine,
+            trace_path=self._trace(),
+            cache_dir=Path(self.cache_dir) if self.cache_dir else None,
+        )
 
 
 class _LocalModel(ModelResource):
@@ -130,7 +141,7 @@ class _LocalModel(ModelResource):
 
     def _shared(self) -> Instrumented:
         if self._session is None:
-            self._session = Instrumented(self.engine(), trace_path=self._trace())
+            self._session = self._session_on(self.engine())
         return self._session
 
     def session(self, adapter_path: str) -> Instrumented:
@@ -255,7 +266,7 @@ class _Built(ModelResource):
     def session(self, adapter_path: str) -> Instrumented:
         engine = self._engine_for(adapter_path)
         if self._session is None or self._session.inner is not engine:
-            self._session = Instrumented(engine, trace_path=self._trace())
+            self._session = self._session_on(engine)
         elif self._adapter != adapter_path:
             self._session.reset()
         self._adapter = adapter_path
@@ -358,8 +369,9 @@ class PriorityModelResource(_Built):
         )
 
 
-def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelResource:
+def resource_for(model: ModelSpec, trace_dir: str = "", cache_dir: str = "") -> ModelResource:
     """The backend resource for one side of a suite's `models`."""
+    common: dict[str, Any] = {"trace_dir": trace_dir, "cache_dir": cache_dir}
     if model.fallback:
         return PriorityModelResource(
             kinds=[model.kind, *model.fallback],
@@ -369,7 +381,7 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelResource:
             trust_remote_code=model.trust_remote_code,
             endpoint=model.endpoint,
             entry_point=model.entry_point,
-            trace_dir=trace_dir,
+            **common,
         )
     if model.kind == "hf":
         return HFModelResource(
@@ -377,7 +389,7 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelResource:
             dtype=model.dtype,
             device=model.device,
             trust_remote_code=model.trust_remote_code,
-            trace_dir=trace_dir,
+            **common,
         )
     if model.kind == "mlx":
         return MLXModelResource(
@@ -385,7 +397,7 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelResource:
             dtype=model.dtype,
             device=model.device,
             trust_remote_code=model.trust_remote_code,
-            trace_dir=trace_dir,
+            **common,
         )
     if model.kind == "api":
         assert model.endpoint is not None  # the spec requires it
@@ -395,24 +407,25 @@ def resource_for(model: ModelSpec, trace_dir: str = "") -> ModelResource:
             allow_insecure_http=model.allow_insecure_http,
             timeout_s=model.timeout_s,
             max_retries=model.max_retries,
-            trace_dir=trace_dir,
+            **common,
         )
     if model.kind == "custom":
         assert model.entry_point is not None  # the spec requires it
-        return CustomModelResource(
-            entry_point=model.entry_point, base=model.base, trace_dir=trace_dir
-        )
+        return CustomModelResource(entry_point=model.entry_point, base=model.base, **common)
     raise ValueError(f"backend kind {model.kind!r} has no Dagster resource")
 
 
-def backend_for(spec: SuiteSpec, trace_dir: str = "") -> ModelResource:
+def backend_for(spec: SuiteSpec, trace_dir: str = "", cache_dir: str = "") -> ModelResource:
     """The suite's backend resource: one model, or two composed (`differential: false`)."""
-    ft = resource_for(spec.models.ft, trace_dir)
+    ft = resource_for(spec.models.ft, trace_dir, cache_dir)
     if spec.defaults.differential:
         check_one_model(spec.models.ft)
         return ft
     return TwoModelResource(
-        base=resource_for(spec.models.base, trace_dir), ft=ft, trace_dir=trace_dir
+        base=resource_for(spec.models.base, trace_dir, cache_dir),
+        ft=ft,
+        trace_dir=trace_dir,
+        cache_dir=cache_dir,
     )
 
 

@@ -260,6 +260,7 @@ def _evaluate_and_report(
             adapter=getattr(args, "adapter", None),
             trace_path=getattr(args, "trace", None),
             progress=progress,
+            cache_dir=cli_tools.cache_dir(getattr(args, "home", None)),
         )
     print_terminal(result)
     for path, render in (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,13 @@ def add_parsers(sub: Any) -> None:
     trace.add_argument("file", help="trace file (sway run --trace, Dagster's trace.jsonl)")
     trace.add_argument("--views", type=int, default=12, help="views listed (most computed first)")
     trace.add_argument("--json", action="store_true", help="print JSON")
+    cache = sub.add_parser("cache", help="the persistent scoring cache: its size, or clear it")
+    cache.add_argument("action", choices=("info", "clear"))
+    cache.add_argument(
+        "--home",
+        type=Path,
+        help="this sway home's cache (default: $SWAY_HOME's, else ~/.cache/sway)",
+    )
 
 
 def run(args: argparse.Namespace) -> int | None:
@@ -55,7 +63,43 @@ def run(args: argparse.Namespace) -> int | None:
         return _mine(args)
     if args.command == "trace":
         return _trace(args)
+    if args.command == "cache":
+        return _cache(args)
     return None
+
+
+def cache_dir(home: Path | None) -> Path | None:
+    """The scoring cache's folder for a command: `home`'s, else $SWAY_HOME's, else None
+    (`ScoreCache.open_default` then picks $SWAY_SCORE_CACHE_DIR or ~/.cache/sway)."""
+    if home is None and os.environ.get("SWAY_HOME"):
+        home = Path(os.environ["SWAY_HOME"])
+    return None if home is None else Path(home).expanduser().resolve() / "cache"
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from sway_engine.score_cache import ScoreCache, default_path
+
+    path = default_path(cache_dir(args.home))
+    if not path.exists():
+        print(f"no score cache at {path} (a run creates it)")
+        return 0
+    cache = ScoreCache(path)
+    if args.action == "clear":
+        try:
+            n = cache.clear()
+        except ValueError as exc:
+            raise SwayError(str(exc)) from exc
+        print(f"removed {n} stored results from {path}")
+        return 0
+    info = cache.info()
+    if not info["usable"]:
+        print(f"{cache.path}: not usable (see the warning above); `sway cache clear` removes it")
+        return 1
+    print(
+        f"{info['path']}: {info['entries']} stored results, {info['size_mb']} MiB of "
+        f"{info['capacity_mb']} MiB (SWAY_SCORE_CACHE_MB)"
+    )
+    return 0
 
 
 def _diff(args: argparse.Namespace) -> int:
@@ -67,7 +111,12 @@ def _diff(args: argparse.Namespace) -> int:
     spec, entries = load_spec(args.spec)
     with display() as progress:
         result_a, result_b = evaluate_each(
-            spec, entries, [args.a, args.b], spec_path=str(args.spec), progress=progress
+            spec,
+            entries,
+            [args.a, args.b],
+            spec_path=str(args.spec),
+            progress=progress,
+            cache_dir=cache_dir(None),
         )
     rows = compare_probes(result_a.probes, result_b.probes)
     failed = int(args.fail_on_regression and any(r["regression"] for r in rows))

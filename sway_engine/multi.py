@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sway_engine.backends.build import build_backend
-from sway_engine.backends.instrumentation import Instrumented
+from sway_engine.backends.instrumentation import Instrumented, session
 from sway_engine.errors import SwayError
 from sway_engine.probes.registry import Entry
 from sway_engine.progress import Progress
@@ -316,6 +316,7 @@ def evaluate_many(
     spec_path: str = "<memory>",
     trace_path: Path | None = None,
     progress: Progress | None = None,
+    cache_dir: Path | None = None,
 ) -> list[SuiteResult]:
     """Build the backend once (no adapter), run the suite for every adapter in lockstep (their
     requests in shared batches), close it: one base load however many adapters."""
@@ -324,7 +325,7 @@ def evaluate_many(
     inner, failed = adapterless(spec, entries, adapters, spec_path)
     if inner is None:
         return failed
-    backend = Instrumented(inner, trace_path=trace_path)
+    backend = session(inner, trace_path=trace_path, cache_dir=cache_dir)
     try:
         return run_many(spec, entries, backend, adapters, spec_path=spec_path, progress=progress)
     finally:
@@ -339,6 +340,7 @@ def evaluate_each(
     spec_path: str = "<memory>",
     trace_path: Path | None = None,
     progress: Progress | None = None,
+    cache_dir: Path | None = None,
 ) -> list[SuiteResult]:
     """The suite on each adapter in turn over one base load: the adapter is swapped in place
     (`load_adapter`) and the request cache reset between them, so each result equals a run of
@@ -350,10 +352,17 @@ def evaluate_each(
     if not callable(getattr(inner, "load_adapter", None)):
         inner.close()
         return [
-            evaluate(spec, entries, spec_path=spec_path, adapter=str(a), trace_path=trace_path)
+            evaluate(
+                spec,
+                entries,
+                spec_path=spec_path,
+                adapter=str(a),
+                trace_path=trace_path,
+                cache_dir=cache_dir,
+            )
             for a in adapters
         ]
-    backend = Instrumented(inner, trace_path=trace_path)
+    backend = session(inner, trace_path=trace_path, cache_dir=cache_dir)
     started, t0 = datetime.now(UTC), time.perf_counter()
     out = []
     try:

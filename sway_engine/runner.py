@@ -16,7 +16,7 @@ from pathlib import Path
 from sway_engine import __version__, score, stats
 from sway_engine.backends.base import NULL_VIEWS
 from sway_engine.backends.build import build_backend
-from sway_engine.backends.instrumentation import Instrumented
+from sway_engine.backends.instrumentation import Instrumented, session
 from sway_engine.calibration import NullMatrix, NullPlan, calibrate, calibrates, plan_for
 from sway_engine.errors import ProbeSkip, SwayError
 from sway_engine.probes.base import Context, finalize, skipped
@@ -326,8 +326,10 @@ def evaluate(
     adapter: str | None = None,
     trace_path: Path | None = None,
     progress: Progress | None = None,
+    cache_dir: Path | None = None,
 ) -> SuiteResult:
-    """Build the backend, run the suite, close the backend (the CLI path).
+    """Build the backend, run the suite, close the backend (the CLI path). Results come from
+    and go to the persistent scoring cache (`cache_dir`, see `ScoreCache.open_default`).
 
     A load failure (bad adapter, NaN weights, base mismatch) gives ERROR rows, not an exception.
     """
@@ -345,7 +347,7 @@ def evaluate(
     except SwayError as exc:
         results = error_results(entries, f"preflight failed: {exc}")
         return suite_result(spec, spec_path, model.adapter or "", started, t0, results, None)
-    backend = Instrumented(inner, trace_path=trace_path)
+    backend = session(inner, trace_path=trace_path, cache_dir=cache_dir)
     try:
         return run_suite(
             spec,

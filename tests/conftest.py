@@ -20,6 +20,11 @@ def _no_user_home(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("SWAY_HOME", "SWAY_SUITE", "SWAY_ADAPTERS_DIR", "SWAY_DATABASE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # The persistent scoring cache is off unless a test turns it on (tests/engine/
+    # test_score_cache.py): tests count the model's work, and a cache shared between tests
+    # (or with the developer's ~/.cache/sway) would make their counts depend on test order.
+    monkeypatch.delenv("SWAY_SCORE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("SWAY_SCORE_CACHE", "off")
 
 
 @pytest.fixture(scope="session")

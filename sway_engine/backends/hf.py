@@ -134,6 +134,17 @@ class HFBackend(LocalBackend):
 
     # ---- adapters and views ----
 
+    def _numerics(self) -> str:
+        import peft
+        import transformers
+
+        versions = f"torch={self._torch.__version__} transformers={transformers.__version__}"
+        return f"{versions} peft={peft.__version__} dtype={self.dtype} device={self.device}"
+
+    def _hub_revision(self) -> str | None:
+        revision = getattr(self._base_model.config, "_commit_hash", None)
+        return str(revision) if revision else None
+
     def _load_primary(self, path: str) -> AdapterInfo:
         info = self._read(path)
         _, _, peft = _import_stack()

@@ -4,11 +4,16 @@ Identical requests are computed once per run: a request is a frozen value and it
 A request with an empty prompt is refused here, whatever the backend. `Embed` requests are
 answered here by the embedding model (sway_engine.embeddings), never by the model backend, so
 probes that need sentence vectors stay requests-in, numbers-out on every backend.
+
+With a persistent `ScoreCache` (score_cache.py), a request missing from this run's cache is
+looked up by content before the backend computes it, and what the backend computes is stored;
+backends that can name their model by content (`cache_identity`: hf, mlx) take part.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from sway_engine import score_cache
 from sway_engine.backends.base import Backend
 from sway_engine.requests import (
     Embed,
@@ -26,6 +32,7 @@ from sway_engine.requests import (
     views_of,
 )
 
+log = logging.getLogger(__name__)
 Embedder = Callable[[Sequence[str]], np.ndarray]
 # Backend counters whose change during one execute goes into the trace.
 TRACED = (
@@ -33,6 +40,7 @@ TRACED = (
     "forward_passes",
     "tokens_forwarded",
     "row_cache_hits",
+    "stored_rows",
     "http_requests",
     "generate_row_steps",
     "generated_tokens",
@@ -56,8 +64,12 @@ class Instrumented:
         *,
         trace_path: Path | None = None,
         embedder: Embedder = default_embedder,
+        store: score_cache.ScoreCache | None = None,
     ) -> None:
         self.inner = inner
+        self._store = store if store is not None and store.usable else None
+        self._identity: score_cache.Identity | None = None
+        self._identity_known = False
         self._embedder = embedder
         self.kind = inner.kind
         self.capabilities = inner.capabilities
@@ -69,6 +81,7 @@ class Instrumented:
             "cache_hits": 0,
             "executes": 0,
             "embedded_texts": 0,
+            "stored_hits": 0,
             "wall_s": 0.0,
         }
 
@@ -80,11 +93,18 @@ class Instrumented:
         tracing = self._trace is not None
         hits = [r for r in requests if r in self._cache] if tracing else []
         before = self._inner_counters() if tracing else {}
-        model = [r for r in misses if not isinstance(r, Embed)]
+        stored_before = self.stats["stored_hits"]
+        model: list[Request] = [r for r in misses if not isinstance(r, Embed)]
+        keys = self._keys(model)
+        if keys:
+            model = self._from_store(model, keys)
         if model:
-            for req, res in zip(model, self.inner.execute(model), strict=True):
+            computed = self.inner.execute(model)
+            for req, res in zip(model, computed, strict=True):
                 self._cache[req] = res
             self.stats["executes"] += 1
+            if keys:
+                self._to_store(model, computed, keys)
         for req in misses:
             if isinstance(req, Embed):
                 self._cache[req] = EmbeddingResult(self._embedder(list(req.texts)))
@@ -96,8 +116,62 @@ class Instrumented:
         if tracing:
             after = self._inner_counters()
             work = {k: after[k] - before.get(k, 0) for k in TRACED if k in after}
-            self._write_trace(len(requests), wall, misses, hits, work)
+            stored = int(self.stats["stored_hits"] - stored_before)
+            self._write_trace(len(requests), wall, misses, hits, work, stored)
         return [self._cache[r] for r in requests]
+
+    # ---- the persistent cache ----
+
+    def _keys(self, requests: Sequence[Request]) -> dict[Request, bytes]:
+        """Content keys of the requests that can be stored (none without a persistent cache
+        or where the backend cannot name its model by content)."""
+        if self._store is None or not requests:
+            return {}
+        if not self._identity_known:
+            provider = getattr(self.inner, "cache_identity", None)
+            self._identity = provider(self._store) if callable(provider) else None
+            self._identity_known = True
+            share = getattr(self.inner, "share_base_rows", None)
+            if self._identity is not None and callable(share):
+                share(self._store, self._identity.backend)
+        if self._identity is None:
+            return {}
+        keys = {}
+        for req in requests:
+            key = score_cache.request_key(self._identity, req)
+            if key is not None:
+                keys[req] = key
+        return keys
+
+    def _from_store(self, requests: list[Request], keys: dict[Request, bytes]) -> list[Request]:
+        """Fill this run's cache from the persistent one; return the requests still to compute."""
+        assert self._store is not None and self._identity is not None
+        found = self._store.get(keys.values())
+        todo = []
+        for req in requests:
+            blob = found.get(keys[req]) if req in keys else None
+            if blob is not None:
+                try:
+                    self._cache[req] = score_cache.decode(blob, self._identity.decode)
+                    self.stats["stored_hits"] += 1
+                    continue
+                except (ValueError, KeyError, TypeError) as exc:
+                    self._store.stats["corrupt"] += 1
+                    log.warning("a stored result could not be read (%s); recomputing it", exc)
+            todo.append(req)
+        return todo
+
+    def _to_store(
+        self, requests: Sequence[Request], results: Sequence[Result], keys: dict[Request, bytes]
+    ) -> None:
+        assert self._store is not None
+        items = {}
+        for req, res in zip(requests, results, strict=True):
+            if req in keys:
+                blob = score_cache.encode(res)
+                if blob is not None:
+                    items[keys[req]] = blob
+        self._store.put(items)
 
     @property
     def adapter_path(self) -> str | None:
@@ -116,6 +190,8 @@ class Instrumented:
 
     def close(self) -> None:
         self.inner.close()
+        if self._store is not None:
+            self._store.close()
 
     def _inner_counters(self) -> dict[str, float]:
         inner = getattr(self.inner, "counters", None)
@@ -128,9 +204,11 @@ class Instrumented:
         misses: list[Request],
         hits: list[Request],
         work: dict[str, float],
+        stored: int = 0,
     ) -> None:
         """One JSONL event per execute: the probe, requests computed and served from the cache
-        (in all, by operation and by view), wall time and the backend's work (rows forwarded,
+        (in all, by operation and by view; `stored`: how many of the computed came from the
+        persistent cache), wall time and the backend's work (rows forwarded,
         passes, tokens: counter deltas). `sway trace FILE` summarises a file of them."""
         assert self._trace is not None
         self._trace.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +226,7 @@ class Instrumented:
             "probe": self.label,
             "requests": n,
             "computed": len(misses),
+            "stored": stored,
             "wall_ms": round(1000 * wall, 3),
             "ops": ops,
             "views": views,
@@ -155,3 +234,12 @@ class Instrumented:
         }
         with self._trace.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(event) + "\n")
+
+
+def session(
+    inner: Backend, *, trace_path: Path | None = None, cache_dir: Path | None = None
+) -> Instrumented:
+    """A run's front on `inner`: with the persistent cache `ScoreCache.open_default` gives
+    (in `cache_dir`, a home's `cache/`, unless the environment says otherwise or turns it off)."""
+    store = score_cache.ScoreCache.open_default(cache_dir)
+    return Instrumented(inner, trace_path=trace_path, store=store)

@@ -10,15 +10,18 @@ exact divergences, close) is here once.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from sway_engine import stats
-from sway_engine.adapters import AdapterInfo
+from sway_engine.adapters import CONFIG, AdapterInfo
 from sway_engine.backends.base import ALL_CAPABILITIES
 from sway_engine.backends.rows import (
     Plan,
@@ -45,6 +48,14 @@ from sway_engine.requests import (
     RollingLogprob,
     views_of,
 )
+from sway_engine.score_cache import (
+    Identity,
+    ScoreCache,
+    decode_row,
+    encode_row,
+    row_key,
+    view_identity,
+)
 from sway_engine.views import Base, Finetuned, Null, Scaled, View, canonical
 
 Derived = Finetuned | Scaled | Null  # a view on a trained adapter
@@ -58,6 +69,7 @@ COUNTERS = (
     "base_loads",
     "adapters_loaded",
     "views_registered",
+    "stored_rows",
 )
 
 
@@ -93,6 +105,9 @@ class LocalBackend:
         self.adapter: AdapterInfo | None = None
         self.extra_adapters: dict[str, AdapterInfo] = {}
         self._row_cache = RowCache(row_cache_bytes, lambda v: int(v.nbytes))
+        # The persistent cache's base rows (`share_base_rows`): every adapter of this base
+        # reuses them across runs.
+        self._base_rows: tuple[ScoreCache, str] | None = None
         self._counters: dict[str, float] = dict.fromkeys((*COUNTERS, *extra_counters), 0)
         self._counters["base_loads"] = 1
 
@@ -178,13 +193,50 @@ class LocalBackend:
     def _forward_all(self, rows: dict[Row, Any]) -> None:
         todo, hits = self._row_cache.fill(rows)
         self._counters["row_cache_hits"] += hits
+        if self._base_rows is not None:
+            todo = self._stored_base_rows(todo, rows)
+        computed: list[Row] = []
         for last, group in self._row_groups(todo):
             for batch in self._batches(group):
                 batch.sort(key=lambda r: r.adapter)  # one contiguous block of rows per view
                 for row, value in zip(batch, self._forward(batch, last), strict=True):
                     rows[row] = value
+                    computed.append(row)
                     if last:
                         self._row_cache.put(row, value)
+        if self._base_rows is not None:
+            store, backend = self._base_rows
+            store.put(
+                {
+                    row_key(backend, row): encode_row(rows[row])
+                    for row in computed
+                    if row.adapter == self.BASE_ROW
+                }
+            )
+
+    def share_base_rows(self, store: ScoreCache, backend: str) -> None:
+        """Keep base rows in the persistent cache under this backend's identity `backend`: a new
+        adapter of an already-scored base forwards none of them."""
+        self._base_rows = (store, backend)
+
+    def _stored_base_rows(self, todo: list[Row], rows: dict[Row, Any]) -> list[Row]:
+        """Fill base rows from the persistent cache; return the rows still to forward."""
+        assert self._base_rows is not None
+        store, backend = self._base_rows
+        keys = {row: row_key(backend, row) for row in todo if row.adapter == self.BASE_ROW}
+        found = store.get(keys.values())
+        left = []
+        for row in todo:
+            blob = found.get(keys[row]) if row in keys else None
+            value = decode_row(blob) if blob is not None else None
+            if value is None:
+                left.append(row)
+                continue
+            rows[row] = value
+            self._counters["stored_rows"] += 1
+            if row.last:
+                self._row_cache.put(row, value)
+        return left
 
     def _row_groups(self, rows: list[Row]) -> Iterator[tuple[bool, list[Row]]]:
         """Rows that may share batches, each group sorted by length: last-position rows, then
@@ -253,6 +305,41 @@ class LocalBackend:
     def counters(self) -> dict[str, float]:
         return dict(self._counters)
 
+    # ---- the persistent scoring cache (score_cache.py) ----
+
+    def cache_identity(self, cache: ScoreCache) -> Identity | None:
+        """What this backend computes with, for the persistent cache: kind, library versions,
+        dtype, device, context length and the base model's content (its files' hashes, or the
+        hub revision). None where the base cannot be named by content (its results are then
+        computed every run)."""
+        local = Path(self.base_id).expanduser()
+        if local.is_dir():
+            base = f"files:{cache.directory_digest(local)}"
+        else:
+            revision = self._hub_revision()
+            if revision is None:
+                return None
+            base = f"hub:{self.base_id}@{revision}"
+        backend = f"{self.kind}|{self._numerics()}|max_len={self.max_len}|{base}"
+        return Identity(
+            backend=hashlib.sha256(backend.encode()).hexdigest(),
+            view=self._view_identity,
+            decode=self.tokenizer.convert_ids_to_tokens,
+        )
+
+    def _view_identity(self, view: View) -> str | None:
+        label = getattr(view, "adapter", None)
+        info = self.adapter if label == "" else self.extra_adapters.get(label or "")
+        return view_identity(view, None if info is None else adapter_identity(info))
+
+    def _numerics(self) -> str:
+        """Library versions, dtype and device: what the numbers depend on besides weights."""
+        raise NotImplementedError
+
+    def _hub_revision(self) -> str | None:
+        """The base's hub commit where it was loaded from the hub (None: unknown)."""
+        return None
+
     def forget_rows(self) -> None:
         """Drop the cached rows, so the next execute computes everything (`sway doctor`)."""
         self._row_cache.clear()
@@ -288,6 +375,22 @@ class LocalBackend:
 
     def _release(self) -> None:
         raise NotImplementedError
+
+
+@functools.cache
+def _config_sha(path: Path, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def adapter_identity(info: AdapterInfo) -> str:
+    """A trained adapter by content: its weights' sha256 and its config file's."""
+    cfg = Path(info.path) / CONFIG
+    try:
+        st = cfg.stat()
+        config = _config_sha(cfg, st.st_size, st.st_mtime_ns)
+    except OSError:
+        config = "?"
+    return f"{info.sha256}:{config}"
 
 
 def top_ids(logp: np.ndarray, k: int) -> np.ndarray:

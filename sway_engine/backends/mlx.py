@@ -94,6 +94,7 @@ class MLXBackend(LocalBackend):
             raise BackendError(f"cannot load base model {base!r} with mlx-lm: {exc}") from exc
         if dtype != "auto":
             model.set_dtype(_pick_dtype(mx, dtype))
+        self._dtype_name = dtype
         model.eval()
         self._model = model
         self.tokenizer = wrapper._tokenizer
@@ -112,6 +113,12 @@ class MLXBackend(LocalBackend):
             self.load_adapter(str(adapter))
 
     # ---- adapters and views ----
+
+    def _numerics(self) -> str:
+        import mlx_lm
+
+        versions = f"mlx={self._mx.__version__} mlx_lm={mlx_lm.__version__}"
+        return f"{versions} dtype={self._dtype_name} device={self._device}"
 
     def _load_primary(self, path: str) -> AdapterInfo:
         """PEFT adapters are converted once, then cached."""

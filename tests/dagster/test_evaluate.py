@@ -155,3 +155,23 @@ def test_a_run_hashes_the_adapter_weights_once(home, instance, fx, monkeypatch) 
     _, results = evaluate(home, instance, ["doc-strong"], fx)
     assert all(r.success for r in results.values())
     assert len(reads) == 1 + 1  # the scan that found it, then the whole run
+
+
+def test_an_unchanged_adapter_again_forwards_nothing(home, instance, fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The persistent scoring cache on the Dagster path: it lives in the home's cache/ folder,
+    and a second run of the same partition takes every result from it, with equal numbers."""
+    monkeypatch.setenv("SWAY_SCORE_CACHE", "on")
+    defs, results = evaluate(home, instance, ["doc-strong"], fx)
+    ((key, first),) = results.items()
+    again = defs.resolve_job_def(JOB_NAME).execute_in_process(partition_key=key, instance=instance)
+    assert first.success and again.success
+    assert (home.home / "cache" / "scores.sqlite").is_file()
+    store = ResultStore(home.database)
+    passes = {r["run_id"]: r["forward_passes"] for r in store.runs()}
+    assert passes[f"{first.run_id}:{key}"] > 0
+    assert passes[f"{again.run_id}:{key}"] == 0, passes
+    rows = {
+        run: {r["probe"]: (r["raw"], r["z"], r["verdict"]) for r in store.probe_results(run_id=run)}
+        for run in passes
+    }
+    assert rows[f"{first.run_id}:{key}"] == rows[f"{again.run_id}:{key}"]
