@@ -4,13 +4,15 @@ For each fixture adapter (doc-strong, noise), `sway run` of the fixture battery 
 as a user times it; then, from the trace, per probe and phase (the adapter's own step, its
 null calibration): wall, forward passes, rows and tokens forwarded, and for generation the
 decode row-steps computed against the tokens rows kept (up to EOS): anything above 1.0x is
-rows computed after they ended. Ratios only, measured in this run (machines are noisy).
-Writes bench/results/battery-<utc>.md.
+rows computed after they ended. Then the persistent scoring cache: cold, warm (the same adapter
+again) and a new adapter on an already-scored base. Ratios only, measured in this run (machines
+are noisy). Writes bench/results/battery-<utc>.md.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,18 +29,61 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ADAPTERS = ("doc-strong", "noise")
 
 
-def profile(spec: Path, adapter: Path, work: Path) -> dict[str, Any]:
-    trace, out = work / f"{adapter.name}.jsonl", work / f"{adapter.name}.json"
+def profile(
+    spec: Path, adapter: Path, work: Path, cache: Path | None = None, tag: str = ""
+) -> dict[str, Any]:
+    """`sway run` of `spec` on `adapter` in a fresh process; `cache`: with the persistent
+    scoring cache in that folder (else off)."""
+    trace, out = work / f"{adapter.name}{tag}.jsonl", work / f"{adapter.name}{tag}.json"
+    env = dict(os.environ)
+    if cache is not None:
+        env.update(SWAY_SCORE_CACHE="on", SWAY_SCORE_CACHE_DIR=str(cache))
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "sway_engine.cli", "run", str(spec), "--adapter", str(adapter)]
-    subprocess.run([*cmd, "--trace", str(trace), "-j", str(out)], check=False, capture_output=True)
+    subprocess.run(
+        [*cmd, "--trace", str(trace), "-j", str(out)], check=False, capture_output=True, env=env
+    )
     process_s = time.perf_counter() - start
     result = json.loads(out.read_text())
     return {
         "process_s": process_s,
         "suite_s": result["wall_s"],
+        "stats": result["backend_stats"],
         "summary": summarize(read_events(trace)),
     }
+
+
+def cache_table(fx: Any, spec: Path, work: Path) -> list[str]:
+    """The persistent scoring cache, whole fresh processes: doc-strong cold (empty cache), the
+    same adapter again (warm), then doc-weak on the base doc-strong scored (base rows and
+    base-only requests stored), against doc-weak with no cache."""
+    cache = work / "cache"
+    runs = {
+        "doc-strong, cache off": profile(spec, fx.adapters["doc-strong"], work, None, "-off"),
+        "doc-strong, empty cache": profile(spec, fx.adapters["doc-strong"], work, cache, "-cold"),
+        "doc-strong again (unchanged)": profile(
+            spec, fx.adapters["doc-strong"], work, cache, "-warm"
+        ),
+        "doc-weak, cache off": profile(spec, fx.adapters["doc-weak"], work, None, "-off"),
+        "doc-weak on the scored base": profile(spec, fx.adapters["doc-weak"], work, cache, "-new"),
+    }
+    ref = runs["doc-strong, cache off"]["process_s"]
+    lines = [
+        "### Persistent scoring cache (whole processes)",
+        "",
+        "| run | process s | vs doc-strong cache off | forward passes | rows | stored results | "
+        "stored base rows | gen row-steps |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, run in runs.items():
+        st = run["stats"]
+        lines.append(
+            f"| {name} | {run['process_s']:.1f} | {run['process_s'] / ref:.2f}x | "
+            f"{int(st.get('forward_passes', 0))} | {int(st.get('rows_forwarded', 0))} | "
+            f"{int(st.get('stored_hits', 0))} | {int(st.get('stored_rows', 0))} | "
+            f"{int(st.get('generate_row_steps', 0))} |"
+        )
+    return [*lines, ""]
 
 
 def phases(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -94,6 +139,7 @@ def main() -> None:
         spec = write_battery(fx, work / "battery.yaml")
         for name in ADAPTERS:
             lines += table(name, profile(spec, fx.adapters[name], work))
+        lines += cache_table(fx, spec, work)
     text = "\n".join(lines)
     print(text)
     RESULTS.mkdir(exist_ok=True)

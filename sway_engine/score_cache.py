@@ -464,9 +464,10 @@ class ScoreCache:
 
 def default_path(directory: Path | None = None, env: Mapping[str, str] | None = None) -> Path:
     """Where a run's cache lives: $SWAY_SCORE_CACHE_DIR, else `directory` (a sway home's
-    `cache/`), else $XDG_CACHE_HOME/sway (~/.cache/sway)."""
+    `cache/`), else sway's cache folder ($SWAY_CACHE_DIR, else $XDG_CACHE_HOME/sway, else
+    ~/.cache/sway)."""
     env = os.environ if env is None else env
-    where = env.get("SWAY_SCORE_CACHE_DIR") or directory
+    where = env.get("SWAY_SCORE_CACHE_DIR") or directory or env.get("SWAY_CACHE_DIR")
     if not where:
         where = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sway"
     return Path(where).expanduser() / FILE_NAME
