@@ -69,7 +69,9 @@ def build_definitions(
         resources={
             "backend": backend
             or backend_for(
-                suite.spec, trace_dir=str(settings.traces), cache_dir=str(settings.home / "cache")
+                suite.spec,
+                trace_dir=str(settings.traces),
+                score_cache_dir=str(settings.home / "cache"),
             ),
             "adapter_store": AdapterStoreResource(root=str(settings.adapters_dir)),
             "results": ResultStoreResource(

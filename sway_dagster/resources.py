@@ -47,7 +47,7 @@ class ModelResource(_Strict):
     trace_dir: str = ""
     # The persistent scoring cache's folder ("": ScoreCache.open_default's choice); the
     # environment's SWAY_SCORE_CACHE=off turns it off.
-    cache_dir: str = ""
+    score_cache_dir: str = ""
 
     def session(self, adapter_path: str) -> Instrumented:
         raise NotImplementedError
@@ -92,7 +92,7 @@ class ModelResource(_Strict):
         return session(
             engine,
             trace_path=self._trace(),
-            cache_dir=Path(self.cache_dir) if self.cache_dir else None,
+            cache_dir=Path(self.score_cache_dir) if self.score_cache_dir else None,
         )
 
 
@@ -369,9 +369,9 @@ class PriorityModelResource(_Built):
         )
 
 
-def resource_for(model: ModelSpec, trace_dir: str = "", cache_dir: str = "") -> ModelResource:
+def resource_for(model: ModelSpec, trace_dir: str = "", score_cache_dir: str = "") -> ModelResource:
     """The backend resource for one side of a suite's `models`."""
-    common: dict[str, Any] = {"trace_dir": trace_dir, "cache_dir": cache_dir}
+    common: dict[str, Any] = {"trace_dir": trace_dir, "score_cache_dir": score_cache_dir}
     if model.fallback:
         return PriorityModelResource(
             kinds=[model.kind, *model.fallback],
@@ -415,17 +415,17 @@ def resource_for(model: ModelSpec, trace_dir: str = "", cache_dir: str = "") -> 
     raise ValueError(f"backend kind {model.kind!r} has no Dagster resource")
 
 
-def backend_for(spec: SuiteSpec, trace_dir: str = "", cache_dir: str = "") -> ModelResource:
+def backend_for(spec: SuiteSpec, trace_dir: str = "", score_cache_dir: str = "") -> ModelResource:
     """The suite's backend resource: one model, or two composed (`differential: false`)."""
-    ft = resource_for(spec.models.ft, trace_dir, cache_dir)
+    ft = resource_for(spec.models.ft, trace_dir, score_cache_dir)
     if spec.defaults.differential:
         check_one_model(spec.models.ft)
         return ft
     return TwoModelResource(
-        base=resource_for(spec.models.base, trace_dir, cache_dir),
+        base=resource_for(spec.models.base, trace_dir, score_cache_dir),
         ft=ft,
         trace_dir=trace_dir,
-        cache_dir=cache_dir,
+        score_cache_dir=score_cache_dir,
     )
 
 
