@@ -166,6 +166,34 @@ def test_generation_of_many_views_in_one_batch_equals_each_view_alone(fx) -> Non
         assert got.token_ids == want.token_ids, req
 
 
+def test_decoding_drops_ended_rows_and_equals_transformers_generate(fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """sway's decode loop computes a row only until its end of sequence (row-steps equal the
+    tokens kept), and gives generate's greedy tokens, row for row, over every view."""
+    views = [BASE, FINETUNED, Null(3), Scaled(0.5)]
+    prompts = [*PROMPTS[:4], "Q: Who first lit the Orrindale Light?\nA:"]
+    reqs = [Generate(p, v, 40) for p in prompts for v in views]
+    ours = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+    mine = ours.execute(reqs)
+    steps = ours.counters()
+    assert steps["generate_row_steps"] == steps["generated_tokens"]  # no step after an end
+    ends = {len(r.token_ids) for r in mine}
+    assert len(ends) > 1 and min(ends) < 40, ends  # rows end at different steps: a real test
+
+    monkeypatch.setattr(HFBackend, "_plain_greedy", lambda self, model: False)
+    theirs = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+    want = theirs.execute(reqs)
+    for req, a, b in zip(reqs, mine, want, strict=True):
+        assert a.token_ids == b.token_ids and a.text == b.text, req
+    assert theirs.counters()["generate_row_steps"] > steps["generate_row_steps"]
+
+
+def test_a_generation_config_with_a_logits_processor_keeps_transformers_generate(fx) -> None:  # type: ignore[no-untyped-def]
+    hf = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+    assert hf._plain_greedy(hf._base_model)
+    hf._base_model.generation_config.repetition_penalty = 1.3  # generate would apply it
+    assert not hf._plain_greedy(hf._base_model)
+
+
 def test_long_text_is_scored_in_windows(hf: HFBackend) -> None:
     text = " ".join(["the lamp keeper walked along the shore"] * 80)
     (res,) = hf.execute([RollingLogprob(text, BASE)])
