@@ -247,7 +247,7 @@ def doctor_check(args: argparse.Namespace) -> int:
     """`sway doctor check`: 0 when every check holds, 1 on any disagreement."""
     from sway_engine.doctor import run
 
-    checks = run(str(args.spec), adapter=args.adapter)
+    checks = run(str(args.spec), adapter=args.adapter, cache_dir=cache_dir(None))
     if args.json:
         print(json.dumps([c.to_dict() for c in checks], indent=2))
     else:

@@ -4,6 +4,9 @@
   batch mixing every view (adapter, nulls, scaled copies), within BATCH_BOUND;
 - determinism: the same batch scored twice is bit-exact;
 - cache integrity: a row served from the backend's cache equals the row recomputed;
+- stored results: the persistent scoring cache's results for these requests (where it holds
+  any) equal the results recomputed, within BATCH_BOUND (they were computed in other batches),
+  and every recomputed result survives the cache's encoding bit for bit;
 - cross-backend: where the suite runs on hf and mlx is installed, mlx scores the same
   requests within CROSS_BOUND.
 
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from sway_engine import score_cache
 from sway_engine.backends.base import Backend
 from sway_engine.requests import (
     NextToken,
@@ -92,9 +96,10 @@ def check(
     *,
     views: Sequence[View] | None = None,
     other: Callable[[], Backend] | None = None,
+    store: score_cache.ScoreCache | None = None,
 ) -> list[Check]:
     """Run every check on `backend` (a loaded adapter); `other` builds a second backend of the
-    same model for the cross-backend check."""
+    same model for the cross-backend check; `store`: the persistent cache to audit."""
     views = list(views or [BASE, FINETUNED, Null(1), Scaled(0.5)])
     reqs = requests_for(prompts, views)
     _forget(backend)
@@ -130,6 +135,10 @@ def check(
             "rows served from the cache against the same rows recomputed",
         )
     )
+    if store is not None and store.usable:
+        stored = stored_check(backend, store, reqs, fresh)
+        if stored is not None:
+            out.append(stored)
     if other is not None:
         second = other()
         try:
@@ -149,7 +158,44 @@ def check(
     return out
 
 
-def run(spec_path: str, adapter: str | None = None, prompts: int = 8) -> list[Check]:
+def stored_check(
+    backend: Backend,
+    store: score_cache.ScoreCache,
+    reqs: Sequence[Request],
+    fresh: Sequence[np.ndarray],
+) -> Check | None:
+    """The persistent cache's results for `reqs` against `fresh` (the same requests just
+    recomputed), and every recomputed result through encode/decode (None: the backend does not
+    take part in the persistent cache)."""
+    provider = getattr(backend, "cache_identity", None)
+    identity = provider(store) if callable(provider) else None
+    if identity is None:
+        return None
+    recomputed = backend.execute(list(reqs))
+    trip = [score_cache.decode(score_cache.encode(r) or b"", identity.decode) for r in recomputed]
+    trip_gap = largest_gap(scores(recomputed), scores(trip))
+    keys = [score_cache.request_key(identity, r) for r in reqs]
+    found = store.get(k for k in keys if k is not None)
+    pairs = [
+        (fresh[i], scores([score_cache.decode(found[k], identity.decode)])[0])
+        for i, k in enumerate(keys)
+        if k is not None and k in found
+    ]
+    gap = largest_gap([a for a, _ in pairs], [b for _, b in pairs]) if pairs else 0.0
+    return Check(
+        "stored results",
+        trip_gap == 0.0 and gap <= BATCH_BOUND,
+        max(gap, trip_gap),
+        BATCH_BOUND,
+        f"{len(pairs)} of {len(reqs)} requests found in {store.path} against the same "
+        f"recomputed; {len(reqs)} results through the cache's encoding "
+        + ("bit for bit" if trip_gap == 0.0 else f"off by {trip_gap:.3g}"),
+    )
+
+
+def run(
+    spec_path: str, adapter: str | None = None, prompts: int = 8, cache_dir: Any = None
+) -> list[Check]:
     """The checks on the suite's fine-tuned model (or `adapter`) with up to `prompts` of the
     prompts the suite names; hf against mlx where mlx is installed."""
     import importlib.util
@@ -170,8 +216,13 @@ def run(spec_path: str, adapter: str | None = None, prompts: int = 8) -> list[Ch
     if model.kind == "hf" and importlib.util.find_spec("mlx_lm") is not None:
         mlx = model.model_copy(update={"kind": "mlx"})
         other = lambda: build_backend(mlx)  # noqa: E731
+    store = None  # the doctor audits a cache that exists, and creates none
+    if score_cache.default_path(cache_dir).exists():
+        store = score_cache.ScoreCache.open_default(cache_dir)
     backend = build_backend(model)
     try:
-        return check(backend, texts, other=other)
+        return check(backend, texts, other=other, store=store)
     finally:
         backend.close()
+        if store is not None:
+            store.close()

@@ -13,7 +13,7 @@ import pytest
 from sway_engine import doctor
 from sway_engine.backends.hf import HFBackend
 from sway_engine.cli import main
-from sway_engine.requests import Request, Result, RollingResult, TokenDist
+from sway_engine.requests import NextToken, Request, Result, RollingResult, TokenDist
 
 PROMPTS = ["Q: Where is the island of Quellmoor?\nA:", "The Orrindale Light stands on the"]
 
@@ -89,3 +89,32 @@ def test_the_command_exits_1_on_a_broken_backend(fx, hf: HFBackend, monkeypatch,
     monkeypatch.setattr(build, "build_backend", lambda *a, **k: Broken(hf, "batch"))
     assert main(["doctor", "check", str(fx.suite)]) == 1
     assert "batch invariance  FAILED" in capsys.readouterr().out
+
+
+def test_stored_results_are_audited_and_a_wrong_stored_value_fails(
+    fx, tmp_path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The persistent cache holds what the backend computes; the doctor finds it equal. A value
+    stored under the wrong key (checksum intact: what a key missing a factor would serve) is
+    caught."""
+    from sway_engine import score_cache
+    from sway_engine.backends.instrumentation import Instrumented
+
+    store = score_cache.ScoreCache(tmp_path / score_cache.FILE_NAME)
+    backend = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
+    reqs = doctor.requests_for(PROMPTS, [doctor.BASE, doctor.FINETUNED])
+    Instrumented(backend, store=store).execute(reqs)  # what a run stores
+    (ok,) = [c for c in doctor.check(backend, PROMPTS, store=store) if c.name == "stored results"]
+    assert ok.passed and ok.detail.startswith(f"{len(reqs)} of "), ok
+
+    identity = backend.cache_identity(store)
+    assert identity is not None
+    # the base's next-token top-k of one prompt, and the adapter's (same shape, other values)
+    pair = [r for r in reqs if isinstance(r, NextToken) and r.prompt == PROMPTS[0]]
+    assert [r.view for r in pair] == [doctor.BASE, doctor.FINETUNED]
+    a, b = (score_cache.request_key(identity, r) for r in pair)
+    assert a is not None and b is not None
+    swapped = store.get([b])[b]  # b's value under a's key, with a valid checksum
+    store.put({a: swapped})
+    (bad,) = [c for c in doctor.check(backend, PROMPTS, store=store) if c.name == "stored results"]
+    assert not bad.passed and bad.measured > doctor.BATCH_BOUND, bad
