@@ -158,3 +158,27 @@ def test_a_stored_gate_keeps_its_decision_and_names_the_blocking_probes() -> Non
     assert recorded_gate(clean, False).reason == "overall 0.40 below the suite's threshold"
     assert recorded_gate(clean, True).reason == "overall 0.40, no FAIL or ERROR"
     assert recorded_gate(mixed, None) == recorded_gate(mixed, False)  # no decision stored
+
+
+def test_a_plot_is_drawn_once_per_process_however_many_pages_show_it(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A Dagster run shows each probe's plot in five places (the probe's metadata, MLflow's
+    preview and copy, two HTML pages); matplotlib drew it each time, most of an unchanged
+    adapter's run. The same plot is now drawn once; another result's plot is its own."""
+    from sway_engine.report import plots
+    from sway_engine.result import NullStats, ProbeResult, Verdict
+
+    drawn: list[str] = []
+    real = plots.null_histogram
+
+    def counting(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        drawn.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "null_histogram", counting)
+    plots._drawn.cache_clear()
+    null = NullStats(0.1, 0.02, 4, (0.08, 0.1, 0.11, 0.12), False)
+    one = ProbeResult("dkl", "delta_kl", "adherence", Verdict.PASS, "", raw=0.9, null=null)
+    pngs = {plots.plot_of(one) for _ in range(5)}
+    assert len(pngs) == 1 and next(iter(pngs)).startswith(b"\x89PNG") and drawn == ["dkl"]
+    other = ProbeResult("dkl", "delta_kl", "adherence", Verdict.PASS, "", raw=0.5, null=null)
+    assert plots.plot_of(other) not in pngs and drawn == ["dkl", "dkl"]
