@@ -346,3 +346,28 @@ def test_a_cache_from_another_schema_is_ignored_then_cleared_whole(tmp_path: Pat
     cache = score_cache.ScoreCache(path)
     assert not cache.usable  # never read: its values may mean something else
     assert cache.clear() == 0 and not path.exists()
+
+
+def _writer(path: str, worker: int, n: int) -> int:
+    cache = score_cache.ScoreCache(Path(path))
+    for i in range(n):
+        key = worker.to_bytes(2, "little") + i.to_bytes(4, "little") + bytes(26)
+        cache.put({key: bytes([worker]) * 4000})
+        cache.get([key])
+    usable = cache.usable
+    cache.close()
+    return int(usable)
+
+
+def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    """Dagster's step processes, a backfill and `sway run` share one cache: four processes
+    creating and writing it at once all stay usable, and every entry is there."""
+    import multiprocessing
+
+    path = tmp_path / score_cache.FILE_NAME
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        usable = pool.starmap(_writer, [(str(path), w, 60) for w in range(4)])
+    assert usable == [1, 1, 1, 1]
+    cache = score_cache.ScoreCache(path)
+    assert cache.info()["entries"] == 240
