@@ -124,6 +124,19 @@ def embed(texts: Sequence[str]) -> np.ndarray:
     return embedder().embed(texts)
 
 
+def identity(file_sha256: Any) -> str:
+    """What the vectors depend on, for the persistent scoring cache: the packaged model's files
+    (`file_sha256` hashes one file), torch and transformers versions, and the device."""
+    import torch
+    import transformers
+
+    root = model_dir()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    contents = ",".join(f"{p.relative_to(root)}={file_sha256(p)}" for p in files)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"{MODEL_NAMES[0]}|{contents}|{torch.__version__}|{transformers.__version__}|{device}"
+
+
 def cosine(a: Any, b: Any) -> float:
     """Cosine similarity of two vectors (1 for identical directions, 0 if either is zero)."""
     va, vb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)

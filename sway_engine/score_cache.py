@@ -38,6 +38,7 @@ from sway_engine.requests import (
     ContinuationResult,
     DivergenceResult,
     Embed,
+    EmbeddingResult,
     GenerationResult,
     Request,
     Result,
@@ -53,8 +54,8 @@ SCHEMA = 1
 DEFAULT_MB = 2048
 FILE_NAME = "scores.sqlite"
 OFF = ("0", "off", "false", "no")
-# Results a key is never built for: embeddings come from the embedding model, not the model
-# under test, and are cheap to recompute.
+# Requests a backend key is never built for: embeddings come from the embedding model, not
+# the model under test (`embed_key` names them by that model instead).
 NOT_STORED = (Embed,)
 
 
@@ -94,6 +95,12 @@ def request_key(identity: Identity, req: Request) -> bytes | None:
             parts.append(f"{f.name}=<{named}>")
         else:
             parts.append(f"{f.name}={value!r}")
+    return hashlib.sha256("\x1f".join(parts).encode()).digest()
+
+
+def embed_key(embedder: str, req: Embed) -> bytes:
+    """The content key of an `Embed` request under the embedding model `embedder`."""
+    parts = [MAGIC, str(SCHEMA), code_digest(), "embed", embedder, *req.texts]
     return hashlib.sha256("\x1f".join(parts).encode()).digest()
 
 
@@ -141,7 +148,14 @@ def decode_row(blob: bytes) -> np.ndarray | None:
 
 _TYPES: dict[str, type] = {
     t.__name__: t
-    for t in (TokenDist, DivergenceResult, RollingResult, ContinuationResult, GenerationResult)
+    for t in (
+        TokenDist,
+        DivergenceResult,
+        RollingResult,
+        ContinuationResult,
+        GenerationResult,
+        EmbeddingResult,
+    )
 }
 _SKIP = ("decode",)  # TokenDist's decoder is reattached on load
 

@@ -70,6 +70,7 @@ class Instrumented:
         self._store = store if store is not None and store.usable else None
         self._identity: score_cache.Identity | None = None
         self._identity_known = False
+        self._embedder_id: str | None = None
         self._embedder = embedder
         self.kind = inner.kind
         self.capabilities = inner.capabilities
@@ -107,8 +108,7 @@ class Instrumented:
                 self._to_store(model, computed, keys)
         for req in misses:
             if isinstance(req, Embed):
-                self._cache[req] = EmbeddingResult(self._embedder(list(req.texts)))
-                self.stats["embedded_texts"] += len(req.texts)
+                self._cache[req] = self._embed(req)
         wall = time.perf_counter() - start
         self.stats["requests"] += len(requests)
         self.stats["cache_hits"] += len(requests) - len(misses)
@@ -121,6 +121,42 @@ class Instrumented:
         return [self._cache[r] for r in requests]
 
     # ---- the persistent cache ----
+
+    def _embed(self, req: Embed) -> Result:
+        """Sentence vectors: from the persistent cache where the default embedding model's
+        were stored, else computed (and stored)."""
+        key = self._embed_key(req)
+        if key is not None:
+            assert self._store is not None
+            blob = self._store.get([key]).get(key)
+            if blob is not None:
+                try:
+                    found = score_cache.decode(blob, None)
+                    self.stats["stored_hits"] += 1
+                    return found
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("a stored result could not be read (%s); recomputing it", exc)
+        result = EmbeddingResult(self._embedder(list(req.texts)))
+        self.stats["embedded_texts"] += len(req.texts)
+        if key is not None:
+            assert self._store is not None
+            self._store.put({key: score_cache.encode(result) or b""})
+        return result
+
+    def _embed_key(self, req: Embed) -> bytes | None:
+        """The key of an Embed request: only the default embedder's vectors are stored (an
+        injected embedder has no identity)."""
+        if self._store is None or self._embedder is not default_embedder:
+            return None
+        if self._embedder_id is None:
+            from sway_engine import embeddings
+            from sway_engine.errors import SwayError
+
+            try:
+                self._embedder_id = embeddings.identity(self._store.file_sha256)
+            except (SwayError, ImportError, OSError):
+                self._embedder_id = ""  # unavailable: the embedder itself says why
+        return score_cache.embed_key(self._embedder_id, req) if self._embedder_id else None
 
     def _keys(self, requests: Sequence[Request]) -> dict[Request, bytes]:
         """Content keys of the requests that can be stored (none without a persistent cache

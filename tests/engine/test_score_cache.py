@@ -371,3 +371,33 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     assert usable == [1, 1, 1, 1]
     cache = score_cache.ScoreCache(path)
     assert cache.info()["entries"] == 240
+
+
+def test_sentence_vectors_are_stored_under_the_embedding_model(
+    tmp_path: Path, fx: FixturePaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Probes that embed texts (cluster_kl, adapter_revert): a later run reads the vectors
+    instead of running the embedding model, and they are the same vectors."""
+    from sway_engine import embeddings
+    from sway_engine.backends.instrumentation import Instrumented
+    from sway_engine.requests import Embed, EmbeddingResult
+
+    embedded: list[int] = []
+    real = embeddings.embed
+
+    def counting(texts):  # type: ignore[no-untyped-def]
+        embedded.append(len(texts))
+        return real(texts)
+
+    monkeypatch.setattr(embeddings, "embed", counting)
+    req = Embed(("The keeper lit the lamp.", "Tea is brewed on the island."))
+    backend = HFBackend(str(fx.base))
+    out = []
+    for _ in range(2):
+        session = Instrumented(backend, store=score_cache.ScoreCache(tmp_path / "c.sqlite"))
+        (got,) = session.execute([req])
+        assert isinstance(got, EmbeddingResult)
+        out.append(got.vectors)
+    assert embedded == [2]  # computed once, read the second time
+    assert out[0].dtype == out[1].dtype and np.array_equal(out[0], out[1])
+    assert out[0].shape == (2, embeddings.DIM)
