@@ -37,13 +37,18 @@ class AdapterInfo:
         return self.sha256[:8]
 
 
-def weights_sha256(path: Path) -> str:
-    """Hash of the adapter weights file (the adapter's content identity)."""
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
-    with (path / WEIGHTS).open("rb") as fh:
+    with Path(path).open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """Hash of the adapter weights file (the adapter's content identity)."""
+    return file_sha256(path / WEIGHTS)
 
 
 def read_adapter(path: str | Path, *, check_finite: bool = True) -> AdapterInfo:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from sway_engine.adapters import file_sha256
 from sway_engine.requests import (
     ContinuationResult,
     DivergenceResult,
@@ -332,13 +333,20 @@ class ScoreCache:
                             found[key] = value
                         else:
                             bad.append(key)
-                if found:
+                if found or bad:  # one transaction, not one commit per row
                     now = time.time()
-                    self._db.executemany(
-                        "UPDATE results SET used = ? WHERE key = ?", [(now, k) for k in found]
-                    )
-                if bad:
-                    self._db.executemany("DELETE FROM results WHERE key = ?", [(k,) for k in bad])
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        self._db.executemany(
+                            "UPDATE results SET used = ? WHERE key = ?", [(now, k) for k in found]
+                        )
+                        self._db.executemany(
+                            "DELETE FROM results WHERE key = ?", [(k,) for k in bad]
+                        )
+                        self._db.execute("COMMIT")
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
         except sqlite3.Error as exc:
             self._disable(f"could not be read ({exc})")
             return {}
@@ -412,7 +420,7 @@ class ScoreCache:
                 row = None
         if row is not None:
             return str(row[0])
-        digest = _hash_file(path)
+        digest = file_sha256(path)
         if self.usable and self._db is not None:
             try:
                 with self._lock:
@@ -500,11 +508,3 @@ def is_sway_cache(path: Path) -> bool:
     except sqlite3.Error:
         return False
     return row is not None and row[0] == MAGIC
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

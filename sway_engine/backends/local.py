@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sway_engine import stats
-from sway_engine.adapters import CONFIG, AdapterInfo
+from sway_engine.adapters import CONFIG, AdapterInfo, file_sha256
 from sway_engine.backends.base import ALL_CAPABILITIES
 from sway_engine.backends.rows import (
     Plan,
@@ -379,7 +379,7 @@ class LocalBackend:
 
 @functools.cache
 def _config_sha(path: Path, size: int, mtime_ns: int) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def adapter_identity(info: AdapterInfo) -> str:

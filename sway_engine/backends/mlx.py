@@ -20,7 +20,7 @@ from typing import Any, cast
 import numpy as np
 
 from sway_engine import nulls
-from sway_engine.adapters import AdapterInfo
+from sway_engine.adapters import AdapterInfo, file_sha256
 from sway_engine.backends.local import Derived, LocalBackend
 from sway_engine.backends.rows import Row
 from sway_engine.convert import MLX_CONFIG, MLX_WEIGHTS, converted, is_mlx_adapter
@@ -385,14 +385,8 @@ def _log_softmax(mx: Any, logits: Any, at: Any = None) -> Any:
 
 def _mlx_info(path: Path) -> AdapterInfo:
     """An AdapterInfo for a directory already in mlx-lm's format."""
-    import hashlib
-
     cfg = json.loads((path / MLX_CONFIG).read_text(encoding="utf-8"))
     params = cfg.get("lora_parameters") or {}
-    h = hashlib.sha256()
-    with (path / MLX_WEIGHTS).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
     rank = int(params.get("rank", 0))
     return AdapterInfo(
         path=path,
@@ -400,7 +394,7 @@ def _mlx_info(path: Path) -> AdapterInfo:
         alpha=float(params.get("scale", 0.0)) * rank,
         target_modules=tuple(sorted(params.get("keys") or ())),
         base_model=str(cfg.get("model") or ""),
-        sha256=h.hexdigest(),
+        sha256=file_sha256(path / MLX_WEIGHTS),
         size_bytes=(path / MLX_WEIGHTS).stat().st_size,
         num_tensors=0,
     )
