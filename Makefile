@@ -9,7 +9,7 @@ STAMP   := $(VENV)/.installed
 SWAY_DEMO_HOME ?= $(CURDIR)/.sway_demo
 export SWAY_DEMO_HOME
 
-.PHONY: run test lint bench bench-battery calibration ui clean clean-demo fixtures browser
+.PHONY: run test lint bench bench-battery calibration ui clean clean-demo fixtures browser postgres
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(BIN)/python:
 # torch first, pinned, so pip takes the CPU wheel on disk and never a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[hf,dagster,dev]"
+	$(BIN)/pip install -q -e ".[hf,dagster,deploy,dev]"
 	touch $(STAMP)
 
 fixtures: $(STAMP)
@@ -27,7 +27,7 @@ fixtures: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python -m sway_dagster.demo
 
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest -q
 
 # Headless Chromium for tests/dagster/test_browser.py: Debian's package, installed once (as root).
@@ -35,6 +35,14 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 		echo "installing chromium (apt-get)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	}
+
+# A PostgreSQL server for tests/dagster/test_deploy.py (deploy/postgres, run for real): Debian's
+# package, installed once (as root); the test starts its own server on a loopback port.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+		echo "installing postgresql (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	}
 
 lint: $(STAMP)

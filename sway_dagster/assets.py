@@ -32,6 +32,7 @@ from sway_engine.result import ProbeResult, Verdict
 from sway_engine.runner import calibrate_suite, error_results, run_entry
 from sway_engine.score import blocker
 from sway_engine.store import AdapterRecord
+from sway_engine.store.exports import export_run, run_folder
 from sway_engine.suite import Suite
 
 OWNERS = ["team:ml-eval"]
@@ -430,6 +431,7 @@ def _score_asset(suite: Suite, checked: dict[str, dg.AssetKey]) -> dg.AssetsDefi
         )
         if published.synced:
             mirror.catch_up()
+        exported = _export(store, run["run_id"], results.export_root)
         probe_results = suite_result.probes
         composite = suite_result.score
         verdicts = {v.value: sum(r.verdict == v for r in probe_results) for v in Verdict}
@@ -453,6 +455,8 @@ def _score_asset(suite: Suite, checked: dict[str, dg.AssetKey]) -> dg.AssetsDefi
         }
         if published.url:
             metadata["mlflow_run"] = dg.MetadataValue.url(published.url)
+        if exported is not None:
+            metadata["exported"] = dg.MetadataValue.path(str(exported))
         if results.reports:
             page = write_page(
                 Path(results.reports),
@@ -493,6 +497,20 @@ def verdict_evaluation(
         blocking=False,
         partition=key,
     )
+
+
+def _export(store: Any, run_id: str, root: str) -> Path | None:
+    """Export the completed run to the shared folder, if one is configured. A failure fails the
+    step: the run is complete in this worker's store, and `sway results export` retries it."""
+    if not root:
+        return None
+    try:
+        return export_run(store, run_id, root) or run_folder(Path(root), run_id)
+    except SwayError as exc:
+        raise dg.Failure(
+            f"run {run_id} is stored here but not exported: {exc}. Fix the folder, then "
+            f"`sway results export {root}` on this worker"
+        ) from exc
 
 
 def _params(suite: Suite, store: Any, key: str) -> dict[str, str | int | float]:

@@ -1,8 +1,9 @@
 """The code location: assets from the configured suite, resources bound in one place.
 
 Configuration comes from the environment (see sway_engine.home): SWAY_HOME,
-SWAY_SUITE, SWAY_ADAPTERS_DIR, MLFLOW_TRACKING_URI, SWAY_MLFLOW_UI, SWAY_DAGSTER_URL,
-SWAY_ALLOW_SPEC_CODE.
+SWAY_SUITE, SWAY_ADAPTERS_DIR, MLFLOW_TRACKING_URI, SWAY_MLFLOW_ARTIFACTS, SWAY_MLFLOW_UI,
+SWAY_DAGSTER_URL, SWAY_ALLOW_SPEC_CODE, and for a team's cluster (docs/DEPLOY.md)
+SWAY_RESULTS_EXPORT and SWAY_RUN_TAGS.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def build_definitions(
     evaluate = dg.define_asset_job(
         JOB_NAME,
         selection=dg.AssetSelection.groups("adapters", "calibration", "probes", "verdict"),
-        tags={"sway/pipeline": "evaluate"},
+        tags={**dict(settings.run_tags), "sway/pipeline": "evaluate"},
         description="Evaluate one adapter partition: manifest, null matrix, probes, score.",
     )
     automation = dg.AutomationConditionSensorDefinition(
@@ -75,12 +76,14 @@ def build_definitions(
             ),
             "adapter_store": AdapterStoreResource(root=str(settings.adapters_dir)),
             "results": ResultStoreResource(
-                database=str(settings.database), reports=str(settings.reports)
+                database=str(settings.database),
+                reports=str(settings.reports),
+                export_root=str(settings.results_export or ""),
             ),
             "mlflow": MlflowResource(
                 tracking_uri=settings.mlflow_uri,
                 experiment=experiment_for(suite.source),
-                artifact_root=str(settings.mlflow_artifacts),
+                artifact_root=str(settings.mlflow_artifacts or ""),
                 ui_url=settings.mlflow_ui,
                 dagster_ui=settings.dagster_ui,
             ),

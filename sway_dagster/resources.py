@@ -440,11 +440,13 @@ CONFIGURED_KIND = {
 
 
 class ResultStoreResource(_Strict):
-    """The DuckDB result store (short connections, retried writes, numbered migrations), and
-    the folder sway_score writes each evaluation's HTML page into ("": no pages)."""
+    """The DuckDB result store (short connections, retried writes, numbered migrations), the
+    folder sway_score writes each evaluation's HTML page into ("": no pages), and the shared
+    folder each completed run is exported to as Parquet ("": none; docs/DEPLOY.md)."""
 
     database: str
     reports: str = ""
+    export_root: str = ""
 
     def store(self) -> DuckStore:
         return DuckStore(self.database)

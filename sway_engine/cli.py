@@ -119,6 +119,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
     sync.add_argument("--tracking-uri", help="MLflow (default: $MLFLOW_TRACKING_URI or the home's)")
+    results = sub.add_parser(
+        "results", help="move evaluations between machines as Parquet (docs/DEPLOY.md)"
+    )
+    rsub = results.add_subparsers(dest="results_command", required=True)
+    export = rsub.add_parser("export", help="write completed runs not yet exported under ROOT")
+    export.add_argument("root", type=Path, help="shared folder of exported runs")
+    export.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
+    imp = rsub.add_parser("import", help="copy the runs under ROOT this home's store lacks")
+    imp.add_argument("root", type=Path, help="shared folder of exported runs")
+    imp.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
     cli_tools.add_parsers(sub)
     fixtures = sub.add_parser("fixtures", help="the tiny local model and adapters")
     fsub = fixtures.add_subparsers(dest="fixtures_command", required=True)
@@ -178,6 +188,8 @@ def _main(args: argparse.Namespace) -> int:
             return cli_store.read_history(args, _home(args.home))
         if args.command == "report":
             return cli_store.report(args, _home(args.home))
+        if args.command == "results":
+            return cli_store.move_results(args, _home(args.home))
         if args.command == "list-probes":
             return cli_tools.list_probes(args)
         if (code := cli_tools.run(args)) is not None:

@@ -122,6 +122,32 @@ def sync_mlflow(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if left else 0
 
 
+def move_results(args: argparse.Namespace, settings: Settings) -> int:
+    """`sway results export ROOT`: every completed run of the home not yet under ROOT;
+    `sway results import ROOT`: every run under ROOT the home's store lacks. Exit 1 when an
+    exported folder was refused (it is named, with the reason)."""
+    from sway_engine.store import COMPLETE, ResultStore
+    from sway_engine.store.exports import export_run, import_runs
+
+    if args.results_command == "export":
+        store = open_store(settings)
+        done = [
+            r["run_id"]
+            for r in store.runs()
+            if r["status"] == COMPLETE and export_run(store, r["run_id"], args.root) is not None
+        ]
+        print(f"exported {len(done)} run(s) to {args.root}")
+        return 0
+    report = import_runs(ResultStore(settings.database), args.root)
+    print(
+        f"imported {len(report.imported)} run(s) into {settings.database}; "
+        f"{len(report.held)} already there"
+    )
+    for folder, why in report.refused.items():
+        print(f"refused {folder}: {why}", file=sys.stderr)
+    return 1 if report.refused else 0
+
+
 def cell(value: Any) -> str:
     if isinstance(value, float):  # 3 decimals, or 3 significant digits below 0.01
         return f"{value:.3f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2e}"

@@ -353,12 +353,15 @@ for key in sys.argv[2:]:
 """
 
 
-def run_worker(home: Settings, dagster_home: Path, keys: list[str]) -> subprocess.Popen[bytes]:
-    """Start a process that evaluates `keys` one after another, as a run worker does."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SWAY_", "MLFLOW_"))}
+def run_worker(
+    home: Settings, dagster_home: Path, keys: list[str], env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a process that evaluates `keys` one after another, as a run worker does (with
+    `env` added to a clean environment)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SWAY_", "MLFLOW_"))}
     return subprocess.Popen(
         [sys.executable, "-c", WORKER, str(dagster_home), *keys],
-        env=env | {"SWAY_HOME": str(home.home)},
+        env=clean | {"SWAY_HOME": str(home.home)} | (env or {}),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
