@@ -123,6 +123,7 @@ def register_adapters(
     cursor: str | None = None
     requests: list[dg.RunRequest] = []
     deadline = time.monotonic() + budget_s
+    said: set[str] = set()
     while True:
         with dg.build_sensor_context(
             instance=instance, resources=defs.resources, cursor=cursor
@@ -141,8 +142,13 @@ def register_adapters(
             names = ", ".join(f"{c.name} ({c.reason})" for c in waiting)
             print(f"  gave up waiting after {budget_s:.0f}s for: {names}")
             return requests
-        for c in waiting:
-            print(f"  waiting for {c.name}: {c.reason}")
+        names = {c.name for c in waiting}
+        if names != said:  # one line when the set changes, not one per adapter per tick
+            print(
+                f"  waiting for {len(names)} adapter folder(s) to settle "
+                f"(no file changed for {store.settle_seconds:g} s): {', '.join(sorted(names))}"
+            )
+            said = names
         time.sleep(poll_s)
 
 

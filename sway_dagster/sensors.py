@@ -40,8 +40,8 @@ def make_adapter_sensor(
         existing = set(context.instance.get_dynamic_partitions(ADAPTERS))
         new: list[Candidate] = []
         for c in candidates:
-            if c.status in WAITING:
-                context.log.info(f"waiting for {c.name}: {c.reason}")
+            if c.status in WAITING:  # routine until it settles: debug, not a line per tick
+                context.log.debug(f"waiting for {c.name}: {c.reason}")
             elif c.status != "ready":
                 context.log.info(f"skipping {c.name}: {c.reason}")
             elif c.key not in existing:

@@ -135,7 +135,11 @@ def test_first_run_on_freshly_built_fixtures_evaluates_all_five(
     demo.prepare_home(home, fresh_copy(fx, tmp_path / "fresh"), suite=fx.suite)
     keys = demo.evaluate_all(home)
     out = capsys.readouterr().out
-    assert "waiting for doc-strong" in out
+    # One line when the set of unsettled folders changes (the first screen once showed 38);
+    # on a busy machine the copies may have settled before the first tick: then none.
+    waits = [line for line in out.splitlines() if "waiting for" in line]
+    assert len(waits) <= len(fx.adapters), waits
+    assert all("to settle (no file changed for" in line for line in waits), waits
     assert sorted(k.rsplit("-", 1)[0] for k in keys) == sorted(fx.adapters)
     with duckdb.connect(str(home / "sway.duckdb"), read_only=True) as con:
         rows = con.execute(
