@@ -247,7 +247,14 @@ def doctor_check(args: argparse.Namespace) -> int:
     """`sway doctor check`: 0 when every check holds, 1 on any disagreement."""
     from sway_engine.doctor import run
 
-    checks = run(str(args.spec), adapter=args.adapter, cache_dir=cache_dir(None))
+    if args.calibration and args.calibration < 10:
+        raise SwayError("--calibration needs at least 10 draws")
+    checks = run(
+        str(args.spec),
+        adapter=args.adapter,
+        cache_dir=cache_dir(None),
+        calibration_draws=args.calibration,
+    )
     if args.json:
         print(json.dumps([c.to_dict() for c in checks], indent=2))
     else:
@@ -255,13 +262,13 @@ def doctor_check(args: argparse.Namespace) -> int:
             {
                 "check": c.name,
                 "result": "ok" if c.passed else "FAILED",
-                "max |dlogp|": c.measured,
+                "measured": c.measured,
                 "bound": c.bound,
                 "what": c.detail,
             }
             for c in checks
         ]
-        _table(rows, ["check", "result", "max |dlogp|", "bound", "what"])
+        _table(rows, ["check", "result", "measured", "bound", "what"])
     return 0 if all(c.passed for c in checks) else 1
 
 

@@ -8,7 +8,10 @@
   any) equal the results recomputed, within BATCH_BOUND (they were computed in other batches),
   and every recomputed result survives the cache's encoding bit for bit;
 - cross-backend: where the suite runs on hf and mlx is installed, mlx scores the same
-  requests within CROSS_BOUND.
+  requests within CROSS_BOUND;
+- calibration (`--calibration`): the audit of `sway doctor calibration` on fewer draws; a
+  probe fails when its false-claim rate on random adapters is above FALSE_RATE_BOUND with 95%
+  confidence (the interval's lower end exceeds it).
 
 Scores compared are per-token log-probs (rolling) and next-token top-k log-probs. Measured on
 the fixture doc-strong (fp32, CPU, 32 requests over 4 views): batch composition moves a log-p
@@ -38,6 +41,7 @@ from sway_engine.views import BASE, FINETUNED, Null, Scaled, View
 
 BATCH_BOUND = 1e-4  # max |Δ log p| between batch compositions (nats)
 CROSS_BOUND = 1e-3  # max |Δ log p| between backends (nats)
+FALSE_RATE_BOUND = 0.01  # false claims on random adapters (the audit's lower 95% bound)
 TOP_K = 8
 
 
@@ -45,7 +49,8 @@ TOP_K = 8
 class Check:
     name: str
     passed: bool
-    measured: float  # the largest |Δ log p| seen (nats); 0 when bit-exact
+    # The largest |Δ log p| seen (nats; 0 when bit-exact), or a calibration check's false rate.
+    measured: float
     bound: float
     detail: str
 
@@ -193,11 +198,35 @@ def stored_check(
     )
 
 
+def calibration_checks(rows: Sequence[Any]) -> list[Check]:
+    """One check per audited probe (`audit.ProbeAudit` rows)."""
+    out = []
+    for r in rows:
+        lo, hi = r.interval
+        claim = "FAIL" if r.claim == "harm" else "PASS"
+        out.append(
+            Check(
+                f"calibration {r.probe}",
+                lo <= FALSE_RATE_BOUND,
+                r.rate,
+                FALSE_RATE_BOUND,
+                f"{r.false}/{r.draws} random adapters got a false {claim} "
+                f"(95% CI {lo:.1%} to {hi:.1%})",
+            )
+        )
+    return out
+
+
 def run(
-    spec_path: str, adapter: str | None = None, prompts: int = 8, cache_dir: Any = None
+    spec_path: str,
+    adapter: str | None = None,
+    prompts: int = 8,
+    cache_dir: Any = None,
+    calibration_draws: int = 0,
 ) -> list[Check]:
     """The checks on the suite's fine-tuned model (or `adapter`) with up to `prompts` of the
-    prompts the suite names; hf against mlx where mlx is installed."""
+    prompts the suite names; hf against mlx where mlx is installed; and the calibration audit
+    on `calibration_draws` random adapters when that is not 0."""
     import importlib.util
 
     from sway_engine.backends.build import build_backend
@@ -221,7 +250,14 @@ def run(
         store = score_cache.ScoreCache.open_default(cache_dir)
     backend = build_backend(model)
     try:
-        return check(backend, texts, other=other, store=store)
+        checks = check(backend, texts, other=other, store=store)
+        if calibration_draws:
+            from sway_engine.audit import audit
+            from sway_engine.backends.instrumentation import Instrumented
+
+            rows = audit(spec, entries, Instrumented(backend), draws=calibration_draws)
+            checks += calibration_checks(rows)
+        return checks
     finally:
         backend.close()
         if store is not None:

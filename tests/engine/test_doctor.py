@@ -118,3 +118,38 @@ def test_stored_results_are_audited_and_a_wrong_stored_value_fails(
     store.put({a: swapped})
     (bad,) = [c for c in doctor.check(backend, PROMPTS, store=store) if c.name == "stored results"]
     assert not bad.passed and bad.measured > doctor.BATCH_BOUND, bad
+
+
+def test_calibration_rows_fail_only_when_false_claims_are_surely_above_the_bound() -> None:
+    from sway_engine.audit import ProbeAudit
+
+    def row(false: int, interval: tuple[float, float]) -> ProbeAudit:
+        return ProbeAudit("p", "delta_kl", "effect", 50, false, interval, 1.0, 0.1)
+
+    honest, leaky = doctor.calibration_checks([row(0, (0.0, 0.071)), row(9, (0.085, 0.31))])
+    assert honest.passed and honest.measured == 0.0
+    # 9 of 50 random adapters PASSed: a probe that PASSes noise 18% of the time fails the check.
+    assert not leaky.passed and leaky.measured == pytest.approx(0.18)
+    assert "9/50 random adapters got a false PASS" in leaky.detail
+
+
+def test_check_with_calibration_audits_the_suites_probes(fx, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import yaml
+
+    spec = yaml.safe_load(fx.suite.read_text())
+    spec["suite"] = [e for e in spec["suite"] if e["kind"] in ("null_adapter", "delta_kl")]
+    spec["suite"][0]["runs"] = 4  # the audit's cost grows with the nulls per draw
+    (tmp_path / "sway.yaml").write_text(yaml.safe_dump(spec))
+    code = main(["doctor", "check", str(tmp_path / "sway.yaml"), "--calibration", "10", "--json"])
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)}
+    assert code == (0 if all(c["passed"] for c in checks.values()) else 1)
+    audited = {n for n in checks if n.startswith("calibration ")}
+    assert audited == {"calibration delta_kl_doc"}
+    for name in audited:
+        assert 0.0 <= checks[name]["measured"] <= 1.0
+        assert checks[name]["bound"] == doctor.FALSE_RATE_BOUND
+
+
+def test_too_few_calibration_draws_is_refused(fx, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["doctor", "check", str(fx.suite), "--calibration", "3"]) == 2
+    assert "at least 10 draws" in capsys.readouterr().err
