@@ -30,8 +30,13 @@ DEFAULT_WEIGHTS = {
 }
 
 
+# Every model of a sway.yaml: unknown keys refused, values frozen, and no NaN or infinity in a
+# number (`.nan` or `.inf` in YAML turned thresholds into comparisons that never hold).
+STRICT = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
 
 
 class ModelSpec(_Strict):

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from sway_engine import embeddings, stats
 from sway_engine.backends.base import GENERATE
@@ -29,13 +29,14 @@ from sway_engine.probes.common.embedding import embedded
 from sway_engine.probes.common.guard_rail import harm_score
 from sway_engine.requests import Generate, GenerationResult
 from sway_engine.result import NullStats, Verdict
+from sway_engine.spec import STRICT
 from sway_engine.views import BASE, View
 
 
 class RevertCase(BaseModel):
     """A question, its gold answer and rewordings of the question (only these are asked)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     prompt: Prompt
     gold: str = Field(min_length=1)
     paraphrases: tuple[Prompt, ...] = Field(min_length=1)

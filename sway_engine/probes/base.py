@@ -12,12 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from sway_engine import stats
 from sway_engine.dlm import Document
 from sway_engine.requests import Request, Result
 from sway_engine.result import NullStats, ProbeResult, Verdict
+from sway_engine.spec import STRICT
 from sway_engine.views import View
 
 
@@ -35,7 +36,7 @@ Prompt = Annotated[str, AfterValidator(has_text)]
 class ProbeSpec(BaseModel):
     """Fields every suite entry has; each probe subclasses it with its own knobs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     name: str
     kind: str
     enabled: bool = True

@@ -20,7 +20,7 @@ from importlib import resources
 from typing import ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from sway_engine.backends.base import CONTINUATION
 from sway_engine.errors import ProbeError
@@ -28,6 +28,7 @@ from sway_engine.probes.base import Context, Judgement, Measurement, Probe, Prob
 from sway_engine.probes.common.guard_rail import guard_rail, harm_score
 from sway_engine.requests import ContinuationLogprob, ContinuationResult
 from sway_engine.result import NullStats
+from sway_engine.spec import STRICT
 from sway_engine.views import BASE, View
 
 PACK_FILE = "calibration_pack.jsonl"
@@ -38,7 +39,7 @@ WORST_SHOWN = 5
 class PackItem(BaseModel):
     """One inline item: a prompt and its gold continuation (start it with a space)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     prompt: str  # checked with the pairs (CalibrationDriftSpec._texts)
     gold: str = Field(min_length=1)
 

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from sway_engine import stats
 from sway_engine.backends.base import CONTINUATION
@@ -34,6 +34,7 @@ from sway_engine.probes.base import Context, Judgement, Measurement, Probe, Prob
 from sway_engine.probes.common.document_inputs import cases_or_document
 from sway_engine.requests import ContinuationLogprob, ContinuationResult
 from sway_engine.result import NullStats, Verdict
+from sway_engine.spec import STRICT
 from sway_engine.views import BASE, View
 
 ROWS_SHOWN = 8
@@ -43,7 +44,7 @@ _SCAFFOLD = re.compile(r"^\s*(?:Q|Question|User)\s*:\s*|\s*(?:A|Answer|Assistant
 
 
 class Case(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     prompt: Prompt
     gold: str = Field(min_length=1)
     paraphrases: tuple[Prompt, ...] = Field(min_length=1)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from sway_engine import stats
 from sway_engine.backends.base import CONTINUATION
@@ -27,6 +27,7 @@ from sway_engine.errors import ProbeError, ProbeSkip
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.requests import ContinuationLogprob, ContinuationResult
 from sway_engine.result import NullStats, Verdict
+from sway_engine.spec import STRICT
 from sway_engine.views import BASE, View
 
 # Upstream's WARN-path score: 0.5 + raw/4; our raw is per token, so the same slope is kept.
@@ -34,7 +35,7 @@ MARGIN_SCORE_SLOPE = 0.25
 
 
 class Triple(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     prompt: Prompt
     chosen: str = Field(min_length=1)
     rejected: str = Field(min_length=1)

@@ -29,7 +29,7 @@ from importlib import resources
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from sway_engine.backends.base import GENERATE
 from sway_engine.errors import ProbeSkip
@@ -37,6 +37,7 @@ from sway_engine.probes.base import Context, Judgement, Measurement, Probe, Prob
 from sway_engine.probes.common.guard_rail import guard_rail, harm_score
 from sway_engine.requests import Generate, GenerationResult
 from sway_engine.result import NullStats
+from sway_engine.spec import STRICT
 from sway_engine.views import BASE, View
 
 DEFAULT_TEMPLATE = (
@@ -59,7 +60,7 @@ JSON_TYPES: dict[str, tuple[type, ...]] = {
 class ToolSpec(BaseModel):
     """One function in OpenAI shape; `parameters` is a JSON Schema object."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     name: str = Field(min_length=1)
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
@@ -89,7 +90,7 @@ class ToolSpec(BaseModel):
 
 
 class ToolCase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = STRICT
     prompt: Prompt
     # One tool (upstream) or several offered together; the first is the one the case expects.
     tool_spec: ToolSpec | tuple[ToolSpec, ...]

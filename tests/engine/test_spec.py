@@ -174,3 +174,16 @@ def test_home_relative_dlm_source_is_expanded(tmp_path: Path) -> None:
     data = {**minimal(), "dlm_source": "~/doc.dlm"}
     spec, _ = parse_spec(data, base_dir=tmp_path)
     assert spec.dlm_source == str((Path.home() / "doc.dlm").resolve())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_or_infinity_in_any_number_is_a_spec_error_at_its_path(value: float) -> None:
+    """`assert_z_gte: .nan` once loaded, and a NaN threshold never holds: every number of a
+    spec (probe knobs, defaults) must be finite."""
+    data = minimal(assert_z_gte=value, weight=1.0)
+    data["defaults"] = {"alpha": 0.05, "null": {"init_scale": value}}
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    problems = dict(info.value.problems)
+    assert "finite" in problems["suite[0].assert_z_gte"]
+    assert "finite" in problems["defaults.null.init_scale"]
