@@ -31,6 +31,7 @@ from sway_engine.probes.common.persistence import (
     persistence_judgement,
     persistence_threshold,
 )
+from sway_engine.probes.common.templates import check_template
 from sway_engine.requests import (
     Divergence,
     DivergenceResult,
@@ -79,15 +80,7 @@ class MultiTurnSpec(ProbeSpec):
     @field_validator("turn_template")
     @classmethod
     def _template(cls, v: str) -> str:
-        try:
-            rendered = v.format(message="\x00")
-        except (AttributeError, LookupError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"turn_template must be a format string with only {{message}}: {exc}"
-            ) from exc
-        if "\x00" not in rendered:
-            raise ValueError("turn_template must contain {message}")
-        return v
+        return check_template("turn_template", v, ("message",))
 
 
 def reply(template_text: str, answer: str) -> str:

@@ -35,6 +35,7 @@ from sway_engine.backends.base import GENERATE
 from sway_engine.errors import ProbeSkip
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
 from sway_engine.probes.common.guard_rail import guard_rail, harm_score
+from sway_engine.probes.common.templates import check_template
 from sway_engine.requests import Generate, GenerationResult
 from sway_engine.result import NullStats
 from sway_engine.spec import STRICT
@@ -129,14 +130,7 @@ class ToolUseSpec(ProbeSpec):
     @field_validator("prompt_template")
     @classmethod
     def _placeholders(cls, v: str) -> str:
-        for key in ("{tools}", "{prompt}"):
-            if key not in v:
-                raise ValueError(f"prompt_template must contain {key}")
-        try:
-            v.format(tools="", prompt="")
-        except (AttributeError, LookupError, TypeError, ValueError) as exc:
-            raise ValueError(f"prompt_template is not a valid format string: {exc}") from exc
-        return v
+        return check_template("prompt_template", v, ("tools", "prompt"))
 
 
 def render(spec: ToolUseSpec, case: ToolCase) -> str:

@@ -135,6 +135,12 @@ def test_self_referencing_yaml_file_is_a_spec_error(tmp_path: Path) -> None:
         ({"kind": "multi_turn_coherence_decay", "turn_template": "{message[x]}"}, "turn_template"),
         ({"kind": "tool_use_fidelity", "prompt_template": "{tools}{prompt}{tools.x}"}, "prompt_"),
         ({"kind": "tool_use_fidelity", "prompt_template": "{tools}{prompt}{tools[a]}"}, "prompt_"),
+        # Valid str.format, but it renders the first character of the message only.
+        ({"kind": "multi_turn_coherence_decay", "turn_template": "{message[0]}"}, "turn_template"),
+        ({"kind": "multi_turn_coherence_decay", "turn_template": "{message!r}"}, "turn_template"),
+        ({"kind": "tool_use_fidelity", "prompt_template": "{tools:>9}{prompt}"}, "prompt_"),
+        ({"kind": "tool_use_fidelity", "prompt_template": "{tools}{prompt}{other}"}, "prompt_"),
+        ({"kind": "tool_use_fidelity", "prompt_template": "{tools}{prompt"}, "prompt_"),
     ],
 )
 def test_format_templates_with_attributes_or_keys_are_spec_errors(fields: dict, where: str) -> None:
