@@ -172,7 +172,11 @@ class _LocalModel(ModelResource):
         return self._session.counters() if self._session is not None else {}
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._backend is not None:
+        # The session closes its backend and its score cache's connection; a backend that
+        # never got a session is closed alone.
+        if self._session is not None:
+            self._session.close()
+        elif self._backend is not None:
             self._backend.close()
         self._backend = None
         self._session = None
@@ -276,7 +280,11 @@ class _Built(ModelResource):
         return self._session.counters() if self._session is not None else {}
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._backend is not None:
+        # The session closes its backend and its score cache's connection; a backend that
+        # never got a session is closed alone.
+        if self._session is not None:
+            self._session.close()
+        elif self._backend is not None:
             self._backend.close()
         self._backend = None
         self._session = None

@@ -63,3 +63,20 @@ def test_job_runs_with_a_two_model_backend(home, instance, fx) -> None:  # type:
     dkl = checks[dg.AssetKey(["sway", "delta_kl_doc"])].evaluation
     assert not dkl.passed and dkl.severity == dg.AssetCheckSeverity.ERROR
     assert checks[dg.AssetKey("null_calibration")].evaluation.passed
+
+
+def test_teardown_closes_the_backend_and_the_score_cache(fx, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The score cache's sqlite connection was left to garbage collection after a run."""
+    from sway_engine.requests import NextToken
+    from sway_engine.views import FINETUNED
+
+    monkeypatch.setenv("SWAY_SCORE_CACHE", "on")
+    res = HFModelResource(base=str(fx.base), score_cache_dir=str(tmp_path))
+    session = res.session(str(fx.adapters["doc-strong"]))
+    session.execute([NextToken("Q: Where is Quellmoor?\nA:", FINETUNED)])
+    store, engine = session._store, session.inner
+    assert store is not None and store._db is not None
+    closed = []
+    monkeypatch.setattr(engine, "close", lambda: closed.append(True))
+    res.teardown_after_execution(dg.build_init_resource_context())
+    assert store._db is None and closed == [True]
