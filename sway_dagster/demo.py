@@ -139,8 +139,8 @@ def register_adapters(
         if not waiting:
             return requests
         if time.monotonic() >= deadline:
-            names = ", ".join(f"{c.name} ({c.reason})" for c in waiting)
-            print(f"  gave up waiting after {budget_s:.0f}s for: {names}")
+            late = ", ".join(f"{c.name} ({c.reason})" for c in waiting)
+            print(f"  gave up waiting after {budget_s:.0f}s for: {late}")
             return requests
         names = {c.name for c in waiting}
         if names != said:  # one line when the set changes, not one per adapter per tick
