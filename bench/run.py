@@ -16,8 +16,11 @@ Everything is a ratio measured in one run, with the tools alternating (machines 
 6. rolling log-likelihood throughput against lm-eval's HF model on the same texts;
 7. the same on CUDA (bf16) where a GPU is present;
 8. start-up: `import sway_dagster`, the code location (`sway_dagster.definitions` plus
-   `build_definitions` on the fixture suite) and `import dagster` alone, fresh processes.
-Writes bench/results/<utc>.json and .md. `python bench/run.py --quick` is a smaller run.
+   `build_definitions` on the fixture suite) and `import dagster` alone, fresh processes;
+9. the upstream README's full suite, `sway run` beside `dlm-sway run` in whole fresh processes
+   on both models (bench/full_suite.py).
+Writes bench/results/<utc>.json and .md. `python bench/run.py --quick` is a smaller run;
+`python -m bench.run --full-suite-only --repeats 2` runs only 9 (results/full-suite-<utc>.*).
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from bench import full_suite
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -763,8 +768,25 @@ def markdown(r: dict[str, Any]) -> str:
         )
     else:
         lines.append(c["note"])
+    if r.get("full_suite"):
+        lines += ["", *full_suite.markdown_rows(r["full_suite"])]
     if r.get("peers_status"):
         lines += ["", f"Peers: {r['peers_status']}"]
+    return "\n".join(lines) + "\n"
+
+
+def full_suite_markdown(r: dict[str, Any]) -> str:
+    """The report of `--full-suite-only`."""
+    m = r["machine"]
+    lines = [
+        f"# sway bench, full suite only — {r['date']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {r['threads']} torch threads, torch "
+        f"{m['torch']}. Medians of {r['repeats']} alternating runs (bench model: "
+        f"{r['bench_repeats']}), each a fresh process. Peers: {r['peers_status']}.",
+        "",
+        *full_suite.markdown_rows(r["full_suite"]),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -779,6 +801,76 @@ def flops_note(f: dict[str, Any]) -> str:
     )
 
 
+# ---- the README full suite, whole processes ----
+
+
+def full_suite_runs(
+    fx: Any,
+    bench: Any,
+    up_python: Path | None,
+    models: list[str],
+    repeats: int,
+    threads: int,
+    log: Log,
+) -> dict[str, Any]:
+    """The README full suite on each of `models`, whole processes, tools alternating. The
+    bench model (~30x the fixture per run) gets one repeat fewer and no `sway_file` run (on
+    the fixture it measures the file as is)."""
+    accepts = full_suite.upstream_accepts(up_python) if up_python is not None else {}
+    inputs = full_suite.document_inputs(full_suite_spec(fx, WORK / "specs" / "fixture"))
+    models_of = {
+        "fixture": (fx.base, fx.adapters["doc-strong"], tuple(full_suite.TOOLS), repeats),
+        "bench": (
+            bench.base,
+            bench.adapters[0],
+            ("dlm_sway", "sway_parity", "sway_default8"),
+            max(1, repeats - 1),
+        ),
+    }
+    out: dict[str, Any] = {}
+    for model in models:
+        base, adapter, tools, reps = models_of[model]
+        out_dir = WORK / "specs" / f"full-{model}"
+        specs = full_suite.full_suite_specs(
+            fx.suite, base, adapter, fx.document, out_dir, accepts, inputs
+        )
+        log(f"full suite on {model}: {', '.join(tools)}, whole processes, x{reps}")
+        jobs = full_suite.jobs(specs, up_python, tools, threads, WORK / "full" / model)
+        out[model] = {**full_suite.summarize(alternate(jobs, reps, log)), "repeats": reps}
+    return out
+
+
+def full_suite_only(
+    fx: Any,
+    bench: Any,
+    up_python: Path | None,
+    peers_status: str,
+    models: list[str],
+    repeats: int,
+    threads: int,
+    log: Log,
+) -> int:
+    """`--full-suite-only`: the comparison alone, to bench/results/full-suite-<utc>.json/.md."""
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "threads": threads,
+        "repeats": repeats,
+        "bench_repeats": max(1, repeats - 1),
+        "peers_status": peers_status,
+    }
+    warm_page_cache(fx.base, bench.base, *bench.adapters)
+    report["full_suite"] = full_suite_runs(fx, bench, up_python, models, repeats, threads, log)
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / ("full-suite-" + report["date"].replace(":", ""))
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    text = full_suite_markdown(report)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    log(f"wrote {stem}.json and .md")
+    return 0
+
+
 # ---- main ----
 
 
@@ -788,6 +880,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--full-suite-only",
+        action="store_true",
+        help="only the README full suite, sway vs dlm-sway (whole processes)",
+    )
+    ap.add_argument(
+        "--full-suite-models",
+        default="fixture,bench",
+        help="models for the full suite comparison (fixture, bench or both)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -819,6 +921,10 @@ def main(argv: list[str] | None = None) -> int:
         up_python, peers_status = peers_python(log)
     up = peer(up_python) if up_python is not None else None
     log(f"peers: {peers_status}")
+
+    models = [m.strip() for m in args.full_suite_models.split(",") if m.strip()]
+    if args.full_suite_only:
+        return full_suite_only(fx, bench, up_python, peers_status, models, repeats, threads, log)
 
     peak = matmul_peak()
     report: dict[str, Any] = {
@@ -858,6 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     report["seeds"] = seeds_sweep(fx, repeats, threads, log)
     report["adapters"] = adapters_sweep(fx, repeats, threads, log)
     report["startup"] = startup(fx, repeats, log)
+    report["full_suite"] = full_suite_runs(fx, bench, up_python, models, repeats, threads, log)
     log(f"elapsed so far {time.perf_counter() - started:.0f}s")
     texts = rolling_texts(fx, 24 if args.quick else 48)
     report["rolling"] = rolling(bench.base, texts, up, max(1, repeats - 1), threads, log)

@@ -147,3 +147,107 @@ def test_battery_profile_splits_phases_and_counts_generation_waste(fx, tmp_path:
     lines = battery.table("doc-strong", run)
     assert any(line.startswith("- null calibration / the adapter's own steps") for line in lines)
     assert any(line.startswith("| delta_kl_doc (nulls) |") for line in lines)
+
+
+# dlm-sway 0.1.0's kinds and a few of their fields, as `full_suite.upstream_accepts` reports
+UPSTREAM_ACCEPTS = {
+    "null_adapter": {"runs", "init_scale", "seed_base", "rank_multipliers", "cache"},
+    "delta_kl": {"prompts", "assert_mean_gte", "assert_z_gte"},
+    "adapter_revert": {"cases", "assert_revert_rate_lt"},
+    "cluster_kl": {"prompts", "min_prompts", "num_clusters"},
+    "adapter_ablation": {"prompts", "lambdas", "assert_linearity_gte"},
+}
+
+
+def test_full_suite_specs_keep_the_readme_suite_and_give_dlm_sway_what_it_takes(
+    fx, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from bench import full_suite
+
+    inputs = full_suite.document_inputs(bench.full_suite_spec(fx, tmp_path))
+    specs = full_suite.full_suite_specs(
+        fx.suite,
+        fx.base,
+        fx.adapters["doc-strong"],
+        fx.document,
+        tmp_path,
+        UPSTREAM_ACCEPTS,
+        inputs,
+    )
+    readme = bench._load_yaml(full_suite.README_SUITE)
+    file = bench._load_yaml(specs["file"])
+    assert file["dlm_source"] == str(fx.document) and file["defaults"] == readme["defaults"]
+    assert [e["name"] for e in file["suite"]] == [e["name"] for e in readme["suite"]]
+    fixture_prompts = {e["kind"]: e.get("prompts") for e in bench._load_yaml(fx.suite)["suite"]}
+    assert file["suite"][1]["prompts"] == fixture_prompts["delta_kl"]
+    assert file["suite"][2] == readme["suite"][2]  # entries without prompts are the README's
+
+    parity, entries = load_spec(specs["parity"])
+    assert parity.defaults.divergence_mode == "topk_tail" and parity.defaults.null.mode == "fixed"
+    assert len(entries) == 17
+    default, _ = load_spec(specs["default"])
+    assert default.defaults.null.seeds == 8 and default.defaults.divergence_mode == "exact"
+    assert bench._load_yaml(specs["default"])["suite"][0] == {
+        "name": "null_baseline",
+        "kind": "null_adapter",
+    }
+
+    up = {e["name"]: e for e in bench._load_yaml(specs["upstream"])["suite"]}
+    assert list(up) == [
+        "null_baseline",
+        "delta_kl_doc",
+        "revert_check",
+        "cluster_kl_topics",
+        "ablation",
+    ]
+    assert "k" not in up["cluster_kl_topics"]  # README's `k` is not a 0.1.0 field: its default
+    assert up["cluster_kl_topics"]["prompts"] == inputs["cluster_kl"]["prompts"]
+    assert up["revert_check"]["cases"] == inputs["adapter_revert"]["cases"]
+    assert up["delta_kl_doc"]["prompts"] == fixture_prompts["delta_kl"]  # ours, not autogen's
+
+
+def test_dlm_sway_cache_is_cleared_only_when_it_holds_only_null_stats(tmp_path: Path) -> None:
+    from bench import full_suite
+
+    folder = tmp_path / ".dlm-sway"
+    (folder / "null-stats").mkdir(parents=True)
+    (folder / "null-stats" / ("0" * 32 + ".json")).write_text("{}")
+    full_suite.clear_dlm_sway_cache(folder)
+    assert not folder.exists()
+    (folder / "null-stats").mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="not deleting"):
+        full_suite.clear_dlm_sway_cache(folder)
+    assert (folder / "notes.txt").exists()
+    assert full_suite.dlm_sway_cache_dir({"XDG_CACHE_HOME": "/x"}) == Path("/x/dlm-sway")
+
+
+def test_full_suite_table_shows_both_times_and_verdicts_per_tool() -> None:
+    from bench import full_suite
+
+    def run(process: float, suite: float, verdicts: list[str]) -> dict[str, Any]:
+        names = {f"p{i}": v for i, v in enumerate(verdicts)}
+        counts = full_suite.verdict_counts(verdicts)
+        done = counts["PASS"] + counts["FAIL"] + counts["WARN"]
+        messages = {n: "no cases" for n, v in names.items() if v in ("SKIP", "ERROR")}
+        return {
+            "process_s": process,
+            "suite_s": suite,
+            "probes": len(verdicts),
+            "completed": done,
+            "counts": counts,
+            "verdicts": names,
+            "messages": messages,
+        }
+
+    runs = {
+        "dlm_sway": [run(40.0, 30.0, ["PASS", "SKIP"]), run(44.0, 34.0, ["PASS", "SKIP"])],
+        "sway_file": [run(20.0, 10.0, ["PASS", "WARN"]), {"error": "boom"}],
+    }
+    summary = full_suite.summarize(runs)
+    assert summary["sway_file"]["process_s_x"] == pytest.approx(2.1)
+    assert summary["sway_file"]["suite_s_x"] == pytest.approx(3.2)
+    assert summary["sway_file"]["errors"] == ["boom"]
+    text = "\n".join(full_suite.markdown_rows({"fixture": summary}))
+    assert "| fixture | sway, README suite file as is | 2 | 2 | 1/0/1/0/0 | 20.0 | 2.10x" in text
+    assert "- fixture, dlm_sway: p1 SKIP: no cases" in text
