@@ -254,6 +254,10 @@ def plan_suite(doc: Document, adapter: Path, template: str, null_runs: int | Non
         "guard rail: unrelated English prose did not get less likely",
         {"name": "external_ppl", "kind": "external_perplexity"},
     )
+    plan.add(
+        "guard rail: what the adapter cost the base on general prose, in nats per token",
+        {"name": "forgetting", "kind": "forgetting_budget"},
+    )
     leak = leakage_fields(doc)
     if leak is None:
         plan.skip("leakage", "no prose paragraph long enough to split into prefix and continuation")
@@ -277,6 +281,14 @@ def plan_suite(doc: Document, adapter: Path, template: str, null_runs: int | Non
         )
     else:
         plan.skip("gradient_ghost", f"no {TRAINING_STATE} in {adapter}")
+    plan.add(
+        "is the update more concentrated than a random one of its size? (weights, no forward)",
+        {"name": "weight_spectrum", "kind": "weight_spectrum"},
+    )
+    plan.add(
+        "does the update create dominant directions the base did not have? (weights only)",
+        {"name": "intruder_dimensions", "kind": "intruder_dimensions"},
+    )
     plan.add(
         "guard rail: tool calls still parse and name the right tool (built-in pack of "
         "8 tools; put your own under `cases`)",

@@ -106,6 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     board.add_argument("--json", action="store_true", help="print JSON")
     history = sub.add_parser("history", help="every evaluation of one adapter, oldest first")
     history.add_argument("adapter", help="an adapter key (name-sha8) or directory name")
+    history.add_argument(
+        "--lineage",
+        action="store_true",
+        help="ADAPTER is a name prefix: every adapter whose directory name starts with it",
+    )
     history.add_argument("--home", type=Path, help="sway home (default: $SWAY_HOME or .sway_home)")
     history.add_argument("--json", action="store_true", help="print JSON")
     cmp = sub.add_parser("compare", help="two adapters' latest evaluations, probe by probe")

@@ -45,11 +45,17 @@ def read_history(args: argparse.Namespace, home: Settings) -> int:
         columns += ["beyond_nulls", "regression"]
         failed = int(args.fail_on_regression and any(r["regression"] for r in rows))
     else:
-        rows = lineage(store, args.adapter)
+        from sway_engine.history import spending
+
+        rows = lineage(store, args.adapter, prefix=getattr(args, "lineage", False))
         if not rows:
             raise SwayError(f"no evaluation of {args.adapter!r} in {home.database}")
         columns = ["started_at", "adapter_id", "origin", "status", "overall", "band"]
         columns += ["gate_passed", "spec_hash"]
+        if any(r.get("nats_per_token") is not None for r in rows):
+            columns.append("nats_per_token")  # forgetting_budget's spending, with its interval
+            if not args.json:
+                rows = [{**r, "nats_per_token": spending(r)} for r in rows]
     if args.json:
         print(json.dumps(json_safe(rows), indent=2, default=str))
         return failed

@@ -29,7 +29,7 @@ from sway_engine.backends.instrumentation import Instrumented, session
 from sway_engine.errors import SwayError
 from sway_engine.probes.registry import Entry
 from sway_engine.progress import Progress
-from sway_engine.requests import Divergence, Embed, Request, Result
+from sway_engine.requests import Divergence, Embed, Request, Result, SequenceDivergence
 from sway_engine.result import SuiteResult
 from sway_engine.runner import error_results, evaluate, run_suite, suite_result
 from sway_engine.spec import SuiteSpec
@@ -45,7 +45,7 @@ def bind_request(request: Request, adapter: str) -> Request:
     """The same request with every view derived from trained adapter `adapter`."""
     if isinstance(request, Embed):
         return request  # no view: embeddings do not depend on the adapter
-    if isinstance(request, Divergence):
+    if isinstance(request, Divergence | SequenceDivergence):
         return dataclasses.replace(
             request, view_a=bind(request.view_a, adapter), view_b=bind(request.view_b, adapter)
         )

@@ -46,6 +46,18 @@ class RollingLogprob:
 
 
 @dataclass(frozen=True)
+class SequenceDivergence:
+    """KL(view_a || view_b) of the next-token distributions at every position of `text`:
+    entry i compares the two views' distributions of token i+1 given tokens <= i (the
+    positions RollingLogprob scores). Exact over the full vocabulary, computed in the backend.
+    """
+
+    text: str
+    view_a: View
+    view_b: View
+
+
+@dataclass(frozen=True)
 class ContinuationLogprob:
     """Summed log-prob of `completion` given `prompt` (prompt tokens are not scored).
 
@@ -75,7 +87,25 @@ class Embed:
     texts: tuple[str, ...]
 
 
-Request = NextToken | Divergence | RollingLogprob | ContinuationLogprob | Generate | Embed
+@dataclass(frozen=True)
+class AdapterWeights:
+    """The LoRA factors of `view` and the base weight W of every module they adapt: read from
+    the loaded weights, no forward pass. Never stored in the persistent cache (the result
+    holds the base's tensors)."""
+
+    view: View
+
+
+Request = (
+    NextToken
+    | Divergence
+    | RollingLogprob
+    | SequenceDivergence
+    | ContinuationLogprob
+    | Generate
+    | Embed
+    | AdapterWeights
+)
 
 
 @dataclass(frozen=True)
@@ -138,6 +168,22 @@ class RollingResult:
 
 
 @dataclass(frozen=True)
+class SequenceDivergenceResult:
+    """Per-position KL(a || b) in nats (float64, one entry per scored token of `token_ids`)."""
+
+    token_ids: np.ndarray
+    kl: np.ndarray
+
+    @property
+    def total(self) -> float:
+        return float(self.kl.sum())
+
+    @property
+    def mean(self) -> float:
+        return float(self.kl.mean()) if self.kl.size else 0.0
+
+
+@dataclass(frozen=True)
 class ContinuationResult:
     logprob: float
     num_tokens: int
@@ -162,19 +208,39 @@ class EmbeddingResult:
     vectors: np.ndarray  # [len(texts), dim], unit rows, in the request's order
 
 
+@dataclass(frozen=True, eq=False)
+class ModuleWeights:
+    """One adapted module: its backend-neutral name (`nulls.module_key`), the base weight W
+    (out, in) and the view's factors A (r, in), B (out, r), all float32; the update is
+    `scaling * B @ A`."""
+
+    name: str
+    weight: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    scaling: float
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterWeightsResult:
+    modules: tuple[ModuleWeights, ...]  # sorted by name
+
+
 Result = (
     TokenDist
     | DivergenceResult
     | RollingResult
+    | SequenceDivergenceResult
     | ContinuationResult
     | GenerationResult
     | EmbeddingResult
+    | AdapterWeightsResult
 )
 
 
 def views_of(request: Request) -> tuple[View, ...]:
     """Every view a request needs registered on the backend."""
-    if isinstance(request, Divergence):
+    if isinstance(request, Divergence | SequenceDivergence):
         return (request.view_a, request.view_b)
     if isinstance(request, Embed):
         return ()

@@ -160,7 +160,9 @@ def _run_entry(entry: Entry, ctx: Context, matrix: NullMatrix | None) -> ProbeRe
         return skipped(spec, entry.category, f"{type(exc).__name__}: {exc}", Verdict.ERROR)
     null = matrix.stats(spec.name) if matrix is not None else None
     problem = matrix.problem(spec.name) if matrix is not None else ""
-    ci = stats.bootstrap_ci(m.values, seed=ctx.seed) if m.values else None
+    ci = (
+        stats.bootstrap_ci(m.values, seed=ctx.seed, weights=m.weights or None) if m.values else None
+    )
     result = finalize(probe, spec, m, null, ci, problem)
     if matrix is not None and len(matrix.plan.rank_multipliers) > 1 and result.raw is not None:
         by_rank = {

@@ -36,6 +36,7 @@ import numpy as np
 
 from sway_engine.adapters import file_sha256
 from sway_engine.requests import (
+    AdapterWeights,
     ContinuationResult,
     DivergenceResult,
     Embed,
@@ -44,6 +45,7 @@ from sway_engine.requests import (
     Request,
     Result,
     RollingResult,
+    SequenceDivergenceResult,
     TokenDist,
 )
 from sway_engine.views import Base, Finetuned, Null, Scaled, View
@@ -56,8 +58,9 @@ DEFAULT_MB = 2048
 FILE_NAME = "scores.sqlite"
 OFF = ("0", "off", "false", "no")
 # Requests a backend key is never built for: embeddings come from the embedding model, not
-# the model under test (`embed_key` names them by that model instead).
-NOT_STORED = (Embed,)
+# the model under test (`embed_key` names them by that model instead); adapter weights are
+# read from memory in milliseconds and would store the base model's tensors.
+NOT_STORED = (Embed, AdapterWeights)
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ _TYPES: dict[str, type] = {
         TokenDist,
         DivergenceResult,
         RollingResult,
+        SequenceDivergenceResult,
         ContinuationResult,
         GenerationResult,
         EmbeddingResult,

@@ -346,16 +346,30 @@ def benjamini_hochberg(ps: Sequence[float]) -> list[float]:
 
 
 def bootstrap_ci(
-    samples: Sequence[float], *, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0
+    samples: Sequence[float],
+    *,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
 ) -> tuple[float, float] | None:
-    """Percentile bootstrap CI of the mean; None for empty or non-finite input."""
+    """Percentile bootstrap CI of the mean; None for empty or non-finite input.
+
+    With `weights` (one per sample, > 0) the statistic is the weighted mean sum(w x) / sum(w),
+    samples and their weights resampled together (a ratio estimator: per-document means
+    weighted by token counts give the pooled per-token mean).
+    """
     xs = np.asarray(samples, dtype=float)
     if xs.size == 0 or not np.all(np.isfinite(xs)) or not 0 < confidence < 1:
+        return None
+    ws = np.ones_like(xs) if weights is None else np.asarray(weights, dtype=float)
+    if ws.shape != xs.shape or not np.all(np.isfinite(ws)) or not np.all(ws > 0):
         return None
     if np.all(xs == xs[0]):
         return (float(xs[0]), float(xs[0]))
     rng = np.random.default_rng(seed)
-    means = xs[rng.integers(0, xs.size, size=(n_boot, xs.size))].mean(axis=1)
+    pick = rng.integers(0, xs.size, size=(n_boot, xs.size))
+    means = (xs[pick] * ws[pick]).sum(axis=1) / ws[pick].sum(axis=1)
     alpha = 1 - confidence
     lo, hi = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return (float(lo), float(hi))

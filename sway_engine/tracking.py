@@ -456,6 +456,12 @@ def _probe_metrics(result: ProbeResult, timestamp_ms: int, model_id: str | None)
         if value is not None:
             key = f"{result.name}/{field_name}"
             metrics.append(Metric(key, value, timestamp_ms, 0, model_id=model_id))
+    # The raw's 95% interval where the probe has one (forgetting_budget's nats/token, say):
+    # MLflow's run comparison charts it beside the raw.
+    for bound, value in zip(("ci_lo", "ci_hi"), result.ci_95 or (), strict=False):
+        if (v := finite(value)) is not None:
+            key = f"{result.name}/{bound}"
+            metrics.append(Metric(key, v, timestamp_ms, 0, model_id=model_id))
     return metrics
 
 

@@ -11,13 +11,27 @@ from sway_engine.requests import Request, Result
 NEXT_TOKEN = "next_token"
 DIVERGENCE = "divergence"  # exact full-vocabulary divergences inside the backend
 ROLLING = "rolling_logprob"
+# per-token exact KL between two views over a whole text (SequenceDivergence)
+SEQUENCE_DIVERGENCE = "sequence_divergence"
 CONTINUATION = "continuation_logprob"
 GENERATE = "generate"
 SCALED_VIEWS = "scaled_views"
 NULL_VIEWS = "null_views"
+# the LoRA factors and the base weights they change (AdapterWeights), read without a forward
+ADAPTER_WEIGHTS = "adapter_weights"
 
 ALL_CAPABILITIES = frozenset(
-    {NEXT_TOKEN, DIVERGENCE, ROLLING, CONTINUATION, GENERATE, SCALED_VIEWS, NULL_VIEWS}
+    {
+        NEXT_TOKEN,
+        DIVERGENCE,
+        ROLLING,
+        SEQUENCE_DIVERGENCE,
+        CONTINUATION,
+        GENERATE,
+        SCALED_VIEWS,
+        NULL_VIEWS,
+        ADAPTER_WEIGHTS,
+    }
 )
 
 

@@ -22,6 +22,7 @@ from sway_engine.backends.hf_lora import (
     fill_view,
     layers_take_config,
     lora_layers,
+    module_weights,
     plain_linear,
     replace_cfg,
     segments,
@@ -30,7 +31,7 @@ from sway_engine.backends.hf_lora import (
 from sway_engine.backends.local import Derived, LocalBackend, cut_at_eos
 from sway_engine.backends.rows import Row
 from sway_engine.errors import AdapterError, BackendError
-from sway_engine.requests import Generate, GenerationResult
+from sway_engine.requests import Generate, GenerationResult, ModuleWeights
 from sway_engine.views import Finetuned, Null, View
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ class HFBackend(LocalBackend):
         self._row_lora: bool | None = None  # batched LoRA usable (None: not checked yet)
         self._factors: dict[int, dict[Any, Any]] = {}
         self._zero: dict[str, bool] = {}  # adapter name -> its update is exactly zero
+        self._base_weights: dict[str, np.ndarray] = {}  # module -> float32 W (AdapterWeights)
         if adapter is not None:
             self.load_adapter(str(adapter))
 
@@ -273,6 +275,10 @@ class HFBackend(LocalBackend):
             self._names_cache = (layers, {id(m): n for n, m in self._peft.named_modules()})
         return self._names_cache[1]
 
+    def _module_weights(self, view: Derived) -> list[ModuleWeights]:
+        name = self._names[view.key]
+        return module_weights(self._layers(), name, self._layer_names(), self._base_weights)
+
     # ---- execution ----
 
     def _left_padded(self, seqs: list[tuple[int, ...]]) -> tuple[Any, Any, int]:
@@ -287,6 +293,37 @@ class HFBackend(LocalBackend):
         return ids, mask, width
 
     def _forward(self, batch: list[Row], last: bool) -> list[np.ndarray]:
+        torch = self._torch
+        logits, width = self._logits(batch, last)
+        if last:
+            logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu().numpy()
+            return [logp[i] for i in range(len(batch))]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        out = []
+        for i, row in enumerate(batch):
+            n = len(row.ids)
+            seq = logp[i, width - n : width - 1]
+            nxt = torch.tensor(row.ids[1:], device=seq.device)
+            out.append(seq.gather(-1, nxt[:, None])[:, 0].cpu().numpy().astype(np.float64))
+        return out
+
+    def _forward_dists(self, batch: list[Row]) -> list[Any]:
+        """fp32 log-softmax at every position but the last, per row, left on the device."""
+        torch = self._torch
+        logits, width = self._logits(batch, False)
+        return [
+            torch.log_softmax(logits[i, width - len(row.ids) : width - 1].float(), dim=-1)
+            for i, row in enumerate(batch)
+        ]
+
+    def _token_kl(self, logp_a: Any, logp_b: Any) -> np.ndarray:
+        """sum_v p_a (log p_a - log p_b) per position: fp32 terms summed in fp64 (>= 0)."""
+        terms = logp_a.exp() * (logp_a - logp_b)
+        kl = terms.sum(-1, dtype=self._torch.float64).cpu().numpy()
+        return np.maximum(kl, 0.0)
+
+    def _logits(self, batch: list[Row], last: bool) -> tuple[Any, int]:
+        """One forward pass of a mixed-view batch (left padded): logits and padded width."""
         torch = self._torch
         ids, mask, width = self._left_padded([r.ids for r in batch])
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -310,17 +347,7 @@ class HFBackend(LocalBackend):
             else:
                 logits = self._base_model(**kwargs).logits
         self._count_pass(batch)
-        if last:
-            logp = torch.log_softmax(logits[:, -1, :].float(), dim=-1).cpu().numpy()
-            return [logp[i] for i in range(len(batch))]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        out = []
-        for i, row in enumerate(batch):
-            n = len(row.ids)
-            seq = logp[i, width - n : width - 1]
-            nxt = torch.tensor(row.ids[1:], device=seq.device)
-            out.append(seq.gather(-1, nxt[:, None])[:, 0].cpu().numpy().astype(np.float64))
-        return out
+        return logits, width
 
     # ---- batched LoRA for scoring forwards ----
 
@@ -545,6 +572,7 @@ class HFBackend(LocalBackend):
         return [[int(i) for i in row] for row in gen[:, width:].cpu()]
 
     def _release(self) -> None:
+        self._base_weights = {}
         self._peft = None
         self._base_model = None
         if self.device.startswith("cuda"):

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from sway_engine.errors import BackendError
+from sway_engine.requests import ModuleWeights
 from sway_engine.views import Finetuned, Null, Scaled, View
 
 
@@ -246,3 +247,47 @@ def fill_view(
         layer.scaling[name] = w.scaling
         a_new.copy_(torch.from_numpy(w.a).to(a_new.dtype))
         b_new.copy_(torch.from_numpy(w.b).to(b_new.dtype))
+
+
+def module_weights(
+    layers: list[Any], name: str, names: dict[int, str], bases: dict[str, Any]
+) -> list[ModuleWeights]:
+    """`ModuleWeights` of every layer adapter `name` adapts: the factors in its slot (what the
+    forward pass reads) and the base layer's weight as float32 (out, in). `names`: module name
+    by id; `bases` caches the base weights by module name (they never change): read-only
+    arrays that share the tensor's memory where it is float32 on the CPU."""
+    from sway_engine.nulls import module_key
+
+    out = []
+    for layer in layers:
+        if name not in layer.lora_A:
+            continue
+        module = module_key(names[id(layer)])
+        if not plain_linear([layer], name):
+            raise BackendError(
+                f"{module}: adapter weights are read from plain linear LoRA only "
+                "(no DoRA, no bias on B, no embedding or convolution LoRA)"
+            )
+        weight = bases.get(module)
+        if weight is None:
+            base = layer.get_base_layer().weight.detach()
+            if not base.is_floating_point():
+                raise BackendError(
+                    f"{module}: the base weight is quantized ({base.dtype}); load the base "
+                    "unquantized to read its weights"
+                )
+            if getattr(layer, "fan_in_fan_out", False):
+                base = base.T
+            weight = base.float().cpu().numpy()
+            weight.flags.writeable = False
+            bases[module] = weight
+        out.append(
+            ModuleWeights(
+                name=module,
+                weight=weight,
+                a=layer.lora_A[name].weight.detach().float().cpu().numpy().copy(),
+                b=layer.lora_B[name].weight.detach().float().cpu().numpy().copy(),
+                scaling=float(layer.scaling[name]),
+            )
+        )
+    return out

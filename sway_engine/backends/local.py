@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,6 +25,7 @@ from sway_engine import stats
 from sway_engine.adapters import CONFIG, AdapterInfo, file_sha256
 from sway_engine.backends.base import ALL_CAPABILITIES
 from sway_engine.backends.rows import (
+    KLRow,
     Plan,
     Row,
     RowCache,
@@ -32,20 +34,25 @@ from sway_engine.backends.rows import (
     finite_or_raise,
     generation_prompts,
     logprob_result,
+    sequence_divergence_result,
     token_dist,
 )
 from sway_engine.backends.rows import plan as plan_rows
 from sway_engine.errors import BackendError
 from sway_engine.requests import (
+    AdapterWeights,
+    AdapterWeightsResult,
     ContinuationLogprob,
     Divergence,
     DivergenceResult,
     Generate,
     GenerationResult,
+    ModuleWeights,
     NextToken,
     Request,
     Result,
     RollingLogprob,
+    SequenceDivergence,
     views_of,
 )
 from sway_engine.score_cache import (
@@ -177,6 +184,8 @@ class LocalBackend:
     # ---- execution ----
 
     def execute(self, requests: Sequence[Request]) -> list[Result]:
+        if any(isinstance(req, AdapterWeights) for req in requests):
+            return self._with_weights(requests)
         self._ensure_views(v for req in requests for v in views_of(req))
         rows, plans = collect(requests, self._plan)
         with self._scope():
@@ -184,13 +193,35 @@ class LocalBackend:
             gens = self._generate_all(generation_prompts(requests, plans))
         return answer(requests, plans, rows, gens, self._assemble)
 
+    def _with_weights(self, requests: Sequence[Request]) -> list[Result]:
+        """AdapterWeights requests are read from the loaded weights (no row, no forward pass,
+        no counter); the other requests are answered as usual."""
+        others = [req for req in requests if not isinstance(req, AdapterWeights)]
+        answered = iter(self.execute(others) if others else [])
+        return [
+            self._adapter_weights(req.view) if isinstance(req, AdapterWeights) else next(answered)
+            for req in requests
+        ]
+
+    def _adapter_weights(self, view: View) -> AdapterWeightsResult:
+        view = canonical(view)
+        if isinstance(view, Base):
+            raise BackendError(
+                "AdapterWeights needs a view of a trained adapter; the base has none"
+            )
+        self._ensure_views([view])
+        return AdapterWeightsResult(tuple(sorted(self._module_weights(view), key=lambda m: m.name)))
+
     def _plan(self, req: Request) -> Plan:
         return plan_rows(req, self.tokenizer, self.max_len, self._row_name)
 
     def _scope(self) -> Any:
         return nullcontext()
 
-    def _forward_all(self, rows: dict[Row, Any]) -> None:
+    def _forward_all(self, rows: dict[Row | KLRow, Any]) -> None:
+        kl_rows = [r for r in rows if isinstance(r, KLRow)]
+        if kl_rows:
+            self._forward_kl(kl_rows, rows)
         todo, hits = self._row_cache.fill(rows)
         self._counters["row_cache_hits"] += hits
         if self._base_rows is not None:
@@ -219,7 +250,7 @@ class LocalBackend:
         adapter of an already-scored base forwards none of them."""
         self._base_rows = (store, backend)
 
-    def _stored_base_rows(self, todo: list[Row], rows: dict[Row, Any]) -> list[Row]:
+    def _stored_base_rows(self, todo: list[Row], rows: dict[Row | KLRow, Any]) -> list[Row]:
         """Fill base rows from the persistent cache; return the rows still to forward."""
         assert self._base_rows is not None
         store, backend = self._base_rows
@@ -237,6 +268,52 @@ class LocalBackend:
             if row.last:
                 self._row_cache.put(row, value)
         return left
+
+    def _forward_kl(self, pairs: list[KLRow], rows: dict[Row | KLRow, Any]) -> None:
+        """Fill each KL row: KL(ref || adapter) per position, from both views' log-softmax
+        over the whole vocabulary (never leaving the backend). Every distinct (view, window)
+        is forwarded once, so a base shared by many treatments is computed once; a reference's
+        distributions are held only until the pairs that need them are done. Two views
+        computed under one name (base vs base, a zero adapter) give exactly 0."""
+        todo: list[KLRow] = []
+        for pair in pairs:
+            if pair.ref == pair.adapter:
+                rows[pair] = np.zeros(max(0, len(pair.ids) - 1))
+            else:
+                todo.append(pair)
+        if not todo:
+            return
+        by_ids: dict[tuple[int, ...], list[KLRow]] = {}
+        for pair in todo:
+            by_ids.setdefault(pair.ids, []).append(pair)
+        waiting = Counter(Row(p.ref, p.ids, False) for p in todo)
+        held: dict[Row, Any] = {}
+        for run in self._kl_runs(by_ids):
+            for batch in self._batches(run):
+                batch.sort(key=lambda r: r.adapter)  # one contiguous block of rows per view
+                fresh = dict(zip(batch, self._forward_dists(batch), strict=True))
+                held.update((row, d) for row, d in fresh.items() if row in waiting)
+                for ids in dict.fromkeys(row.ids for row in batch):
+                    for pair in by_ids[ids]:
+                        ref, ft = Row(pair.ref, ids, False), Row(pair.adapter, ids, False)
+                        a = held.get(ref)
+                        b = fresh.get(ft, held.get(ft))
+                        if rows[pair] is not None or a is None or b is None:
+                            continue
+                        rows[pair] = self._token_kl(a, b)
+                        waiting[ref] -= 1
+                        if not waiting[ref]:
+                            del held[ref]
+
+    def _kl_runs(self, by_ids: dict[tuple[int, ...], list[KLRow]]) -> Iterator[list[Row]]:
+        """The plain rows KL rows need, in forwarding order (`_batches` packs each run): window
+        by window, shortest first, each window's references before its other views."""
+        order: list[Row] = []
+        for ids in sorted(by_ids, key=len):
+            refs = dict.fromkeys(p.ref for p in by_ids[ids])
+            views = refs | dict.fromkeys(p.adapter for p in by_ids[ids])
+            order += [Row(name, ids, False) for name in views]
+        yield order
 
     def _row_groups(self, rows: list[Row]) -> Iterator[tuple[bool, list[Row]]]:
         """Rows that may share batches, each group sorted by length: last-position rows, then
@@ -274,7 +351,7 @@ class LocalBackend:
         self._counters["tokens_forwarded"] += sum(len(r.ids) for r in batch)
         self._counters["padded_tokens"] += width * len(batch)
 
-    def _assemble(self, req: Request, plan: Plan, rows: dict[Row, Any]) -> Result:
+    def _assemble(self, req: Request, plan: Plan, rows: dict[Row | KLRow, Any]) -> Result:
         values = [rows[r] for r in plan.rows]
         if isinstance(req, NextToken):
             logp = values[0]
@@ -295,6 +372,8 @@ class LocalBackend:
             )
         if isinstance(req, RollingLogprob | ContinuationLogprob):
             return logprob_result(req, plan.meta, values)
+        if isinstance(req, SequenceDivergence):
+            return sequence_divergence_result(req, plan.meta, values)
         raise BackendError(f"{self.kind} backend cannot answer {type(req).__name__}")
 
     def _decode_top(self, logp: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
@@ -368,9 +447,23 @@ class LocalBackend:
     def _forward(self, batch: list[Row], last: bool) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def _forward_dists(self, batch: list[Row]) -> list[Any]:
+        """Per row, the fp32-or-wider log-softmax over the vocabulary at every position but
+        the last ([len(ids) - 1, vocab]), in the backend's own array type."""
+        raise NotImplementedError
+
+    def _token_kl(self, logp_a: Any, logp_b: Any) -> np.ndarray:
+        """KL(a || b) at each position of two `_forward_dists` values, float64 numpy."""
+        raise NotImplementedError
+
     def _generate_all(
         self, prompts: dict[Generate, tuple[int, ...]]
     ) -> dict[Generate, GenerationResult]:
+        raise NotImplementedError
+
+    def _module_weights(self, view: Derived) -> list[ModuleWeights]:
+        """Per module `view` adapts: the base weight (float32, (out, in), read-only and shared
+        between calls) and the factors the model uses for `view`."""
         raise NotImplementedError
 
     def _release(self) -> None:

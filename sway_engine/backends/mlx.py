@@ -22,10 +22,10 @@ import numpy as np
 from sway_engine import nulls
 from sway_engine.adapters import AdapterInfo, file_sha256
 from sway_engine.backends.local import Derived, LocalBackend
-from sway_engine.backends.rows import Row
+from sway_engine.backends.rows import KLRow, Row
 from sway_engine.convert import MLX_CONFIG, MLX_WEIGHTS, converted, is_mlx_adapter
 from sway_engine.errors import AdapterError, BackendError
-from sway_engine.requests import Generate, GenerationResult
+from sway_engine.requests import Generate, GenerationResult, ModuleWeights
 from sway_engine.views import Base, Finetuned, Null, Scaled
 
 BASE_KEY = Base().key
@@ -109,6 +109,7 @@ class MLXBackend(LocalBackend):
         self._lora: dict[str, Any] = {}
         self._views: dict[str, dict[str, tuple[Any, Any, float]]] = {}
         self._active = BASE_KEY
+        self._base_weights: dict[str, np.ndarray] = {}  # module -> float32 W (AdapterWeights)
         if adapter is not None:
             self.load_adapter(str(adapter))
 
@@ -272,6 +273,33 @@ class MLXBackend(LocalBackend):
             else:
                 raise BackendError(f"cannot register view {view!r}")
 
+    def _module_weights(self, view: Derived) -> list[ModuleWeights]:
+        """The view's factors as the layers receive them (PEFT layout, float32) and each base
+        Linear's weight, (out, in) as mlx stores it (a quantized one dequantized)."""
+        mx = self._mx
+        out = []
+        for module, (a, b, scale) in self._views[view.key].items():
+            weight = self._base_weights.get(module)
+            if weight is None:
+                linear = self._lora[module].linear
+                w = linear.weight
+                if hasattr(linear, "scales"):  # nn.QuantizedLinear
+                    w = mx.dequantize(
+                        w,
+                        linear.scales,
+                        getattr(linear, "biases", None),
+                        group_size=linear.group_size,
+                        bits=linear.bits,
+                        mode=getattr(linear, "mode", "affine"),
+                    )
+                weight = np.array(w.astype(mx.float32))
+                weight.flags.writeable = False
+                self._base_weights[module] = weight
+            a32 = np.array(a.astype(mx.float32)).T.copy()
+            b32 = np.array(b.astype(mx.float32)).T.copy()
+            out.append(ModuleWeights(module, weight, a32, b32, float(scale)))
+        return out
+
     def _use(self, key: str) -> None:
         """Point every LoRA layer at the view's weights; modules it lacks get rank-0 factors."""
         if key == self._active:
@@ -305,14 +333,58 @@ class MLXBackend(LocalBackend):
             self._use(view)
             yield last, group
 
-    def _forward(self, batch: list[Row], last: bool) -> list[np.ndarray]:
-        """Log-probs of a right-padded batch: causal attention never sees the padding."""
-        mx = self._mx
+    def _kl_runs(self, by_ids: dict[tuple[int, ...], list[KLRow]]) -> Iterator[list[Row]]:
+        """One run per view over a block of windows that fits one batch, references first:
+        weights switch once per view and block, and only one block's references are held."""
+        block: list[tuple[int, ...]] = []
+        for ids in [*sorted(by_ids, key=len), None]:
+            fits = ids is not None and (
+                (len(block) + 1) * len(ids) <= self.batch_tokens
+                and len(block) < self.max_batch_rows
+            )
+            if block and not fits:
+                pairs = [p for w in block for p in by_ids[w]]
+                refs = dict.fromkeys(p.ref for p in pairs)
+                for name in refs | dict.fromkeys(p.adapter for p in pairs):
+                    run = [
+                        Row(name, w, False)
+                        for w in block
+                        if any(name in (p.ref, p.adapter) for p in by_ids[w])
+                    ]
+                    self._use(name)
+                    yield run
+                block = []
+            if ids is not None:
+                block.append(ids)
+
+    def _tokens(self, batch: list[Row]) -> Any:
+        """The batch's ids, right padded: causal attention never sees the padding."""
         width = max(len(r.ids) for r in batch)
         ids = np.full((len(batch), width), self._pad, dtype=np.int32)
         for i, row in enumerate(batch):
             ids[i, : len(row.ids)] = row.ids
-        tokens = mx.array(ids)
+        return self._mx.array(ids)
+
+    def _forward_dists(self, batch: list[Row]) -> list[Any]:
+        """float64 log-softmax at every position but the last, per row (evaluated now)."""
+        mx = self._mx
+        logits = self._model(self._tokens(batch))
+        self._count_pass(batch)
+        out = [_log_softmax(mx, logits[i, : len(row.ids) - 1]) for i, row in enumerate(batch)]
+        mx.eval(*out)
+        return out
+
+    def _token_kl(self, logp_a: Any, logp_b: Any) -> np.ndarray:
+        """sum_v p_a (log p_a - log p_b) per position, in float64 on the CPU stream (>= 0)."""
+        mx, cpu = self._mx, self._mx.cpu
+        diff = mx.subtract(logp_a, logp_b, stream=cpu)
+        terms = mx.multiply(mx.exp(logp_a, stream=cpu), diff, stream=cpu)
+        return np.maximum(np.array(mx.sum(terms, axis=-1, stream=cpu)), 0.0)
+
+    def _forward(self, batch: list[Row], last: bool) -> list[np.ndarray]:
+        """Log-probs of a right-padded batch: causal attention never sees the padding."""
+        mx = self._mx
+        tokens = self._tokens(batch)
         logits = self._model(tokens)
         self._count_pass(batch)
         if last:
@@ -363,6 +435,7 @@ class MLXBackend(LocalBackend):
         return out
 
     def _release(self) -> None:
+        self._base_weights = {}
         self._views = {}
         self._trained = {}
         self._lora = {}

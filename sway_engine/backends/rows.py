@@ -25,6 +25,8 @@ from sway_engine.requests import (
     Request,
     RollingLogprob,
     RollingResult,
+    SequenceDivergence,
+    SequenceDivergenceResult,
     TokenDist,
     check_prompt,
 )
@@ -42,12 +44,23 @@ class Row:
 
 
 @dataclass(frozen=True)
+class KLRow:
+    """One sequence under two views: its value is KL(ref || adapter) at every position but the
+    last (float64, one entry per next token). Computed in pairs from both views' full
+    distributions, never cached, never stored."""
+
+    ref: str
+    adapter: str
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Plan:
     """How a request is answered: its rows, what assembling the result needs (`meta`; the
     prompt's ids for a generation), and how many prompt tokens were cut to fit the context."""
 
     meta: Any
-    rows: list[Row]
+    rows: list[Row | KLRow]
     cut: int = 0
 
 
@@ -65,13 +78,19 @@ def plan(req: Request, tokenizer: Any, max_len: int, name: Callable[[View], str]
 
     ContinuationLogprob tokenises prompt and completion separately (no BPE merge across
     the boundary); RollingLogprob entry i scores token i+1, in half-overlapping windows of
-    `max_len`. A prompt that does not fit keeps its last tokens (`fit_prompt`).
+    `max_len`; SequenceDivergence compares two views over the same windows (KLRow). A prompt
+    that does not fit keeps its last tokens (`fit_prompt`).
     """
     if isinstance(req, RollingLogprob):
         text_ids = token_ids(tokenizer, req.text)
         spans = windows(text_ids, max_len)
         key = name(req.view)
         return Plan((text_ids, [keep for _, keep in spans]), [Row(key, w, False) for w, _ in spans])
+    if isinstance(req, SequenceDivergence):
+        text_ids = token_ids(tokenizer, req.text)
+        spans = windows(text_ids, max_len)
+        a, b = name(req.view_a), name(req.view_b)
+        return Plan((text_ids, [keep for _, keep in spans]), [KLRow(a, b, w) for w, _ in spans])
     if not isinstance(req, NextToken | Divergence | ContinuationLogprob | Generate):
         raise BackendError(f"no backend plan for {type(req).__name__}")
     check_prompt(req)
@@ -172,15 +191,35 @@ def logprob_result(
 ) -> RollingResult | ContinuationResult:
     """Rolling or continuation log-probs from the per-token log-probs of the plan's rows."""
     if isinstance(req, RollingLogprob):
-        ids, keeps = meta
-        parts = [v[len(v) - keep :] for v, keep in zip(values, keeps, strict=True)]
-        lps = np.concatenate(parts) if parts else np.zeros(0)
+        ids, lps = windowed(meta, values)
         finite_or_raise(lps, req.view, req.text)
-        return RollingResult(token_ids=np.asarray(ids, dtype=np.int64), logprobs=lps)
+        return RollingResult(token_ids=ids, logprobs=lps)
     _, n_c = meta
     lps = values[0][-n_c:]
     finite_or_raise(lps, req.view, req.prompt)
     return ContinuationResult(logprob=float(lps.sum()), num_tokens=int(n_c))
+
+
+def windowed(meta: Any, values: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A text's ids and its per-position values, each window contributing the positions it
+    newly scores (`windows`)."""
+    ids, keeps = meta
+    parts = [v[len(v) - keep :] for v, keep in zip(values, keeps, strict=True)]
+    out = np.concatenate(parts) if parts else np.zeros(0)
+    return np.asarray(ids, dtype=np.int64), out
+
+
+def sequence_divergence_result(
+    req: SequenceDivergence, meta: Any, values: Sequence[np.ndarray]
+) -> SequenceDivergenceResult:
+    """Per-token KL over a whole text from its windows' KL rows."""
+    ids, kl = windowed(meta, values)
+    if not np.all(np.isfinite(kl)):
+        raise BackendError(
+            f"views {req.view_a.key} and {req.view_b.key} gave a non-finite divergence on "
+            f"{req.text[:40]!r}; the adapter or model is corrupt"
+        )
+    return SequenceDivergenceResult(token_ids=ids, kl=kl.astype(np.float64))
 
 
 class RowCache:
@@ -196,11 +235,13 @@ class RowCache:
         self._items: OrderedDict[tuple[str, tuple[int, ...]], Any] = OrderedDict()
         self._used = 0
 
-    def fill(self, rows: dict[Row, Any]) -> tuple[list[Row], int]:
-        """Fill cached rows in place; return the rows still to forward and the hit count."""
+    def fill(self, rows: dict[Any, Any]) -> tuple[list[Row], int]:
+        """Fill cached rows in place; return the `Row`s still to forward and the hit count."""
         todo: list[Row] = []
         hits = 0
         for row in rows:
+            if not isinstance(row, Row):
+                continue  # a KLRow: computed in pairs, never cached
             key = (row.adapter, row.ids)
             hit = self._items.get(key) if row.last else None
             if hit is None:
@@ -228,9 +269,9 @@ class RowCache:
 
 def collect(
     requests: Sequence[Request], plan_of: Callable[[Request], Plan]
-) -> tuple[dict[Row, Any], list[Plan]]:
+) -> tuple[dict[Row | KLRow, Any], list[Plan]]:
     """Every request's plan, and the distinct rows they need (values filled in later)."""
-    rows: dict[Row, Any] = {}
+    rows: dict[Row | KLRow, Any] = {}
     plans = [plan_of(req) for req in requests]
     for p in plans:
         for row in p.rows:
@@ -250,9 +291,9 @@ def generation_prompts(
 def answer(
     requests: Sequence[Request],
     plans: list[Plan],
-    rows: dict[Row, Any],
+    rows: dict[Row | KLRow, Any],
     generated: dict[Generate, Any],
-    assemble: Callable[[Request, Plan, dict[Row, Any]], Any],
+    assemble: Callable[[Request, Plan, dict[Row | KLRow, Any]], Any],
 ) -> list[Any]:
     """Results in request order: generations as generated, the rest assembled from rows.
     A result whose prompt was cut says by how many tokens (`prompt_cut`)."""

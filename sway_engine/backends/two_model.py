@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sway_engine.backends.base import DIVERGENCE, NULL_VIEWS, SCALED_VIEWS, Backend
+from sway_engine.backends.base import (
+    DIVERGENCE,
+    NULL_VIEWS,
+    SCALED_VIEWS,
+    SEQUENCE_DIVERGENCE,
+    Backend,
+)
 from sway_engine.errors import BackendError
-from sway_engine.requests import Divergence, Request, Result, views_of
+from sway_engine.requests import Divergence, Request, Result, SequenceDivergence, views_of
 from sway_engine.views import Base, Finetuned, canonical
 
 
@@ -24,6 +30,7 @@ class TwoModelBackend:
         self.ft = ft
         self.capabilities = (base.capabilities & ft.capabilities) - {
             DIVERGENCE,
+            SEQUENCE_DIVERGENCE,
             NULL_VIEWS,
             SCALED_VIEWS,
         }
@@ -31,7 +38,7 @@ class TwoModelBackend:
     def execute(self, requests: Sequence[Request]) -> list[Result]:
         routed: dict[int, list[int]] = {0: [], 1: []}
         for i, req in enumerate(requests):
-            if isinstance(req, Divergence):
+            if isinstance(req, Divergence | SequenceDivergence):
                 raise BackendError("two-model backends compare views through top-k requests")
             (view,) = views_of(req)
             view = canonical(view)

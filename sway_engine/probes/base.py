@@ -75,6 +75,9 @@ class Measurement:
     evidence: dict[str, Any] = field(default_factory=dict)
     # For a raw that is a fraction k / trials: the trials, so significance is exact (discrete).
     trials: int | None = None
+    # Where raw is the weighted mean of `values` (token counts): the weights, so the bootstrap
+    # interval is of the same statistic.
+    weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

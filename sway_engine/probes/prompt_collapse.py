@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 from sway_engine.backends.base import NEXT_TOKEN, ROLLING
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec, Prompt
+from sway_engine.probes.common.corpus import load_corpus
 from sway_engine.probes.common.divergence import divergences
 from sway_engine.probes.common.document_inputs import prompts_or_document
 from sway_engine.probes.common.persistence import (
@@ -29,7 +30,6 @@ from sway_engine.probes.common.persistence import (
     persistence_judgement,
     persistence_threshold,
 )
-from sway_engine.probes.external_perplexity import load_corpus
 from sway_engine.requests import RollingLogprob, RollingResult
 from sway_engine.result import NullStats
 from sway_engine.views import BASE, View

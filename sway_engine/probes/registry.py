@@ -14,7 +14,9 @@ from sway_engine.probes.calibration_drift import CalibrationDrift
 from sway_engine.probes.cluster_kl import ClusterKL
 from sway_engine.probes.delta_kl import DeltaKL
 from sway_engine.probes.external_perplexity import ExternalPerplexity
+from sway_engine.probes.forgetting_budget import ForgettingBudget
 from sway_engine.probes.gradient_ghost import GradientGhost
+from sway_engine.probes.intruder_dimensions import IntruderDimensions
 from sway_engine.probes.leakage import Leakage
 from sway_engine.probes.multi_turn import MultiTurn
 from sway_engine.probes.null_adapter import NullAdapter
@@ -25,6 +27,7 @@ from sway_engine.probes.section_internalization import SectionInternalization
 from sway_engine.probes.style_fingerprint import StyleFingerprint
 from sway_engine.probes.tool_use_fidelity import ToolUseFidelity
 from sway_engine.probes.training_drift import TrainingDrift
+from sway_engine.probes.weight_spectrum import WeightSpectrum
 from sway_engine.spec import problems_of
 
 PROBES: dict[str, type[Probe]] = {
@@ -36,6 +39,7 @@ PROBES: dict[str, type[Probe]] = {
         SectionInternalization,
         CalibrationDrift,
         ExternalPerplexity,
+        ForgettingBudget,
         ParaphraseInvariance,
         PreferenceFlip,
         ToolUseFidelity,
@@ -47,6 +51,8 @@ PROBES: dict[str, type[Probe]] = {
         AdapterRevert,
         PromptCollapse,
         MultiTurn,
+        WeightSpectrum,
+        IntruderDimensions,
     )
 }
 

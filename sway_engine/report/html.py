@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sway_engine.report import format as fmt
-from sway_engine.report.plots import ablation_plot, null_plot
+from sway_engine.report.plots import ablation_plot, layer_plot, null_plot
 from sway_engine.result import ProbeResult, SuiteResult, Verdict, json_safe
 from sway_engine.score import blocker, claim_of
 
@@ -264,6 +264,13 @@ def _figures(p: ProbeResult) -> str:
         else:
             caption = "The adapter's mean divergence D(&lambda;); no null calibration to show."
         figures.append(_figure(curve, f"{p.name} ablation curve", caption))
+    layers = layer_plot(p)
+    if layers is not None:
+        caption = (
+            f"{_e(p.evidence.get('per_layer_label', 'per layer'))}, layer by layer (red); the "
+            "grey band is the nulls' mean &plusmn; 2 std of the probe's raw over all layers."
+        )
+        figures.append(_figure(layers, f"{p.name} per layer", caption))
     histogram = null_plot(p)
     if histogram is not None:
         caption = (

@@ -62,9 +62,30 @@ def _drawn(draw: Callable[..., bytes], *args: Any, **kwargs: Any) -> bytes:
     return draw(*args, **kwargs)
 
 
+def layer_plot(result: ProbeResult) -> bytes | None:
+    """A per-layer statistic (evidence `per_layer`: [[layer, value], ...]) with the nulls'
+    mean ± 2 sd of the probe's raw as a band (the `weights` probes), or None."""
+    rows = result.evidence.get("per_layer")
+    if not rows:
+        return None
+    samples = result.null.samples if result.null is not None else ()
+    try:
+        return _drawn(
+            per_layer_chart,
+            result.name,
+            tuple(int(layer) for layer, _ in rows),
+            tuple(float(value) for _, value in rows),
+            str(result.evidence.get("per_layer_label", "per layer")),
+            null_band(samples, "linear"),
+        )
+    except ImportError:
+        return None
+
+
 def plot_of(result: ProbeResult) -> bytes | None:
-    """The probe's one plot (ablation curve, else null histogram), as MLflow and Dagster log."""
-    return ablation_plot(result) or null_plot(result)
+    """The probe's one plot (ablation curve, else per-layer chart, else null histogram), as
+    MLflow and Dagster log."""
+    return ablation_plot(result) or layer_plot(result) or null_plot(result)
 
 
 def null_band(samples: Sequence[float], scale: str) -> tuple[float, float] | None:
@@ -137,6 +158,27 @@ def ablation_curve(
     ax.set_xlabel("λ (scale of the adapter's update)", fontsize=8)
     ax.set_ylabel("mean divergence (nats" + (", log)" if log else ")"), fontsize=8)
     ax.set_title(f"{name}: ablation curve", fontsize=9)
+    _style(ax)
+    return _png(fig)
+
+
+def per_layer_chart(
+    name: str,
+    layers: Sequence[int],
+    values: Sequence[float],
+    label: str,
+    band: tuple[float, float] | None = None,
+) -> bytes:
+    """The adapter's value per layer (line and dots) over the nulls' band (grey)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 2.6))
+    if band is not None:
+        ax.axhspan(band[0], band[1], color=BAND, alpha=0.7, label="nulls ±2σ (all layers)")
+    ax.plot(layers, values, marker="o", color=ADAPTER, label="adapter")
+    ax.xaxis.set_major_locator(_pyplot().MaxNLocator(integer=True))
+    ax.set_xlabel("layer", fontsize=8)
+    ax.set_ylabel(label, fontsize=7)
+    ax.set_title(f"{name}: per layer", fontsize=9)
     _style(ax)
     return _png(fig)
 

@@ -20,7 +20,15 @@ from sway_engine.suite import load_spec
 from tests.conftest import show
 
 # Probes whose verdict is one-sided "do no harm" (they call probes.guard_rail.guard_rail).
-GUARD_RAILS = {"calibration_drift", "external_perplexity", "leakage", "tool_use_fidelity"}
+GUARD_RAILS = {
+    "calibration_drift",
+    "external_perplexity",
+    "intruder_dimensions",
+    "leakage",
+    "tool_use_fidelity",
+}
+# Harm claims judged by a budget the team sets, not against the nulls.
+BUDGETS = {"forgetting_budget"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,7 @@ def test_guard_rail_set_matches_the_code() -> None:
 
     users = {k for k, cls in PROBES.items() if "guard_rail(" in inspect.getsource(cls)}
     assert users == GUARD_RAILS, f"{guard_rail.__name__} users: {users}"
-    assert {k for k, cls in PROBES.items() if cls.claim == "harm"} == GUARD_RAILS
+    assert {k for k, cls in PROBES.items() if cls.claim == "harm"} == GUARD_RAILS | BUDGETS
 
 
 @pytest.fixture(scope="module")
