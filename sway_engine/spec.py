@@ -20,13 +20,16 @@ from pydantic import (
     model_validator,
 )
 
-CATEGORIES = ("adherence", "attribution", "calibration", "ablation", "baseline")
+CATEGORIES = ("adherence", "attribution", "calibration", "ablation", "baseline", "weights")
+# `weights` (the adapter-native diagnostics) informs and gates but earns no score by default;
+# a suite may give it a weight (defaults.score_weights).
 DEFAULT_WEIGHTS = {
     "adherence": 0.30,
     "attribution": 0.35,
     "calibration": 0.20,
     "ablation": 0.15,
     "baseline": 0.0,
+    "weights": 0.0,
 }
 
 

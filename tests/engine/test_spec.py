@@ -193,3 +193,11 @@ def test_nan_or_infinity_in_any_number_is_a_spec_error_at_its_path(value: float)
     problems = dict(info.value.problems)
     assert "finite" in problems["suite[0].assert_z_gte"]
     assert "finite" in problems["defaults.null.init_scale"]
+
+
+def test_the_weights_category_can_be_given_a_score_weight() -> None:
+    data = minimal()
+    data["defaults"] = {"score_weights": {"weights": 0.1}}
+    spec, _ = parse_spec(data)
+    assert spec.weights()["weights"] == 0.1 and spec.weights()["adherence"] == 0.30
+    assert merge_weights({})["weights"] == 0.0  # by default it informs and gates, scores nothing
