@@ -15,13 +15,13 @@ full) never fail an evaluation that DuckDB recorded:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sway_engine import __version__
-from sway_engine.report.plots import plot_of
+from sway_engine.report.plots import plot_of, trend_plot
 from sway_engine.result import ProbeResult
 from sway_engine.store.results import MLFLOW_PENDING, MLFLOW_SYNCED, ResultStore
 from sway_engine.tracking import TABLE_FILE, MlflowTracking, TrackingError, probe_table
@@ -169,6 +169,7 @@ class Mirror:
             png = plot_of(result)
             if png is not None:
                 tracking.log_figure_png(mlflow_id, png, f"plots/{result.name}.png")
+        self._trends(mlflow_id, run, adapter, suite.probes)
         if trace is not None and trace.is_file():
             tracking.log_artifact_file(mlflow_id, trace)
         if register is not None and passed:
@@ -176,6 +177,32 @@ class Mirror:
             tracking.register(register, model_id, mlflow_id, passed_at)
         tracking.finish(mlflow_id)
         return mlflow_id
+
+    def _trends(
+        self,
+        mlflow_id: str,
+        run: Mapping[str, Any],
+        adapter: Mapping[str, Any],
+        probes: Sequence[ProbeResult],
+    ) -> None:
+        """forgetting_budget's spending over every evaluation of the adapter's lineage (its
+        directory name: each version of its weights) up to this one, as a chart."""
+        spent = [r for r in probes if r.kind == "forgetting_budget" and r.raw is not None]
+        if not spent or not adapter.get("name"):
+            return
+        rows = [
+            r
+            for r in self.store.lineage(str(adapter["name"]))
+            if r["status"] == "complete" and r["name"] == adapter["name"]
+        ]
+        upto = next((i for i, r in enumerate(rows) if r["run_id"] == run["run_id"]), None)
+        rows = rows if upto is None else rows[: upto + 1]
+        budget = spent[0].evidence.get("max_nats_per_token")
+        png = trend_plot(
+            spent[0].name, rows, float(budget) if isinstance(budget, int | float) else None
+        )
+        if png is not None:
+            self.tracking.log_figure_png(mlflow_id, png, f"plots/{spent[0].name}_trend.png")
 
     def _tags(self, run: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict[str, str]:
         tags = {

@@ -88,6 +88,49 @@ def plot_of(result: ProbeResult) -> bytes | None:
     return ablation_plot(result) or layer_plot(result) or null_plot(result)
 
 
+def trend_plot(name: str, rows: Sequence[dict[str, Any]], budget: float | None) -> bytes | None:
+    """forgetting_budget's spending over a lineage's evaluations (`ResultStore.lineage` rows,
+    oldest first: `nats_per_token` with its interval), the budget as a line; None with fewer
+    than one value or without matplotlib."""
+    points = [r for r in rows if r.get("nats_per_token") is not None]
+    if not points:
+        return None
+    labels = tuple(f"{r['adapter_id']}\n{str(r['run_id'])[:8]}" for r in points)
+    values = tuple(float(r["nats_per_token"]) for r in points)
+    lows = tuple(float(r.get("nats_ci_lo") or v) for r, v in zip(points, values, strict=True))
+    highs = tuple(float(r.get("nats_ci_hi") or v) for r, v in zip(points, values, strict=True))
+    try:
+        return _drawn(trend_chart, name, labels, values, lows, highs, budget)
+    except ImportError:
+        return None
+
+
+def trend_chart(
+    name: str,
+    labels: Sequence[str],
+    values: Sequence[float],
+    lows: Sequence[float],
+    highs: Sequence[float],
+    budget: float | None,
+) -> bytes:
+    """Nats per token of each evaluation (dots, 95% interval bars), the budget dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(3.6, 0.9 * len(values) + 1.8), 2.6))
+    xs = np.arange(len(values))
+    below = np.maximum(0.0, np.subtract(values, lows))
+    above = np.maximum(0.0, np.subtract(highs, values))
+    ax.errorbar(
+        xs, values, yerr=[below, above], fmt="o-", color=ADAPTER, capsize=3, label="nats/token"
+    )
+    if budget is not None:
+        ax.axhline(budget, color=NULLS, linestyle="--", label=f"budget {budget:g}")
+    ax.set_xticks(xs, labels, fontsize=6)
+    ax.set_ylabel("nats / token", fontsize=7)
+    ax.set_title(f"{name}: spending over the lineage", fontsize=9)
+    _style(ax)
+    return _png(fig)
+
+
 def null_band(samples: Sequence[float], scale: str) -> tuple[float, float] | None:
     """The nulls' mean +- 2 std, on the scale the probe calibrates on (log: a geometric band,
     as positive right-skewed divergences are judged); None for fewer than two samples."""

@@ -270,6 +270,31 @@ class ResultStore(Database):
         """Every run (any status), newest first."""
         return self.query("SELECT * FROM runs ORDER BY started_at DESC NULLS LAST, run_id")
 
+    def lineage(self, adapter: str, *, prefix: bool = False) -> list[dict[str, Any]]:
+        """Every run of an adapter, oldest first: by key (`doc-strong-1835ed0a`), or by
+        directory name (`doc-strong`: every version of its weights); with `prefix`, of every
+        adapter whose directory name starts with `adapter` (a lineage: `doc-v1`, `doc-v2`,
+        ...). Each run carries its forgetting_budget spending (`nats_per_token` and its 95%
+        interval; the first such probe by name), so the rows read as the lineage's trend."""
+        match = "starts_with(a.name, ?)" if prefix else "a.name = ?"
+        return self.query(
+            f"""SELECT r.run_id, r.adapter_id, a.name, r.spec_hash, r.origin, r.status,
+                      r.started_at, r.finished_at, s.overall, s.band, s.gate_passed,
+                      r.mlflow_status, r.message,
+                      f.raw AS nats_per_token, f.ci_lo AS nats_ci_lo, f.ci_hi AS nats_ci_hi
+               FROM runs r
+               LEFT JOIN adapters a USING (adapter_id)
+               LEFT JOIN scores s USING (run_id)
+               LEFT JOIN (
+                   SELECT run_id, raw, ci_lo, ci_hi,
+                          row_number() OVER (PARTITION BY run_id ORDER BY probe) AS k
+                   FROM probe_results WHERE kind = 'forgetting_budget'
+               ) f ON f.run_id = r.run_id AND f.k = 1
+               WHERE r.adapter_id = ? OR {match}
+               ORDER BY r.started_at NULLS LAST, r.run_id""",
+            [adapter, adapter],
+        )
+
     def leaderboard(self, spec_hash: str | None = None) -> list[dict[str, Any]]:
         """The latest complete run of each adapter under one suite (`spec_hash`, else the
         suite of the newest complete run): gate-passing adapters first, then by overall, then

@@ -362,3 +362,57 @@ def test_history_shows_each_adapter_spending(
     strong = fixture_runs["doc-strong"].probe("forget")
     assert f"{strong.raw:.4g} [{strong.ci_95[0]:.4g}, {strong.ci_95[1]:.4g}]" in text
     assert main(["history", "doc-", "--home", str(home)]) == 2  # not a name without --lineage
+
+
+def test_mlflow_gets_the_lineages_spending_as_a_chart(
+    fx: FixturePaths,
+    fixture_runs: dict[str, Any],
+    tmp_path: Path,
+    template_db: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two versions of one adapter folder (`doc`: first doc-strong's weights, then doc-weak's,
+    in the order fixture_runs evaluated them): the second evaluation's MLflow run carries a
+    chart of both spendings, oldest first."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    import sway_engine.mirror as mirror_module
+    from sway_engine.mirror import Mirror
+    from sway_engine.tracking import MlflowTracking
+
+    shutil.copyfile(template_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = ResultStore(tmp_path / "sway.duckdb")
+    charted: list[list[float]] = []
+    drawn = mirror_module.trend_plot
+
+    def spy(name: str, rows: Sequence[dict[str, Any]], budget: float | None) -> bytes | None:
+        charted.append([r["nats_per_token"] for r in rows])
+        return drawn(name, rows, budget)
+
+    monkeypatch.setattr(mirror_module, "trend_plot", spy)
+    mirror = Mirror(MlflowTracking(uri, "forgetting", tmp_path / "art"), store, print)
+    for version, name in enumerate(("doc-strong", "doc-weak")):
+        info = read_adapter(fx.adapters[name], check_finite=False)
+        key = partition_key("doc", info.sha256)
+        store.record_adapter(replace_name(AdapterRecord.checked(key, info), "doc"))
+        result = fixture_runs[name]
+        run_id = f"cli:v{version}"
+        store.begin_run(RunRecord(run_id=run_id, adapter_id=key, spec_hash=result.spec_hash))
+        store.write_suite(key, result, False, run_id)
+        published = mirror.publish(run_id, {})
+        assert published.synced, published.error
+    weak, strong = (fixture_runs[n].probe("forget").raw for n in ("doc-weak", "doc-strong"))
+    assert charted == [[strong], [strong, weak]]
+    client = MlflowClient(uri)
+    mlflow_id = store.run_row("cli:v1")["mlflow_run_id"]
+    listed = {f.path for f in client.list_artifacts(mlflow_id, "plots")}
+    assert "plots/forget_trend.png" in listed
+
+
+def replace_name(record: AdapterRecord, name: str) -> AdapterRecord:
+    from dataclasses import replace
+
+    return replace(record, name=name)
