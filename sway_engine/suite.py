@@ -20,7 +20,7 @@ from sway_engine.dlm import Document, load_dlm
 from sway_engine.errors import SpecError
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry, validate_entry
-from sway_engine.spec import Defaults, SuiteSpec, problems_of
+from sway_engine.spec import Defaults, NullConfig, SuiteSpec, problems_of
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,10 @@ def _with_alpha(entry: Any, alpha: float) -> Any:
     return replace(entry, spec=entry.spec.model_copy(update={"alpha": alpha}))
 
 
+# The nulls to suggest: sway's default count (defaults.null.seeds may be the too-small one).
+_RECOMMENDED_NULLS = NullConfig.model_fields["seeds"].default
+
+
 def spec_warnings(entries: list[Any], defaults: Defaults) -> list[str]:
     """What loads but weakens the verdict: a null_adapter with too few runs to calibrate."""
     from sway_engine import stats
@@ -212,7 +216,7 @@ def spec_warnings(entries: list[Any], defaults: Defaults) -> list[str]:
                 cost = "one null has no spread, so a z-score cannot be formed at all"
             out.append(
                 f"{e.spec.name}: runs: {runs} is too few to calibrate ({cost}); calibrated "
-                f"probes report WARN uncalibrated. Use runs: {defaults.null.seeds} or more."
+                f"probes report WARN uncalibrated. Use runs: {_RECOMMENDED_NULLS} or more."
             )
     return out
 

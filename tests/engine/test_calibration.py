@@ -279,6 +279,12 @@ def test_runs_below_four_load_with_a_warning_naming_the_false_pass_rate() -> Non
         assert f"runs: {runs} is too few" in warning and rate in warning
     spec, entries = parse_spec({**base, "suite": [{"name": "n", "kind": "null_adapter"}]})
     assert spec_warnings(entries, spec.defaults) == []
+    # too few set as the default: the advice is sway's default, not the same too-few count
+    few = {"null": {"seeds": 3}}
+    data = {**base, "defaults": few, "suite": [{"name": "n", "kind": "null_adapter"}]}
+    spec, entries = parse_spec(data)
+    (warning,) = spec_warnings(entries, spec.defaults)
+    assert "runs: 3 is too few" in warning and warning.endswith("Use runs: 8 or more.")
 
 
 # ---------------------------------------------------------------- the audit on the fixtures
