@@ -19,35 +19,23 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from sway_engine.backends.base import ROLLING
 from sway_engine.errors import ProbeError
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
-from sway_engine.probes.common.corpus import BUILTIN_CORPORA, chunk_text, load_corpus
-from sway_engine.probes.common.corpus import clean_corpus as clean_corpus  # re-exported
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe
+from sway_engine.probes.common.corpus import CorpusSpec, chunk_text, load_corpus
 from sway_engine.probes.common.guard_rail import guard_rail, harm_score
 from sway_engine.requests import RollingLogprob, RollingResult
 from sway_engine.result import NullStats
 from sway_engine.views import BASE, View
 
 
-class ExternalPerplexitySpec(ProbeSpec):
+class ExternalPerplexitySpec(CorpusSpec):
     kind: Literal["external_perplexity"] = "external_perplexity"
-    # A built-in corpus name, or the path of a UTF-8 text file (relative to the working dir).
-    corpus: str = "public_domain_en"
-    chunk_chars: int = Field(2048, ge=128, le=16384)
-    max_chunks: int = Field(16, ge=1, le=128)
     # Tolerated loss in nats/token (<= 0): the fallback gate and the calibrated FAIL floor.
     assert_mean_delta_gte: float = Field(-0.1, le=0)
     assert_z_gte: float = Field(3.0, gt=0)
-
-    @field_validator("corpus")
-    @classmethod
-    def _named(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError(f"corpus must be one of {sorted(BUILTIN_CORPORA)} or a file path")
-        return v
 
 
 # ---- the probe ----

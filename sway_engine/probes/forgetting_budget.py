@@ -17,34 +17,23 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from sway_engine import stats
 from sway_engine.backends.base import SEQUENCE_DIVERGENCE
 from sway_engine.errors import ProbeError
-from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
-from sway_engine.probes.common.corpus import BUILTIN_CORPORA, chunk_text, load_corpus
+from sway_engine.probes.base import Context, Judgement, Measurement, Probe
+from sway_engine.probes.common.corpus import CorpusSpec, chunk_text, load_corpus
 from sway_engine.probes.common.guard_rail import harm_score
 from sway_engine.requests import SequenceDivergence, SequenceDivergenceResult
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import BASE, View
 
 
-class ForgettingBudgetSpec(ProbeSpec):
+class ForgettingBudgetSpec(CorpusSpec):
     kind: Literal["forgetting_budget"] = "forgetting_budget"
-    # A built-in corpus name, or the path of a UTF-8 text file (relative to the working dir).
-    corpus: str = "public_domain_en"
-    chunk_chars: int = Field(2048, ge=128, le=16384)
-    max_chunks: int = Field(16, ge=1, le=128)
     # The team's budget in nats/token; None: report the spending, judge nothing.
     max_nats_per_token: float | None = Field(None, gt=0)
-
-    @field_validator("corpus")
-    @classmethod
-    def _named(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError(f"corpus must be one of {sorted(BUILTIN_CORPORA)} or a file path")
-        return v
 
 
 class ForgettingBudget(Probe):

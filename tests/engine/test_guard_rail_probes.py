@@ -30,13 +30,8 @@ from sway_engine.probes.calibration_drift import (
     PackItem,
     builtin_pack,
 )
-from sway_engine.probes.external_perplexity import (
-    ExternalPerplexity,
-    ExternalPerplexitySpec,
-    chunk_text,
-    clean_corpus,
-    load_corpus,
-)
+from sway_engine.probes.common.corpus import chunk_text, clean_corpus, load_corpus
+from sway_engine.probes.external_perplexity import ExternalPerplexity, ExternalPerplexitySpec
 from sway_engine.probes.registry import PROBES
 from sway_engine.requests import (
     ContinuationLogprob,

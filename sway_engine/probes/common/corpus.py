@@ -7,12 +7,31 @@ import functools
 from importlib import resources
 from pathlib import Path
 
+from pydantic import Field, field_validator
+
 from sway_engine.errors import ProbeError
+from sway_engine.probes.base import ProbeSpec
 
 # Corpus names shipped with sway -> file under sway_engine/probes/data/.
 BUILTIN_CORPORA = {"public_domain_en": "external_corpus.txt"}
 # A trailing piece shorter than this is dropped rather than scored as a chunk of its own.
 MIN_CHUNK_CHARS = 64
+
+
+class CorpusSpec(ProbeSpec):
+    """The fields of a probe that scores the corpus in chunks."""
+
+    # A built-in corpus name, or the path of a UTF-8 text file (relative to the working dir).
+    corpus: str = "public_domain_en"
+    chunk_chars: int = Field(2048, ge=128, le=16384)
+    max_chunks: int = Field(16, ge=1, le=128)
+
+    @field_validator("corpus")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(f"corpus must be one of {sorted(BUILTIN_CORPORA)} or a file path")
+        return v
 
 
 def clean_corpus(text: str) -> str:
