@@ -41,7 +41,23 @@ TOOLS = {
     "sway_file": "sway, README suite file as is",
     "sway_parity": "sway, README suite at upstream settings (3 fixed nulls, top-k)",
     "sway_default8": "sway, README suite at sway defaults (8 matched nulls, exact)",
+    "sway_same": "sway, upstream settings, only the probes dlm-sway completes (same work)",
 }
+# The README kinds dlm-sway 0.1.0 completes here (measured 2026-12-04: adapter_revert and
+# cluster_kl need `dlm-sway[semsim]`, section_internalization, preference_flip and leakage
+# sections from the `.dlm` bridge, style_fingerprint prompts it does not take). `summarize`
+# records any probe name where the two differ (`differs_from_dlm_sway`).
+UPSTREAM_COMPLETES = frozenset(
+    {
+        "null_adapter",
+        "delta_kl",
+        "prompt_collapse",
+        "paraphrase_invariance",
+        "calibration_drift",
+        "external_perplexity",
+        "adapter_ablation",
+    }
+)
 
 Accepts = Mapping[str, set[str]]
 
@@ -71,8 +87,9 @@ def full_suite_specs(
 
     `accepts` maps each kind dlm-sway registers to the fields its spec takes (`upstream_accepts`);
     `inputs` (`document_inputs`) fills the inline inputs dlm-sway cannot read from the document.
-    Returns paths: `file` (the README suite, sway), `parity` (upstream settings), `default`
-    (sway's defaults) and `upstream` (dlm-sway's).
+    Returns paths: `file` (the README suite, sway), `parity` (upstream settings), `same`
+    (upstream settings, only UPSTREAM_COMPLETES), `default` (sway's defaults) and `upstream`
+    (dlm-sway's).
     """
     readme = yaml.safe_load(README_SUITE.read_text())
     ours = {e["kind"]: e for e in yaml.safe_load(fixture_suite.read_text())["suite"]}
@@ -97,15 +114,15 @@ def full_suite_specs(
         for e in suite
         if e["kind"] in accepts
     ]
+    parity = {
+        **spec,
+        "defaults": {**defaults, "divergence_mode": "topk_tail", "null": UPSTREAM_NULL},
+    }
+    same = [e for e in suite if e["kind"] in UPSTREAM_COMPLETES]
     return {
         "file": _write(out / "full-file.yaml", spec),
-        "parity": _write(
-            out / "full-parity.yaml",
-            {
-                **spec,
-                "defaults": {**defaults, "divergence_mode": "topk_tail", "null": UPSTREAM_NULL},
-            },
-        ),
+        "parity": _write(out / "full-parity.yaml", parity),
+        "same": _write(out / "full-same.yaml", {**parity, "suite": same}),
         "default": _write(
             out / "full-default.yaml",
             {
@@ -243,6 +260,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             row["not_completed"] = last["messages"]
         out[name] = row
     up = out.get("dlm_sway", {})
+    same = out.get("sway_same", {})
+    if up.get("verdicts") and same.get("verdicts"):
+        done = {n for n, v in up["verdicts"].items() if v not in ("SKIP", "ERROR")}
+        same["differs_from_dlm_sway"] = sorted(done ^ set(same["verdicts"]))
     for name, row in out.items():
         if name == "dlm_sway":
             continue
@@ -261,7 +282,12 @@ def jobs(
 ) -> dict[str, Callable[[], dict[str, Any]]]:
     """One whole-process job per tool in `tools` (keys of TOOLS); dlm-sway's only with its venv."""
     work.mkdir(parents=True, exist_ok=True)
-    spec_of = {"sway_file": "file", "sway_parity": "parity", "sway_default8": "default"}
+    spec_of = {
+        "sway_file": "file",
+        "sway_parity": "parity",
+        "sway_default8": "default",
+        "sway_same": "same",
+    }
     out: dict[str, Callable[[], dict[str, Any]]] = {}
     for tool in tools:
         if tool == "dlm_sway" and peer_python is not None:

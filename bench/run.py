@@ -823,7 +823,7 @@ def full_suite_runs(
         "bench": (
             bench.base,
             bench.adapters[0],
-            ("dlm_sway", "sway_parity", "sway_default8"),
+            ("dlm_sway", "sway_same", "sway_parity", "sway_default8"),
             max(1, repeats - 1),
         ),
     }
