@@ -32,6 +32,7 @@ TOLERANCE = 1e-6
 IGNORED = {
     "duration_s",
     "wall_s",
+    "wall_seconds",  # upstream's name for wall_s
     "started_at",
     "finished_at",
     "backend_stats",
