@@ -65,7 +65,7 @@ def pinned_preview_apis() -> Iterator[None]:
         yield
 
 
-# Model assets take every partition of a backfill in one run (one base load, shared batches);
+# Model assets take every partition of a backfill in one run (one base load, adapters in turn);
 # sway_score runs one partition per run because its gate check is per partition.
 MODEL_BACKFILL = dg.BackfillPolicy.single_run()
 SCORE_BACKFILL = dg.BackfillPolicy.multi_run(1)

@@ -5,7 +5,7 @@ assets talk to each other through DuckDB, never through process memory.
 
 import base64
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TypeVar
 
 import dagster as dg
@@ -16,7 +16,6 @@ from sway_engine import __version__
 from sway_engine.adapters import AdapterInfo
 from sway_engine.backends.instrumentation import Instrumented
 from sway_engine.errors import SwayError
-from sway_engine.multi import each_adapter
 from sway_engine.probes.base import Context
 from sway_engine.runner import context_for, preflight
 from sway_engine.suite import Suite
@@ -44,49 +43,16 @@ def per_adapter(
     adapters: AdapterStoreResource,
     compute: Callable[[Session], T],
 ) -> list[tuple[Session, T]]:
-    """compute(session) for every partition of the run, in key order.
+    """compute(session) for every partition of the run, one adapter after another on the
+    run's one loaded base, in key order. A session that could not open reaches `compute` with
+    its `error` set.
 
-    One key (the usual sensor run) takes `open_session`. Several keys (a multi-partition run
-    from a single-run backfill) register every verified adapter on the one loaded base and run
-    `compute` for each in its own thread, their requests in shared batches (multi.py); a
-    backend that holds one adapter at a time runs them one after another. A session that
-    could not open reaches `compute` with its `error` set. An exception in `compute` is
-    raised here once every adapter is done; nothing is written from a compute thread, so the
-    caller writes results in this thread.
+    Several keys come from a single-run backfill. Their requests once ran in lockstep, every
+    adapter's rows in shared batches (multi.py); on the full battery (17 views per adapter)
+    that made 8 adapters cost 14.2x one, one after another 5.2x (bench/backfill.py): batches
+    are already full of one adapter's nulls, and the lockstep only adds its overhead.
     """
-    if len(keys) == 1 or not backend.holds_many():
-        return [(s, compute(s)) for s in (open_session(k, backend, adapters) for k in keys)]
-    sessions = [_verified(key, adapters) for key in keys]
-    ok = [i for i, s in enumerate(sessions) if s.info is not None]
-    out: dict[int, tuple[Session, T]] = {}
-    if ok:
-        paths = [str(sessions[i].info.path) for i in ok]  # type: ignore[union-attr]
-        shared, registration = backend.many(paths)
-        live = [i for i, label in zip(ok, registration.labels, strict=True) if label is not None]
-        for i, error in zip(ok, registration.errors, strict=True):
-            if error is not None:
-                sessions[i] = replace(sessions[i], error=error)
-
-        def one(slot: int, session: Instrumented) -> tuple[Session, T]:
-            opened = sessions[live[slot]]
-            try:
-                preflight(session)
-            except SwayError as exc:
-                opened = replace(opened, error=f"preflight failed: {exc}")
-                return opened, compute(opened)
-            opened = replace(opened, backend=session)
-            return opened, compute(opened)
-
-        labels = [registration.labels[ok.index(i)] or "" for i in live]
-        done = each_adapter(shared, labels, [paths[ok.index(i)] for i in live], one)
-        failures = [r for r in done if isinstance(r, BaseException)]
-        if failures:
-            raise failures[0]
-        out.update({i: r for i, r in zip(live, done, strict=True)})  # type: ignore[misc]
-    for i, session in enumerate(sessions):
-        if i not in out:
-            out[i] = (session, compute(session))
-    return [out[i] for i in range(len(keys))]
+    return [(s, compute(s)) for s in (open_session(k, backend, adapters) for k in keys)]
 
 
 def _verified(key: str, adapters: AdapterStoreResource) -> Session:

@@ -7,7 +7,7 @@ that a TwoModelResource dedupes, never loads one) and frees it in teardown.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -17,7 +17,6 @@ from pydantic import ConfigDict, PrivateAttr, model_validator
 from sway_engine.backends.build import build_kind, build_side, check_one_model
 from sway_engine.backends.instrumentation import Instrumented, session
 from sway_engine.mirror import Mirror
-from sway_engine.multi import Registration, register
 from sway_engine.spec import ModelSpec, SuiteSpec
 from sway_engine.store import ResultStore as DuckStore
 from sway_engine.tracking import MlflowTracking
@@ -51,14 +50,6 @@ class ModelResource(_Strict):
 
     def session(self, adapter_path: str) -> Instrumented:
         raise NotImplementedError
-
-    def holds_many(self) -> bool:
-        """Whether `many()` can register several adapters on one loaded base."""
-        return False
-
-    def many(self, adapter_paths: Sequence[str]) -> tuple[Instrumented, Registration]:
-        """Several adapters on one loaded base, their rows in shared batches (multi.py)."""
-        raise NotImplementedError(f"{type(self).__name__} holds one adapter at a time")
 
     def model_id(self) -> str:
         raise NotImplementedError
@@ -107,7 +98,6 @@ class _LocalModel(ModelResource):
     _backend: Any = PrivateAttr(default=None)
     _session: Instrumented | None = PrivateAttr(default=None)
     _adapter: str | None = PrivateAttr(default=None)
-    _registered: tuple[tuple[str, ...], Registration] | None = PrivateAttr(default=None)
 
     def _load(self) -> Any:
         """Construct the engine backend (heavy imports happen here)."""
@@ -147,26 +137,11 @@ class _LocalModel(ModelResource):
     def session(self, adapter_path: str) -> Instrumented:
         session = self._shared()
         if self._adapter != adapter_path:
-            self._adapter, self._registered = None, None
+            self._adapter = None
             cast(Any, session.inner).load_adapter(adapter_path)  # a local backend
             session.reset()
             self._adapter = adapter_path
         return session
-
-    def holds_many(self) -> bool:
-        return True  # hf and mlx register adapters beside the primary (add_adapter)
-
-    def many(self, adapter_paths: Sequence[str]) -> tuple[Instrumented, Registration]:
-        """Register `adapter_paths` on the loaded base; the same list again (the next asset of
-        a multi-partition run) reuses the registration, its derived views and row cache."""
-        session = self._shared()
-        paths = tuple(adapter_paths)
-        if self._registered is None or self._registered[0] != paths:
-            self._adapter, self._registered = None, None
-            registration = register(session.inner, paths)
-            session.reset()
-            self._registered = (paths, registration)
-        return session, self._registered[1]
 
     def counters(self) -> dict[str, float]:
         return self._session.counters() if self._session is not None else {}
@@ -181,7 +156,6 @@ class _LocalModel(ModelResource):
         self._backend = None
         self._session = None
         self._adapter = None
-        self._registered = None
 
 
 class HFModelResource(_LocalModel):

@@ -1,7 +1,7 @@
 """Several adapters in one Dagster run: the model assets take a partition range (the run a
-single-run backfill launches), load the base once and share batches; sway_score, its gate
-check and each probe's verdict check then run once per partition. Real instance, real DuckDB,
-real MLflow (sqlite)."""
+single-run backfill launches), load the base once and evaluate the adapters in turn;
+sway_score, its gate check and each probe's verdict check then run once per partition. Real
+instance, real DuckDB, real MLflow (sqlite)."""
 
 from __future__ import annotations
 
