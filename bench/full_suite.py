@@ -5,7 +5,8 @@ prompts (tools alternating): wall time of the process, the suite time the tool r
 (after the model load), and the verdicts. dlm-sway runs the README's entries whose kinds 0.1.0
 registers, minus fields its specs reject (its defaults then), plus the inline inputs (`prompts`,
 `cases`) `sway autogen` draws from the document, since dlm-sway reads a `.dlm` only through the
-`dlm` package (not on PyPI); its on-disk null cache is cleared before every run. sway runs the
+`dlm` package (not on PyPI); its on-disk null cache (in a folder of the bench's own, never the
+user's ~/.dlm-sway) is cleared before every run. sway runs the
 README file, the same at upstream's settings (3 fixed nulls, top-k + tail) and at its own
 defaults (8 matched nulls, exact), its scoring cache empty. `python -m bench.run
 --full-suite-only` runs just this comparison.
@@ -235,8 +236,11 @@ def dlm_sway_job(
     python: Path, spec: Path, work: Path, threads: int, timeout: float = 2400
 ) -> dict[str, Any]:
     """dlm-sway's `sway run` of `spec` (its console script in its venv; its defaults: null
-    cache on), the cache cleared first."""
+    cache on), its cache under `work`, cleared first."""
     env = {k: v for k, v in os.environ.items() if k != "SWAY_DISABLE_NULL_CACHE"}
+    # Its cache in a folder of this bench's own, emptied before each run: a user's own
+    # ~/.dlm-sway is never read or deleted.
+    env["XDG_CACHE_HOME"] = str(work / "dlm-sway-cache")
     clear_dlm_sway_cache(dlm_sway_cache_dir(env))
     out = work / f"{spec.stem}.json"
     cmd = [str(python.absolute().parent / "sway"), "run", str(spec), "--json", str(out)]

@@ -251,3 +251,31 @@ def test_full_suite_table_shows_both_times_and_verdicts_per_tool() -> None:
     text = "\n".join(full_suite.markdown_rows({"fixture": summary}))
     assert "| fixture | sway, README suite file as is | 2 | 2 | 1/0/1/0/0 | 20.0 | 2.10x" in text
     assert "- fixture, dlm_sway: p1 SKIP: no cases" in text
+
+
+def test_dlm_sway_runs_with_a_cache_of_the_benchs_own_and_leaves_the_users_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import full_suite
+
+    home = tmp_path / "home"
+    user_cache = home / ".dlm-sway" / "null-stats"
+    user_cache.mkdir(parents=True)
+    (user_cache / ("a" * 32 + ".json")).write_text("{}")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    seen: dict[str, str] = {}
+
+    def run(cmd: list[str], out: Path, threads: int, env: dict[str, str], timeout: float) -> dict:
+        seen.update(env)
+        return {}
+
+    monkeypatch.setattr(full_suite, "whole_run", run)
+    work = tmp_path / "work"
+    ours = work / "dlm-sway-cache" / "dlm-sway" / "null-stats"
+    ours.mkdir(parents=True)
+    (ours / ("b" * 32 + ".json")).write_text("{}")
+    full_suite.dlm_sway_job(tmp_path / "venv" / "bin" / "python", tmp_path / "s.yaml", work, 1)
+    assert (user_cache / ("a" * 32 + ".json")).is_file()  # the user's cache: untouched
+    assert not ours.exists()  # the bench's own: emptied before the run
+    assert seen["XDG_CACHE_HOME"] == str(work / "dlm-sway-cache")
