@@ -24,7 +24,7 @@ from pydantic import Field
 from sway_engine.backends.base import ROLLING
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe
-from sway_engine.probes.common.corpus import CorpusSpec, chunk_text, load_corpus
+from sway_engine.probes.common.corpus import CorpusSpec, chunk_text, chunk_values, load_corpus
 from sway_engine.probes.common.guard_rail import guard_rail, harm_score
 from sway_engine.requests import RollingLogprob, RollingResult
 from sway_engine.result import NullStats
@@ -88,12 +88,7 @@ def _scored(probe: str, r: object, i: int, view: View) -> np.ndarray:
     """The scored per-token log-probs of chunk i under one view (at least one, all finite)."""
     if not isinstance(r, RollingResult):
         raise ProbeError(probe, f"chunk {i}: expected a rolling log-prob, got {type(r).__name__}")
-    lps = np.asarray(r.logprobs, dtype=float)
-    if lps.size == 0:
-        raise ProbeError(probe, f"chunk {i} has no scored token under view {view.key}")
-    if not np.all(np.isfinite(lps)):
-        raise ProbeError(probe, f"chunk {i}: non-finite log-prob under view {view.key}")
-    return lps
+    return chunk_values(probe, r.logprobs, "log-prob", i, view)
 
 
 def _measurement(

@@ -23,7 +23,7 @@ from sway_engine import stats
 from sway_engine.backends.base import SEQUENCE_DIVERGENCE
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe
-from sway_engine.probes.common.corpus import CorpusSpec, chunk_text, load_corpus
+from sway_engine.probes.common.corpus import CorpusSpec, chunk_text, chunk_values, load_corpus
 from sway_engine.probes.common.guard_rail import harm_score
 from sway_engine.requests import SequenceDivergence, SequenceDivergenceResult
 from sway_engine.result import NullStats, Verdict
@@ -102,12 +102,7 @@ def _per_token(probe: str, r: object, i: int, view: View) -> np.ndarray:
         raise ProbeError(
             probe, f"chunk {i}: expected a sequence divergence, got {type(r).__name__}"
         )
-    kl = np.asarray(r.kl, dtype=float)
-    if kl.size == 0:
-        raise ProbeError(probe, f"chunk {i} has no scored token under view {view.key}")
-    if not np.all(np.isfinite(kl)):
-        raise ProbeError(probe, f"chunk {i}: non-finite divergence under view {view.key}")
-    return kl
+    return chunk_values(probe, r.kl, "divergence", i, view)
 
 
 def _measurement(

@@ -7,10 +7,12 @@ import functools
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from pydantic import Field, field_validator
 
 from sway_engine.errors import ProbeError
 from sway_engine.probes.base import ProbeSpec
+from sway_engine.views import View
 
 # Corpus names shipped with sway -> file under sway_engine/probes/data/.
 BUILTIN_CORPORA = {"public_domain_en": "external_corpus.txt"}
@@ -91,3 +93,14 @@ def chunk_text(text: str, chunk_chars: int, max_chunks: int) -> list[str]:
             chunks.append(piece)
         start = end
     return chunks
+
+
+def chunk_values(probe: str, values: object, what: str, i: int, view: View) -> np.ndarray:
+    """One chunk's per-token `what` under `view` as float64: at least one token, all finite,
+    else ProbeError naming the chunk and view."""
+    out = np.asarray(values, dtype=float)
+    if out.size == 0:
+        raise ProbeError(probe, f"chunk {i} has no scored token under view {view.key}")
+    if not np.all(np.isfinite(out)):
+        raise ProbeError(probe, f"chunk {i}: non-finite {what} under view {view.key}")
+    return out
