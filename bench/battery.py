@@ -23,6 +23,7 @@ from typing import Any
 
 from sway_engine.fixtures import build_fixtures
 from sway_engine.fixtures.battery import write_battery
+from sway_engine.runner import CALIBRATION_LABEL
 from sway_engine.trace import read_events, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,10 +88,11 @@ def cache_table(fx: Any, spec: Path, work: Path) -> list[str]:
 
 
 def phases(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Totals of the adapter's own steps and of the null calibration."""
+    """Totals of the null calibration (every calibrated probe under the nulls and the adapter,
+    in shared batches) and of the probes' own steps after it (preflight included)."""
     out: dict[str, dict[str, float]] = {}
     for row in summary["probes"]:
-        phase = "nulls" if row["probe"].endswith("(nulls)") else "adapter"
+        phase = "nulls" if row["probe"] == CALIBRATION_LABEL else "adapter"
         slot = out.setdefault(phase, {})
         for key, value in row.items():
             if isinstance(value, int | float):
@@ -121,8 +123,9 @@ def table(name: str, run: dict[str, Any]) -> list[str]:
     gen_steps = sum(p.get("generate_row_steps", 0) for p in split.values())
     lines += [
         "",
-        f"- null calibration / the adapter's own steps (wall): "
-        f"{nulls.get('wall_s', 0) / max(own.get('wall_s', 0), 1e-9):.1f}x",
+        f"- null calibration (nulls and adapter, shared batches): {nulls.get('wall_s', 0):.2f} s; "
+        f"the probes' own steps after it: {own.get('wall_s', 0):.2f} s, "
+        f"{own.get('forward_passes', 0):.0f} forward passes",
         f"- generation: {gen_steps} decode row-steps for {gen_kept} kept tokens "
         f"({gen_steps / max(gen_kept, 1):.2f}x)",
         "",

@@ -7,15 +7,17 @@ every seed and rank multiplier; they ride in the same batches as everything else
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from sway_engine import stats
+from sway_engine.gather import Execute, gather
 from sway_engine.probes.base import Context
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
 from sway_engine.result import NullStats
 from sway_engine.spec import NullConfig
-from sway_engine.views import Null, NullMode
+from sway_engine.views import Finetuned, Null, NullMode, View
 
 
 @dataclass(frozen=True)
@@ -101,22 +103,47 @@ def calibrate(
     on_entry: Callable[[Entry], None] | None = None,
 ) -> NullMatrix:
     """Measure every calibrated entry under every null view; failures are recorded, not raised.
-    `on_entry` hears of each entry before it is measured (progress)."""
+
+    The entries are measured together (`gather`): their requests share batches, and each
+    measures the trained adapter beside its nulls, so the adapter's own run afterwards finds
+    its results in the run's request cache. `on_entry` hears of each entry as its
+    measurement ends (progress)."""
+    views = plan.views()
+    todo = [e for e in entries if calibrates(e, plan, ctx.capabilities)]
+    shared = [e for e in todo if e.probe.forwards]
+    gathered = iter(gather([_job(e, ctx, views) for e in shared], ctx.execute))
+    outcomes = [next(gathered) if e.probe.forwards else _outcome(e, ctx, views) for e in todo]
     cells: list[NullCell] = []
     skipped: list[tuple[str, str]] = []
-    views = plan.views()
-    for entry in entries:
-        if not calibrates(entry, plan, ctx.capabilities):
-            continue
+    for entry, measured in zip(todo, outcomes, strict=True):
+        if isinstance(measured, Exception):
+            # the adapter's measurement may be what failed: the nulls alone, once more
+            measured = _outcome(entry, ctx, views)
         if on_entry is not None:
             on_entry(entry)
-        try:
-            measured = entry.probe.measure(entry.spec, ctx, views)
-        except Exception as exc:  # noqa: BLE001 - one probe's failure must not stop the matrix
-            skipped.append((entry.spec.name, f"{type(exc).__name__}: {exc}"))
+        if isinstance(measured, Exception):
+            skipped.append((entry.spec.name, f"{type(measured).__name__}: {measured}"))
             continue
         for view, m in zip(views, measured, strict=True):
             cells.append(
                 NullCell(entry.spec.name, entry.spec.kind, view.seed, view.rank_scale, m.raw)
             )
     return NullMatrix(plan=plan, cells=tuple(cells), skipped=tuple(skipped))
+
+
+def _job(entry: Entry, ctx: Context, views: list[Null]) -> Callable[[Execute], Any]:
+    """The entry measured under `views` and the trained adapter; the nulls' measurements."""
+
+    def measure(execute: Execute) -> Any:
+        treatments: list[View] = [*views, Finetuned()]
+        measured = entry.probe.measure(entry.spec, replace(ctx, execute=execute), treatments)
+        return measured[: len(views)]
+
+    return measure
+
+
+def _outcome(entry: Entry, ctx: Context, views: list[Null]) -> Any:
+    try:
+        return entry.probe.measure(entry.spec, ctx, views)
+    except Exception as exc:  # noqa: BLE001 - one probe's failure must not stop the matrix
+        return exc

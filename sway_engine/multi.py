@@ -5,9 +5,9 @@ loaded base. Every suite sees an ordinary single-adapter session (`BoundSession`
 its probes name (`Finetuned()`, `Scaled(lam)`, `Null(seed)`) are bound to that adapter's
 label on the way to the backend, and the adapter's directory is `ctx.adapter_path`.
 
-The suites run in lockstep (`Lockstep`): each `execute` waits until every live suite has
-submitted its next request list, then one thread executes all of them as one list. The
-backend dedupes base rows across adapters and packs every adapter's rows into the same
+The suites run in lockstep (`gather`): each `execute` waits until every live suite has
+submitted its next request list, then the calling thread executes all of them as one list.
+The backend dedupes base rows across adapters and packs every adapter's rows into the same
 batches. A suite that ends (or fails) early leaves the lockstep, so the others never wait
 for it. Results equal those of running each adapter alone (a batch's composition changes
 only the rounding, well below 1e-6).
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from typing import Any, TypeVar
 from sway_engine.backends.build import build_backend
 from sway_engine.backends.instrumentation import Instrumented, session
 from sway_engine.errors import SwayError
+from sway_engine.gather import Execute, gather
 from sway_engine.probes.registry import Entry
 from sway_engine.progress import Progress
 from sway_engine.requests import Divergence, Embed, Request, Result, SequenceDivergence
@@ -36,7 +36,6 @@ from sway_engine.spec import SuiteSpec
 from sway_engine.suite import document_of
 from sway_engine.views import bind
 
-Execute = Callable[[Sequence[Request]], list[Result]]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -52,67 +51,6 @@ def bind_request(request: Request, adapter: str) -> Request:
     return dataclasses.replace(request, view=bind(request.view, adapter))
 
 
-class Lockstep:
-    """Collects one request list per live participant and executes them together.
-
-    `submit(slot, requests)` blocks until every participant still running has submitted
-    (or left); the last to arrive executes the concatenated list for all. If that combined
-    call raises (one adapter's rows are non-finite, say), each participant's list is
-    executed on its own, so the error reaches only the participant whose requests caused it.
-    """
-
-    def __init__(self, execute: Execute, participants: int) -> None:
-        if participants < 1:
-            raise ValueError(f"a lockstep needs at least one participant, got {participants}")
-        self._execute = execute
-        self._live = participants
-        self._cond = threading.Condition()
-        self._pending: dict[int, list[Request]] = {}
-        self._done: dict[int, list[Result] | BaseException] = {}
-        self.rounds = 0
-
-    def submit(self, slot: int, requests: Sequence[Request]) -> list[Result]:
-        with self._cond:
-            if slot in self._pending:
-                raise RuntimeError(f"participant {slot} submitted twice in one round")
-            self._pending[slot] = list(requests)
-            if len(self._pending) >= self._live:
-                self._flush()
-            while slot not in self._done:
-                self._cond.wait()
-            out = self._done.pop(slot)
-        if isinstance(out, BaseException):
-            raise out
-        return out
-
-    def leave(self) -> None:
-        """A participant finished: the others stop waiting for it."""
-        with self._cond:
-            self._live -= 1
-            if self._pending and len(self._pending) >= self._live:
-                self._flush()
-
-    def _flush(self) -> None:
-        """Execute every pending list (the lock is held; waiting threads are idle anyway)."""
-        pending, self._pending = self._pending, {}
-        self.rounds += 1
-        flat = [r for reqs in pending.values() for r in reqs]
-        try:
-            results = self._execute(flat)
-        except Exception:  # noqa: BLE001 - isolate the failing participant, below
-            for slot, reqs in pending.items():
-                try:
-                    self._done[slot] = self._execute(reqs)
-                except Exception as exc:  # noqa: BLE001 - re-raised in the submitting thread
-                    self._done[slot] = exc
-        else:
-            at = 0
-            for slot, reqs in pending.items():
-                self._done[slot] = results[at : at + len(reqs)]
-                at += len(reqs)
-        self._cond.notify_all()
-
-
 class BoundSession(Instrumented):
     """One adapter's session over a shared one: views bound to `label`, requests gathered.
 
@@ -120,21 +58,17 @@ class BoundSession(Instrumented):
     whole multi-adapter run); `stats` counts this adapter's own requests.
     """
 
-    def __init__(
-        self, shared: Instrumented, lockstep: Lockstep, slot: int, label: str, path: str | Path
-    ) -> None:
+    def __init__(self, shared: Instrumented, submit: Execute, label: str, path: str | Path) -> None:
         super().__init__(shared.inner)
         self.shared = shared
-        self.lockstep = lockstep
-        self.slot = slot
+        self._submit = submit
         self.adapter_label = label
         self._path = str(path)
 
     def execute(self, requests: Sequence[Request]) -> list[Result]:
         self.stats["requests"] += len(requests)
         self.stats["executes"] += 1
-        bound = [bind_request(r, self.adapter_label) for r in requests]
-        return self.lockstep.submit(self.slot, bound)
+        return self._submit([bind_request(r, self.adapter_label) for r in requests])
 
     @property
     def adapter_path(self) -> str | None:
@@ -198,35 +132,26 @@ def each_adapter(
     labels: Sequence[str],
     paths: Sequence[str | Path],
     fn: Callable[[int, Instrumented], T],
-) -> list[T | BaseException]:
+) -> list[T | Exception]:
     """fn(i, session_i) for every registered adapter, each in its own thread, their requests
-    executed together round by round (`Lockstep`). session_i is adapter i's ordinary
-    single-adapter view of `shared`. A call that raises gives its exception in its slot; the
-    others run on. One adapter runs in this thread on `shared` itself when it is the primary.
+    executed together round by round (`gather`: from this thread, a failing round retried
+    adapter by adapter). session_i is adapter i's ordinary single-adapter view of `shared`.
+    A call that raises gives its exception in its slot; the others run on. One adapter runs
+    in this thread on `shared` itself when it is the primary.
     """
     if len(labels) == 1 and labels[0] == "":
         try:
             return [fn(0, shared)]
         except Exception as exc:  # noqa: BLE001 - reported in the slot, as the threaded path does
             return [exc]
-    lockstep = Lockstep(shared.execute, len(labels))
-    out: dict[int, T | BaseException] = {}
 
-    def one(slot: int) -> None:
-        session = BoundSession(shared, lockstep, slot, labels[slot], paths[slot])
-        try:
-            out[slot] = fn(slot, session)
-        except Exception as exc:  # noqa: BLE001 - a thread must never die silently
-            out[slot] = exc
-        finally:
-            lockstep.leave()
+    def job(slot: int) -> Callable[[Execute], T]:
+        def run(submit: Execute) -> T:
+            return fn(slot, BoundSession(shared, submit, labels[slot], paths[slot]))
 
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(labels))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return [out[i] for i in range(len(labels))]
+        return run
+
+    return gather([job(i) for i in range(len(labels))], shared.execute)
 
 
 def run_many(
@@ -276,7 +201,7 @@ def run_many(
         labels = [reg.labels[i] or "" for i in loaded]
         done = each_adapter(backend, labels, [adapters[i] for i in loaded], one)
         for i, result in zip(loaded, done, strict=True):
-            if isinstance(result, BaseException):
+            if isinstance(result, Exception):
                 msg = f"{type(result).__name__}: {result}"
                 result = suite_result(
                     spec,

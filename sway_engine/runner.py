@@ -30,6 +30,9 @@ from sway_engine.suite import Suite, document_of, null_entry
 from sway_engine.views import BASE, FINETUNED, Finetuned
 
 log = logging.getLogger(__name__)
+# The trace's label for the null calibration's batches (every calibrated probe's requests,
+# under the nulls and the trained adapter, together).
+CALIBRATION_LABEL = "null calibration (all probes, nulls + adapter)"
 
 
 def context_for(spec: SuiteSpec, backend: Instrumented) -> Context:
@@ -246,9 +249,10 @@ def run_suite(
         nulls = len(plan.views()) if plan is not None else 0
 
         def calibrating(e: Entry) -> None:
-            backend.label = f"{e.spec.name} (nulls)"  # the trace tells each probe's null cost
             say(f"{e.spec.name} under {nulls} null adapters")
 
+        # every calibrated probe at once, the adapter beside its nulls: one trace label
+        backend.label = CALIBRATION_LABEL
         matrix = calibrate_suite(spec, entries, ctx, calibrating)
         calibration_s = time.perf_counter() - t
     results = []

@@ -9,13 +9,16 @@ is `backends/local.py`; the LoRA layer surgery is `backends/hf_lora.py`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sway_engine.adapters import WEIGHTS, AdapterInfo, read_adapter
+from sway_engine.backends.hf_cache import reserved_cache
 from sway_engine.backends.hf_lora import (
+    RowPlan,
     add_row_updates,
     add_slot,
     check_modules,
@@ -25,7 +28,7 @@ from sway_engine.backends.hf_lora import (
     module_weights,
     plain_linear,
     replace_cfg,
-    segments,
+    row_plan,
     update_is_zero,
 )
 from sway_engine.backends.local import Derived, LocalBackend, cut_at_eos
@@ -39,6 +42,10 @@ if TYPE_CHECKING:
 
 BASE_NAME = "__base__"
 GENERATE_MAX_ROWS = 2048  # per generate call, whatever the cache budget allows
+# Rows that ended leave a decode batch once they are 1/COMPACT_AT of it (`_decode`).
+COMPACT_AT = 8
+# A generate call takes prompts down to this fraction of its longest (`_generate_chunks`).
+PAD_FLOOR = 0.5
 
 
 def _import_stack() -> tuple[Any, Any, Any]:
@@ -122,7 +129,7 @@ class HFBackend(LocalBackend):
         self._layer_list: list[Any] | None = None
         self._names_cache: tuple[list[Any], dict[int, str]] | None = None
         self._views_made = 0
-        self._row_plan: list[tuple[str, int, int]] | None = None  # (adapter, rows s:e)
+        self._row_plan: RowPlan | None = None  # the view of each row of the current pass
         # Layers carrying sway's row hook, by id; the layer is kept so its id stays unique.
         # A hook outlives adapter swaps (it reads the current plan), so it is added only once.
         self._hooked: dict[int, Any] = {}
@@ -316,6 +323,10 @@ class HFBackend(LocalBackend):
             for i, row in enumerate(batch)
         ]
 
+    def _next_logprobs(self, dists: Any, ids: tuple[int, ...]) -> np.ndarray:
+        nxt = self._torch.tensor(ids[1:], device=dists.device)
+        return dists.gather(-1, nxt[:, None])[:, 0].cpu().numpy().astype(np.float64)
+
     def _token_kl(self, logp_a: Any, logp_b: Any) -> np.ndarray:
         """sum_v p_a (log p_a - log p_b) per position: fp32 terms summed in fp64 (>= 0)."""
         terms = logp_a.exp() * (logp_a - logp_b)
@@ -336,7 +347,7 @@ class HFBackend(LocalBackend):
             kwargs["logits_to_keep"] = 1
         with torch.inference_mode():
             if self._peft is not None and self._row_lora_ready():
-                self._row_plan = segments([r.adapter for r in batch])
+                self._row_plan = self._plan_rows([r.adapter for r in batch])
                 try:
                     logits = self._base_model(**kwargs).logits
                 finally:
@@ -382,6 +393,9 @@ class HFBackend(LocalBackend):
             layer.enable_adapters(on)
         self._peft_active = on
 
+    def _plan_rows(self, names: list[str], slots: tuple[str, ...] = ()) -> RowPlan | None:
+        return row_plan(self._torch, names, self.BASE_ROW, self.device, slots)
+
     def _row_hook(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
         plan = self._row_plan
         if plan is None:
@@ -416,15 +430,33 @@ class HFBackend(LocalBackend):
         if self._peft is not None and reqs and not mixed:
             self._peft_lora(True)
         for (_, max_new), group in groups.items():
-            # rows of one adapter contiguous: the row hook adds each adapter to its block
-            group.sort(key=lambda g: self._row_name(g.view))
-            rows = self._generate_rows(max(len(prompts[g]) for g in group) + max_new)
-            for start in range(0, len(group), rows):
-                chunk = group[start : start + rows]
+            for chunk in self._generate_chunks(group, prompts, max_new):
                 out.update(self._generate_chunk(chunk, prompts, max_new, mixed))
         for req, twin in same:
             out[req] = out[twin]
         return out
+
+    def _generate_chunks(
+        self, group: list[Generate], prompts: dict[Generate, tuple[int, ...]], max_new: int
+    ) -> Iterator[list[Generate]]:
+        """`group` cut into generate calls of prompts of similar length: longest first, a
+        call takes prompts down to PAD_FLOOR of its longest (left padding costs a prompt
+        token's compute in the prefill and at every step's attention: one call for the
+        fixture battery's 949 rows padded 53,564 prompt tokens to 151,840) and as many rows
+        as `_generate_rows` allows. In a call, rows of one view are contiguous."""
+        order = sorted(group, key=lambda g: -len(prompts[g]))
+        chunk: list[Generate] = []
+        cap = 0
+        for req in order:
+            width = len(prompts[chunk[0]]) if chunk else 0
+            if chunk and (len(chunk) >= cap or len(prompts[req]) < PAD_FLOOR * width):
+                yield sorted(chunk, key=lambda g: self._row_name(g.view))
+                chunk = []
+            if not chunk:
+                cap = self._generate_rows(len(prompts[req]) + max_new)
+            chunk.append(req)
+        if chunk:
+            yield sorted(chunk, key=lambda g: self._row_name(g.view))
 
     def _generate_rows(self, length: int) -> int:
         """Rows per generate call: as many sequences of `length` tokens as the KV cache budget
@@ -496,26 +528,30 @@ class HFBackend(LocalBackend):
     def _decode(
         self, model: Any, input_ids: Any, mask: Any, names: list[str], max_new: int, mixed: bool
     ) -> list[list[int]]:
-        """Greedy decoding with the KV cache, rows leaving the batch at their end of sequence:
-        each step computes only the rows still generating (`generate` keeps every row until
-        the last one ends: 2.0x the row-steps needed on the fixture battery, and a decode
-        step's cost grows with its rows). Per row, the arithmetic of generate's greedy search:
-        argmax of the last position's logits."""
+        """Greedy decoding with the KV cache (room reserved for the whole generation), rows
+        leaving the batch after their end of sequence. A row that ended is dropped once
+        ended rows are 1/COMPACT_AT of the batch: dropping copies the cache, which costs
+        several steps of the row's compute, so rows leave in groups (`generate` keeps every
+        row until the last one ends: 2.0x the row-steps needed on the fixture battery). Per
+        row, the arithmetic of generate's greedy search: argmax of the last position's
+        logits."""
         torch = self._torch
-        from transformers import DynamicCache
-
         stops = torch.tensor(sorted(self._stop_ids()), device=input_ids.device)
-        rows = list(range(int(input_ids.shape[0])))
-        out: list[list[int]] = [[] for _ in rows]
-        cache = DynamicCache(config=model.config)
+        count, width = int(input_ids.shape[0]), int(input_ids.shape[1])
+        out: list[list[int]] = [[] for _ in range(count)]
+        cache = reserved_cache(model.config, width + max_new)
+        full = torch.cat([mask, mask.new_ones((count, max_new))], dim=-1)  # every step's mask
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        rows = list(range(count))  # batch row -> request row
+        live = [True] * count
         step_ids, step_pos = input_ids, pos
+        slots = tuple(dict.fromkeys(n for n in names if n != self.BASE_ROW))
         for step in range(max_new):
-            self._row_plan = segments([names[r] for r in rows]) if mixed else None
+            self._row_plan = self._plan_rows([names[r] for r in rows], slots) if mixed else None
             try:
                 logits = model(
                     input_ids=step_ids,
-                    attention_mask=mask,
+                    attention_mask=full[:, : width + step],
                     position_ids=step_pos,
                     cache=cache,
                     use_cache=True,
@@ -526,17 +562,20 @@ class HFBackend(LocalBackend):
             self._counters["forward_passes"] += 1
             self._counters["generate_row_steps"] += len(rows)
             nxt = logits[:, -1, :].argmax(-1)
-            for i, tok in zip(rows, nxt.tolist(), strict=True):
-                out[i].append(int(tok))
-            done = torch.isin(nxt, stops)
-            if step == max_new - 1 or bool(done.all()):
+            ended = torch.isin(nxt, stops).tolist()
+            for b, tok in enumerate(nxt.tolist()):
+                if live[b]:
+                    out[rows[b]].append(int(tok))
+                    live[b] = not ended[b]
+            alive = sum(live)
+            if step == max_new - 1 or alive == 0:
                 break
-            if bool(done.any()):
-                keep = (~done).nonzero()[:, 0]
+            if (len(rows) - alive) * COMPACT_AT >= len(rows):
+                keep = torch.tensor([b for b, on in enumerate(live) if on], device=nxt.device)
                 cache.batch_select_indices(keep)
-                rows = [rows[i] for i in keep.tolist()]
-                nxt, mask, pos = nxt[keep], mask[keep], pos[keep]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+                rows = [rows[b] for b in keep.tolist()]
+                live = [True] * len(rows)
+                nxt, full, pos = nxt[keep], full[keep], pos[keep]
             pos = pos[:, -1:] + 1
             step_ids, step_pos = nxt[:, None], pos
         return out
@@ -554,7 +593,7 @@ class HFBackend(LocalBackend):
         """transformers' generate (PEFT's per-view path, or a generation config with logits
         processors): every row runs until the last one ends."""
         width = int(input_ids.shape[1])
-        self._row_plan = segments(names) if mixed else None
+        self._row_plan = self._plan_rows(names) if mixed else None
         try:
             gen = model.generate(
                 input_ids=input_ids.to(self.device),

@@ -8,6 +8,7 @@ same arithmetic per block of rows (DESIGN.md, "Scoring forwards bypass PEFT's Lo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from sway_engine.errors import BackendError
@@ -64,74 +65,110 @@ def add_slot(torch: Any, layer: Any, src: str, name: str, r: int, rslora: bool) 
             table[name] = value
 
 
-def segments(adapters: list[str]) -> list[tuple[str, int, int]]:
-    """Runs of equal adapter names: (name, start, end) over rows sorted by adapter."""
-    out: list[tuple[str, int, int]] = []
-    start = 0
-    for i in range(1, len(adapters) + 1):
-        if i == len(adapters) or adapters[i] != adapters[start]:
-            out.append((adapters[start], start, i))
-            start = i
-    return out
+@dataclass(frozen=True)
+class RowPlan:
+    """Which LoRA view each row of one forward pass takes, prepared once for every layer.
+
+    `slots` are the views of the batch (base rows take none). Rows of slot g are copied from
+    `src` to positions `dest` of a (slots x width) padded block, so one pair of batched
+    matmuls serves every view in every layer however many rows each has (rows leave a decode
+    batch at their end of sequence; base rows sit between views). `src` is None when the
+    batch already is that block: equal runs of rows per slot, in slot order, no base row.
+    """
+
+    slots: tuple[str, ...]
+    width: int
+    src: Any = None
+    dest: Any = None
+
+
+def row_plan(
+    torch: Any, names: list[str], base: str, device: Any, slots: tuple[str, ...] = ()
+) -> RowPlan | None:
+    """The plan for rows computed under `names` (`base`: no update); `slots` fixes the views'
+    order (a decode loop keeps its chunk's views while rows leave). None: no row takes an
+    update."""
+    slots = slots or tuple(dict.fromkeys(n for n in names if n != base))
+    if not slots:
+        return None
+    index = {name: g for g, name in enumerate(slots)}
+    counts = [0] * len(slots)
+    for name in names:
+        if name != base:
+            counts[index[name]] += 1
+    width = max(counts)
+    if width == 0:
+        return None
+    src: list[int] = []
+    dest: list[int] = []
+    seen = [0] * len(slots)
+    for row, name in enumerate(names):
+        if name == base:
+            continue
+        g = index[name]
+        src.append(row)
+        dest.append(g * width + seen[g])
+        seen[g] += 1
+    if src == dest and len(src) == len(names) == len(slots) * width:
+        return RowPlan(slots, width)
+    as_index = {"dtype": torch.long, "device": device}
+    return RowPlan(slots, width, torch.tensor(src, **as_index), torch.tensor(dest, **as_index))
+
+
+def _stacked(torch: Any, layer: Any, table: dict[Any, Any], slots: tuple[str, ...]) -> Any:
+    """(A, B) of `slots` on this layer stacked: (G, in, r) and (G, r, out), the scaling in B,
+    ranks zero-padded to the largest, zeros for a view this layer does not adapt; None when
+    it adapts none. One stack is kept per layer: consecutive passes (a decode loop) share it."""
+    kept = table.get(_STACK)
+    if kept is not None and kept[0] == slots:
+        return kept[1]
+    present = [name for name in slots if name in layer.lora_A]
+    if not present:
+        table[_STACK] = (slots, None)
+        return None
+    like = layer.lora_A[present[0]].weight
+    rank = max(int(layer.lora_A[name].weight.shape[0]) for name in present)
+    a_all = like.new_zeros((len(slots), like.shape[1], rank))
+    b_all = like.new_zeros((len(slots), rank, layer.lora_B[present[0]].weight.shape[0]))
+    for g, name in enumerate(slots):
+        if name in layer.lora_A:
+            a = layer.lora_A[name].weight  # (r, in)
+            b = layer.lora_B[name].weight  # (out, r)
+            a_all[g, :, : a.shape[0]] = a.T
+            b_all[g, : a.shape[0], :] = b.T * float(layer.scaling[name])
+    table[_STACK] = (slots, (a_all, b_all))
+    return a_all, b_all
+
+
+_STACK = ("stacked",)  # the table key of a layer's current stack (names are strings)
 
 
 def add_row_updates(
-    torch: Any,
-    layer: Any,
-    table: dict[Any, Any],
-    x: Any,
-    out: Any,
-    plan: list[tuple[str, int, int]],
+    torch: Any, layer: Any, table: dict[Any, Any], x: Any, out: Any, plan: RowPlan
 ) -> Any:
-    """out[s:e] += scaling * B A x[s:e] for each adapter block this layer adapts.
+    """out[row] += scaling * B A x[row] for each row under a view this layer adapts.
 
-    Base rows and adapters that do not target this layer are left as they are. `table`
-    caches (A, B, scaling) per adapter name for this layer (names are never reused). Runs of
-    adjacent blocks of equal size and rank (the nulls and scaled views of one prompt list)
-    go through one batched matmul pair instead of one pair per view: the same arithmetic,
-    a fraction of the Python dispatch at every decode step.
+    Base rows and views that do not target this layer are left as they are. The same
+    arithmetic as PEFT's, as two batched matmuls over the plan's padded block instead of
+    two matmuls per view: at a decode step the Python dispatch is most of the cost.
     """
-    runs: list[list[tuple[str, int, int, tuple[Any, Any, float]]]] = []
-    for name, start, end in plan:
-        f = table.get(name)
-        if f is None:
-            if name not in layer.lora_A:
-                runs.append([])
-                continue
-            f = table[name] = (
-                layer.lora_A[name].weight,
-                layer.lora_B[name].weight,
-                float(layer.scaling[name]),
-            )
-        last = runs[-1][-1] if runs and runs[-1] else None
-        if (
-            last is not None
-            and last[2] == start
-            and last[2] - last[1] == end - start
-            and last[3][0].shape == f[0].shape
-        ):
-            runs[-1].append((name, start, end, f))
-        else:
-            runs.append([(name, start, end, f)])
-    linear = torch.nn.functional.linear
-    for run in runs:
-        if len(run) == 1:
-            _, start, end, (a, b, scaling) = run[0]
-            d = linear(linear(x[start:end].to(a.dtype), a), b)
-            out[start:end].add_(d.to(out.dtype), alpha=scaling)
-        elif run:
-            key = tuple(r[0] for r in run)
-            stacked = table.get(key)
-            if stacked is None:
-                a_all = torch.stack([r[3][0] for r in run]).transpose(1, 2)  # (G, in, r)
-                b_all = torch.stack([r[3][1] for r in run]).transpose(1, 2)  # (G, r, out)
-                scale = torch.tensor([r[3][2] for r in run], dtype=a_all.dtype)
-                stacked = table[key] = (a_all, b_all, scale.to(a_all.device)[:, None, None])
-            a_all, b_all, scale = stacked
-            start, end, groups = run[0][1], run[-1][2], len(run)
-            block = x[start:end].to(a_all.dtype).reshape(groups, -1, x.shape[-1])
-            d = torch.bmm(torch.bmm(block, a_all), b_all) * scale
-            out[start:end].add_(d.reshape(out[start:end].shape).to(out.dtype))
+    stacked = _stacked(torch, layer, table, plan.slots)
+    if stacked is None:
+        return out
+    a_all, b_all = stacked
+    groups = len(plan.slots)
+    if plan.src is None:
+        block = x
+    else:
+        block = x.new_zeros((groups * plan.width, *x.shape[1:]))
+        block.index_copy_(0, plan.dest, x.index_select(0, plan.src))
+    flat = block.reshape(groups, -1, x.shape[-1]).to(a_all.dtype)
+    d = torch.bmm(torch.bmm(flat, a_all), b_all)
+    d = d.reshape(groups * plan.width, *out.shape[1:]).to(out.dtype)
+    if plan.src is None:
+        out.add_(d)
+    else:
+        out.index_add_(0, plan.src, d.index_select(0, plan.dest))
     return out
 
 

@@ -272,7 +272,9 @@ class LocalBackend:
     def _forward_kl(self, pairs: list[KLRow], rows: dict[Row | KLRow, Any]) -> None:
         """Fill each KL row: KL(ref || adapter) per position, from both views' log-softmax
         over the whole vocabulary (never leaving the backend). Every distinct (view, window)
-        is forwarded once, so a base shared by many treatments is computed once; a reference's
+        is forwarded once, so a base shared by many treatments is computed once, and a
+        whole-sequence row of the same view and window asked for too (a perplexity over the
+        same corpus) is read from those distributions, not forwarded again; a reference's
         distributions are held only until the pairs that need them are done. Two views
         computed under one name (base vs base, a zero adapter) give exactly 0."""
         todo: list[KLRow] = []
@@ -293,6 +295,9 @@ class LocalBackend:
                 batch.sort(key=lambda r: r.adapter)  # one contiguous block of rows per view
                 fresh = dict(zip(batch, self._forward_dists(batch), strict=True))
                 held.update((row, d) for row, d in fresh.items() if row in waiting)
+                for row, d in fresh.items():  # the same window's log-probs, asked for too
+                    if row in rows and rows[row] is None:
+                        rows[row] = self._next_logprobs(d, row.ids)
                 for ids in dict.fromkeys(row.ids for row in batch):
                     for pair in by_ids[ids]:
                         ref, ft = Row(pair.ref, ids, False), Row(pair.adapter, ids, False)
@@ -454,6 +459,11 @@ class LocalBackend:
 
     def _token_kl(self, logp_a: Any, logp_b: Any) -> np.ndarray:
         """KL(a || b) at each position of two `_forward_dists` values, float64 numpy."""
+        raise NotImplementedError
+
+    def _next_logprobs(self, dists: Any, ids: tuple[int, ...]) -> np.ndarray:
+        """A `_forward_dists` value's log-prob of each next token (float64): the value a
+        whole-sequence `Row` of the same view and ids has."""
         raise NotImplementedError
 
     def _generate_all(

@@ -374,6 +374,10 @@ class MLXBackend(LocalBackend):
         mx.eval(*out)
         return out
 
+    def _next_logprobs(self, dists: Any, ids: tuple[int, ...]) -> np.ndarray:
+        at = self._mx.array(list(ids[1:]))[:, None]
+        return np.array(self._mx.take_along_axis(dists, at, axis=-1)[:, 0], dtype=np.float64)
+
     def _token_kl(self, logp_a: Any, logp_b: Any) -> np.ndarray:
         """sum_v p_a (log p_a - log p_b) per position, in float64 on the CPU stream (>= 0)."""
         mx, cpu = self._mx, self._mx.cpu

@@ -240,8 +240,8 @@ class RowCache:
         todo: list[Row] = []
         hits = 0
         for row in rows:
-            if not isinstance(row, Row):
-                continue  # a KLRow: computed in pairs, never cached
+            if not isinstance(row, Row) or rows[row] is not None:
+                continue  # a KLRow (computed in pairs, never cached), or a row already read
             key = (row.adapter, row.ids)
             hit = self._items.get(key) if row.last else None
             if hit is None:

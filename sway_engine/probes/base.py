@@ -107,6 +107,9 @@ class Probe(ABC):
     # "effect": PASS claims the adapter moved beyond the nulls (corrected for multiplicity
     # across the suite); "harm": a guard rail, FAIL claims it is worse than the nulls.
     claim: ClassVar[Literal["effect", "harm"]] = "effect"
+    # False: the probe runs no forward pass (it reads weights and computes on its own), so the
+    # null calibration measures it apart from the shared batches, which it would hold up.
+    forwards: ClassVar[bool] = True
     # Bump when the metric or verdict rule changes: Dagster marks stored results stale.
     version: ClassVar[str] = "1"
 

@@ -41,6 +41,7 @@ class IntruderDimensions(Probe):
     category = "weights"
     spec_cls = IntruderDimensionsSpec
     needs = frozenset({ADAPTER_WEIGHTS})
+    forwards = False
     scale = "fraction"
     claim = "harm"
     z_sign = -1  # fewer intruders is the safe side; more is the harm

@@ -40,6 +40,7 @@ class WeightSpectrum(Probe):
     category = "weights"
     spec_cls = WeightSpectrumSpec
     needs = frozenset({ADAPTER_WEIGHTS})
+    forwards = False
     z_sign = -1
 
     def measure(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sway_engine.cli import main
+from sway_engine.runner import CALIBRATION_LABEL
 
 
 def test_run_writes_json_markdown_and_junit(fx, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -28,7 +29,7 @@ def test_run_writes_json_markdown_and_junit(fx, tmp_path: Path, capsys) -> None:
     suite = ET.fromstring(junit.read_text())
     assert suite.get("failures") == "0" and suite.get("tests") == "3"
     events = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert {e["probe"] for e in events} >= {"ablation (nulls)", "ablation"}
+    assert {e["probe"] for e in events} >= {CALIBRATION_LABEL, "ablation"}
     assert "delta_kl_doc" in capsys.readouterr().out
 
 

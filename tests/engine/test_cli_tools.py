@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from sway_engine.cli import main
-from sway_engine.runner import evaluate
+from sway_engine.runner import CALIBRATION_LABEL, evaluate
 from sway_engine.suite import load_spec, parse_spec
 
 
@@ -57,8 +57,8 @@ def test_trace_summarises_time_rows_and_cache_hits_per_probe_and_view(fx, tmp_pa
     assert main(["trace", str(trace), "--json"]) == 0
     summary = _json_of(capsys)
     probes = {p["probe"]: p for p in summary["probes"]}
-    # each probe's null calibration is its own line, before the probes themselves
-    assert list(probes)[:3] == ["preflight", "delta_kl_doc (nulls)", "ablation (nulls)"]
+    # the null calibration (every probe, shared batches) is one line, before the probes
+    assert list(probes)[:3] == ["preflight", CALIBRATION_LABEL, "delta_kl_doc"]
     total = summary["total"]
     assert total["requests"] == stats["requests"] and total["cache_hits"] == stats["cache_hits"]
     assert total["rows_forwarded"] == stats["rows_forwarded"]
@@ -69,7 +69,7 @@ def test_trace_summarises_time_rows_and_cache_hits_per_probe_and_view(fx, tmp_pa
     assert any(k.startswith("null_") for k in views) and "ft" in views
     assert main(["trace", str(trace), "--views", "3"]) == 0
     text = capsys.readouterr().out
-    assert "delta_kl_doc (nulls)" in text and "more views" in text
+    assert CALIBRATION_LABEL in text and "more views" in text
 
 
 def test_trace_names_the_line_that_is_not_an_event(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sway_engine import stats
-from sway_engine.backends.hf import HFBackend
+from sway_engine.backends.hf import COMPACT_AT, HFBackend
 from sway_engine.errors import AdapterError, BackendError
 from sway_engine.requests import (
     ContinuationLogprob,
@@ -167,15 +167,16 @@ def test_generation_of_many_views_in_one_batch_equals_each_view_alone(fx) -> Non
 
 
 def test_decoding_drops_ended_rows_and_equals_transformers_generate(fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """sway's decode loop computes a row only until its end of sequence (row-steps equal the
-    tokens kept), and gives generate's greedy tokens, row for row, over every view."""
+    """sway's decode loop drops rows after their end of sequence (in groups: row-steps within
+    1/(COMPACT_AT-1) of the tokens kept), and gives generate's greedy tokens, row for row,
+    over every view."""
     views = [BASE, FINETUNED, Null(3), Scaled(0.5)]
     prompts = [*PROMPTS[:4], "Q: Who first lit the Orrindale Light?\nA:"]
     reqs = [Generate(p, v, 40) for p in prompts for v in views]
     ours = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
     mine = ours.execute(reqs)
     steps = ours.counters()
-    assert steps["generate_row_steps"] == steps["generated_tokens"]  # no step after an end
+    assert steps["generate_row_steps"] <= steps["generated_tokens"] * COMPACT_AT / (COMPACT_AT - 1)
     ends = {len(r.token_ids) for r in mine}
     assert len(ends) > 1 and min(ends) < 40, ends  # rows end at different steps: a real test
 

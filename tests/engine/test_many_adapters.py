@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import pytest
 
 from sway_engine.backends.hf import HFBackend
 from sway_engine.backends.instrumentation import Instrumented
-from sway_engine.errors import BackendError, SwayError
-from sway_engine.multi import Lockstep, bind_request, evaluate_many, run_many
-from sway_engine.requests import Divergence, NextToken, Request, Result, TokenDist
+from sway_engine.errors import SwayError
+from sway_engine.multi import bind_request, evaluate_many, run_many
+from sway_engine.requests import Divergence, NextToken, Request, Result
 from sway_engine.result import SuiteResult, Verdict
 from sway_engine.runner import run_suite
 from sway_engine.suite import load_spec
@@ -37,66 +36,6 @@ def test_bind_request_binds_every_view_of_a_request() -> None:
     assert isinstance(req, Divergence)
     assert req.view_a == BASE and req.view_b == Scaled(0.25, "b")
     assert bind_request(NextToken("p", FINETUNED, 4), "") == NextToken("p", FINETUNED, 4)
-
-
-# ---- the lockstep, with a fake backend ----
-
-
-class _Recorder:
-    """Echoes each request's prompt; fails whole calls containing a prompt 'bad'."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[Request]] = []
-
-    def __call__(self, reqs: Sequence[Request]) -> list[Result]:
-        self.calls.append(list(reqs))
-        if any(isinstance(r, NextToken) and r.prompt == "bad" for r in reqs):
-            raise BackendError("bad prompt")
-        return [_dist(r) for r in reqs]
-
-
-def _dist(req: Request) -> TokenDist:
-    assert isinstance(req, NextToken)
-    import numpy as np
-
-    return TokenDist(np.array([len(req.prompt)]), np.array([0.0]), 10, 0.0)
-
-
-def _run(lock: Lockstep, slot: int, prompts: list[str], got: dict[int, object]) -> None:
-    try:
-        out = []
-        for p in prompts:
-            try:
-                (res,) = lock.submit(slot, [NextToken(p, FINETUNED, 1)])
-                out.append(int(res.token_ids[0]))  # type: ignore[union-attr]
-            except BackendError as exc:
-                out.append(str(exc))
-        got[slot] = out
-    finally:
-        lock.leave()
-
-
-def test_lockstep_executes_one_list_per_round_and_isolates_failures() -> None:
-    rec = _Recorder()
-    lock = Lockstep(rec, 3)
-    plans = {0: ["a", "bb", "ccc"], 1: ["dd", "bad", "e"], 2: ["ffff"]}  # 2 leaves early
-    got: dict[int, object] = {}
-    threads = [threading.Thread(target=_run, args=(lock, s, p, got)) for s, p in plans.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert got == {0: [1, 2, 3], 1: [2, "bad prompt", 1], 2: [4]}
-    combined = [c for c in rec.calls if len(c) > 1]
-    assert lock.rounds == 3
-    assert len(combined[0]) == 3  # round 1: all three participants in one call
-    # round 2 failed as a whole and was retried per participant: only slot 1 saw the error
-    assert [len(c) for c in rec.calls[1:4]] == [2, 1, 1]
-
-
-def test_lockstep_needs_a_participant() -> None:
-    with pytest.raises(ValueError, match="at least one participant"):
-        Lockstep(_Recorder(), 0)
 
 
 # ---- the engine entry points on the fixtures ----
