@@ -44,8 +44,8 @@ BASE_NAME = "__base__"
 GENERATE_MAX_ROWS = 2048  # per generate call, whatever the cache budget allows
 # Rows that ended leave a decode batch once they are 1/COMPACT_AT of it (`_decode`).
 COMPACT_AT = 8
-# A generate call takes prompts down to this fraction of its longest (`_generate_chunks`).
-PAD_FLOOR = 0.5
+# Decode steps whose attention reads of a padded position cost about one token's forward.
+PAD_READS = 8
 
 
 def _import_stack() -> tuple[Any, Any, Any]:
@@ -411,10 +411,12 @@ class HFBackend(LocalBackend):
         """Greedy generation from each request's prompt ids (fitted to the context by
         `rows.plan`). With batched LoRA available, rows of every view share one generate call
         (the row hook applies each row's adapter at every decode step); otherwise one PEFT
-        generate per view."""
+        generate per view. sway's decode loop takes rows of any length limit in one call (a
+        row leaves at its own); transformers' `generate` takes one limit per call."""
         out: dict[Generate, GenerationResult] = {}
         reqs = list(prompts)
         mixed = self._peft is not None and bool(reqs) and self._row_lora_ready()
+        plain = (self._peft is None or mixed) and self._plain_greedy(self._base_model)
         groups: dict[tuple[str, int], list[Generate]] = {}
         # Views computed under one name (a zero update is the base) generate once.
         first: dict[tuple[str, str, int], Generate] = {}
@@ -426,35 +428,44 @@ class HFBackend(LocalBackend):
                 same.append((req, first[key]))
                 continue
             first[key] = req
-            groups.setdefault(("" if mixed else name, req.max_new_tokens), []).append(req)
+            limit = 0 if plain else req.max_new_tokens
+            groups.setdefault(("" if mixed else name, limit), []).append(req)
         if self._peft is not None and reqs and not mixed:
             self._peft_lora(True)
-        for (_, max_new), group in groups.items():
-            for chunk in self._generate_chunks(group, prompts, max_new):
-                out.update(self._generate_chunk(chunk, prompts, max_new, mixed))
+        for group in groups.values():
+            for chunk in self._generate_chunks(group, prompts):
+                out.update(self._generate_chunk(chunk, prompts, mixed))
         for req, twin in same:
             out[req] = out[twin]
         return out
 
     def _generate_chunks(
-        self, group: list[Generate], prompts: dict[Generate, tuple[int, ...]], max_new: int
+        self, group: list[Generate], prompts: dict[Generate, tuple[int, ...]]
     ) -> Iterator[list[Generate]]:
-        """`group` cut into generate calls of prompts of similar length: longest first, a
-        call takes prompts down to PAD_FLOOR of its longest (left padding costs a prompt
-        token's compute in the prefill and at every step's attention: one call for the
-        fixture battery's 949 rows padded 53,564 prompt tokens to 151,840) and as many rows
+        """`group` cut into generate calls of prompts of similar length, longest first.
+
+        Left padding costs a prompt token's compute in the prefill (one call for the fixture
+        battery's 949 rows padded 53,564 prompt tokens to 151,840); another call costs its
+        decode steps, each about `pad_tokens_per_pass` tokens of compute. A call takes rows
+        while the padding they add stays under its steps' worth of tokens, and as many rows
         as `_generate_rows` allows. In a call, rows of one view are contiguous."""
         order = sorted(group, key=lambda g: -len(prompts[g]))
         chunk: list[Generate] = []
-        cap = 0
+        cap = padding = 0
+        budget = 0.0
         for req in order:
             width = len(prompts[chunk[0]]) if chunk else 0
-            if chunk and (len(chunk) >= cap or len(prompts[req]) < PAD_FLOOR * width):
+            pad = width - len(prompts[req])
+            if chunk and (len(chunk) >= cap or padding + pad > budget):
                 yield sorted(chunk, key=lambda g: self._row_name(g.view))
-                chunk = []
+                chunk, padding, pad = [], 0, 0
             if not chunk:
-                cap = self._generate_rows(len(prompts[req]) + max_new)
+                steps = max(g.max_new_tokens for g in order)
+                cap = self._generate_rows(len(prompts[req]) + steps)
+                # a padded position: its prefill token, then read at every step's attention
+                budget = steps * (self.pad_tokens_per_pass or 1) / (1 + steps / PAD_READS)
             chunk.append(req)
+            padding += pad
         if chunk:
             yield sorted(chunk, key=lambda g: self._row_name(g.view))
 
@@ -468,10 +479,10 @@ class HFBackend(LocalBackend):
         self,
         chunk: list[Generate],
         prompts: dict[Generate, tuple[int, ...]],
-        max_new: int,
         mixed: bool,
     ) -> dict[Generate, GenerationResult]:
         torch = self._torch
+        limits = [g.max_new_tokens for g in chunk]
         input_ids, mask, _ = self._left_padded([prompts[g] for g in chunk])
         names = [self._row_name(g.view) for g in chunk]
         kwargs: dict[str, Any] = {}
@@ -482,10 +493,10 @@ class HFBackend(LocalBackend):
         with torch.inference_mode():
             if self._plain_greedy(model):
                 rows = self._decode(
-                    model, input_ids.to(self.device), mask.to(self.device), names, max_new, mixed
+                    model, input_ids.to(self.device), mask.to(self.device), names, limits, mixed
                 )
-            else:
-                rows = self._hf_generate(model, input_ids, mask, names, max_new, mixed, kwargs)
+            else:  # one limit: _generate_all groups by it for generate
+                rows = self._hf_generate(model, input_ids, mask, names, limits[0], mixed, kwargs)
         out: dict[Generate, GenerationResult] = {}
         for req, row in zip(chunk, rows, strict=True):
             ids = cut_at_eos(row, self._stop_ids())
@@ -526,7 +537,13 @@ class HFBackend(LocalBackend):
         return all(getattr(cfg, k, None) in ok for k, ok in neutral.items())
 
     def _decode(
-        self, model: Any, input_ids: Any, mask: Any, names: list[str], max_new: int, mixed: bool
+        self,
+        model: Any,
+        input_ids: Any,
+        mask: Any,
+        names: list[str],
+        limits: list[int],
+        mixed: bool,
     ) -> list[list[int]]:
         """Greedy decoding with the KV cache (room reserved for the whole generation), rows
         leaving the batch after their end of sequence. A row that ended is dropped once
@@ -534,8 +551,9 @@ class HFBackend(LocalBackend):
         several steps of the row's compute, so rows leave in groups (`generate` keeps every
         row until the last one ends: 2.0x the row-steps needed on the fixture battery). Per
         row, the arithmetic of generate's greedy search: argmax of the last position's
-        logits."""
+        logits. Row i stops at its EOS or after limits[i] tokens."""
         torch = self._torch
+        max_new = max(limits)
         stops = torch.tensor(sorted(self._stop_ids()), device=input_ids.device)
         count, width = int(input_ids.shape[0]), int(input_ids.shape[1])
         out: list[list[int]] = [[] for _ in range(count)]
@@ -565,8 +583,9 @@ class HFBackend(LocalBackend):
             ended = torch.isin(nxt, stops).tolist()
             for b, tok in enumerate(nxt.tolist()):
                 if live[b]:
-                    out[rows[b]].append(int(tok))
-                    live[b] = not ended[b]
+                    row = out[rows[b]]
+                    row.append(int(tok))
+                    live[b] = not ended[b] and len(row) < limits[rows[b]]
             alive = sum(live)
             if step == max_new - 1 or alive == 0:
                 break

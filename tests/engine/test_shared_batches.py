@@ -168,15 +168,17 @@ def hf(fx) -> HFBackend:  # type: ignore[no-untyped-def]
 
 
 def test_a_wide_decode_leaves_rows_in_groups_and_equals_each_view_alone(fx, hf: HFBackend) -> None:  # type: ignore[no-untyped-def]
-    """64 rows of 16 views with prompts of two lengths: chunked by length, ended rows
-    dropped in groups (row-steps within 1/(COMPACT_AT-1) of the tokens kept), the tokens of
-    each row those of its view decoded alone."""
+    """64 rows of 16 views, prompts of two lengths, two length limits: one decode (rows leave
+    at their own limit), ended rows dropped in groups (row-steps within 1/(COMPACT_AT-1) of
+    the tokens kept), the tokens of each row those of its view decoded alone."""
     views = [FINETUNED, *(Null(s) for s in range(1, 16))]
     prompts = ["Once upon a time", "The keeper of the lamp walked along the shore at night and"]
-    reqs = [Generate(p, v, 24) for p in prompts * 2 for v in views]
+    reqs = [Generate(p, v, n) for p in prompts for n in (24, 9) for v in views]
     together = HFBackend(str(fx.base), str(fx.adapters["doc-strong"]))
     got = together.execute(reqs)
     c = together.counters()
+    assert c["forward_passes"] <= 24  # one call: its longest limit's steps at most
+    assert all(len(r.token_ids) <= req.max_new_tokens for req, r in zip(reqs, got, strict=True))
     assert c["generate_row_steps"] <= c["generated_tokens"] * COMPACT_AT / (COMPACT_AT - 1)
     assert len({len(r.token_ids) for r in got}) > 1  # rows end at different steps
     for view in views[:4]:
