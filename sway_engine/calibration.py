@@ -107,20 +107,30 @@ def calibrate(
     The entries are measured together (`gather`): their requests share batches, and each
     measures the trained adapter beside its nulls, so the adapter's own run afterwards finds
     its results in the run's request cache. `on_entry` hears of each entry as its
-    measurement ends (progress)."""
+    measurement ends, in this thread (progress)."""
     views = plan.views()
     todo = [e for e in entries if calibrates(e, plan, ctx.capabilities)]
     shared = [e for e in todo if e.probe.forwards]
-    gathered = iter(gather([_job(e, ctx, views) for e in shared], ctx.execute))
-    outcomes = [next(gathered) if e.probe.forwards else _outcome(e, ctx, views) for e in todo]
+
+    def ended(i: int) -> None:
+        if on_entry is not None:
+            on_entry(shared[i])
+
+    gathered = iter(gather([_job(e, ctx, views) for e in shared], ctx.execute, ended))
+    outcomes = []
+    for entry in todo:
+        if entry.probe.forwards:
+            outcomes.append(next(gathered))
+            continue
+        outcomes.append(_outcome(entry, ctx, views))
+        if on_entry is not None:
+            on_entry(entry)
     cells: list[NullCell] = []
     skipped: list[tuple[str, str]] = []
     for entry, measured in zip(todo, outcomes, strict=True):
         if isinstance(measured, Exception):
             # the adapter's measurement may be what failed: the nulls alone, once more
             measured = _outcome(entry, ctx, views)
-        if on_entry is not None:
-            on_entry(entry)
         if isinstance(measured, Exception):
             skipped.append((entry.spec.name, f"{type(measured).__name__}: {measured}"))
             continue

@@ -29,19 +29,29 @@ class _Stopped(Exception):
     """The gathering ended (the serving thread was interrupted) while a job still asked."""
 
 
-def gather(jobs: Sequence[Callable[[Execute], T]], execute: Execute) -> list[T | Exception]:
+def gather(
+    jobs: Sequence[Callable[[Execute], T]],
+    execute: Execute,
+    on_done: Callable[[int], None] | None = None,
+) -> list[T | Exception]:
     """Each job's return value, or the exception it raised, in job order; every job's
-    requests reach `execute` together with those of the other jobs running."""
+    requests reach `execute` together with those of the other jobs running. `on_done(i)`
+    hears, in the calling thread, of each job that ended, between rounds (progress)."""
     if len(jobs) <= 1:
-        return [_outcome(job, execute) for job in jobs]
-    broker = _Broker(execute, len(jobs))
+        outcomes_alone = []
+        for i, job in enumerate(jobs):
+            outcomes_alone.append(_outcome(job, execute))
+            if on_done is not None:
+                on_done(i)
+        return outcomes_alone
+    broker = _Broker(execute, len(jobs), on_done)
     outcomes: list[Any] = [None] * len(jobs)
 
     def run(i: int) -> None:
         try:
             outcomes[i] = _outcome(jobs[i], broker.execute_for(i))
         finally:
-            broker.finished()
+            broker.finished(i)
 
     threads = [
         threading.Thread(target=run, args=(i,), name=f"sway-gather-{i}", daemon=True)
@@ -66,8 +76,12 @@ def _outcome(job: Callable[[Execute], T], execute: Execute) -> T | Exception:
 
 
 class _Broker:
-    def __init__(self, execute: Execute, running: int) -> None:
+    def __init__(
+        self, execute: Execute, running: int, on_done: Callable[[int], None] | None = None
+    ) -> None:
         self._execute = execute
+        self._on_done = on_done
+        self._ended: list[int] = []  # jobs that ended since the last report
         self._cond = threading.Condition()
         self._running = running
         self._asked: dict[int, list[Request]] = {}
@@ -90,10 +104,16 @@ class _Broker:
 
         return execute
 
-    def finished(self) -> None:
+    def finished(self, job: int) -> None:
         with self._cond:
             self._running -= 1
+            self._ended.append(job)
             self._cond.notify_all()
+
+    def _report(self, ended: list[int]) -> None:
+        if self._on_done is not None:
+            for job in sorted(ended):
+                self._on_done(job)
 
     def stop(self) -> None:
         """Answer whatever still waits with an error (after an interruption), so every
@@ -112,9 +132,12 @@ class _Broker:
             with self._cond:
                 while self._running and len(self._asked) < self._running:
                     self._cond.wait()
+                ended, self._ended = self._ended, []
                 if not self._running:
+                    self._report(ended)
                     return
                 asked, self._asked = dict(sorted(self._asked.items())), {}  # job order
+            self._report(ended)
             answers = self._answer(asked)
             with self._cond:
                 self._answers.update(answers)

@@ -64,11 +64,18 @@ def asking(name: str, rounds: int) -> Any:
 
 def test_gather_answers_every_waiting_job_from_one_backend_call_per_round() -> None:
     backend = Recorder()
-    out = gather([asking("a", 1), asking("b", 3), asking("c", 2)], backend.execute)
+    ended: list[tuple[int, str]] = []
+
+    def done(i: int) -> None:
+        ended.append((i, threading.current_thread().name))
+
+    out = gather([asking("a", 1), asking("b", 3), asking("c", 2)], backend.execute, done)
     assert out == [["a0"], ["b0", "b1", "b2"], ["c0", "c1"]]
     # three rounds, not six calls: a round takes every job still running
     assert backend.calls == [["a0", "b0", "c0"], ["b1", "c1"], ["b2"]]
-    assert backend.threads == {threading.current_thread().name}  # the model: this thread only
+    here = threading.current_thread().name
+    assert backend.threads == {here}  # the model: this thread only
+    assert ended == [(0, here), (2, here), (1, here)]  # as they end, heard in this thread
 
 
 def test_gather_keeps_a_failure_to_the_job_that_caused_it() -> None:
