@@ -37,13 +37,11 @@ def gather(
     """Each job's return value, or the exception it raised, in job order; every job's
     requests reach `execute` together with those of the other jobs running. `on_done(i)`
     hears, in the calling thread, of each job that ended, between rounds (progress)."""
-    if len(jobs) <= 1:
-        outcomes_alone = []
-        for i, job in enumerate(jobs):
-            outcomes_alone.append(_outcome(job, execute))
-            if on_done is not None:
-                on_done(i)
-        return outcomes_alone
+    if len(jobs) == 1:  # no one to share with: this thread
+        alone = _outcome(jobs[0], execute)
+        if on_done is not None:
+            on_done(0)
+        return [alone]
     broker = _Broker(execute, len(jobs), on_done)
     outcomes: list[Any] = [None] * len(jobs)
 

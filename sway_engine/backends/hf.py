@@ -450,20 +450,18 @@ class HFBackend(LocalBackend):
         while the padding they add stays under its steps' worth of tokens, and as many rows
         as `_generate_rows` allows. In a call, rows of one view are contiguous."""
         order = sorted(group, key=lambda g: -len(prompts[g]))
+        steps = max(g.max_new_tokens for g in order)
+        # a padded position: its prefill token, then read at every step's attention
+        budget = steps * (self.pad_tokens_per_pass or 1) / (1 + steps / PAD_READS)
         chunk: list[Generate] = []
         cap = padding = 0
-        budget = 0.0
         for req in order:
-            width = len(prompts[chunk[0]]) if chunk else 0
-            pad = width - len(prompts[req])
+            pad = len(prompts[chunk[0]]) - len(prompts[req]) if chunk else 0
             if chunk and (len(chunk) >= cap or padding + pad > budget):
                 yield sorted(chunk, key=lambda g: self._row_name(g.view))
                 chunk, padding, pad = [], 0, 0
             if not chunk:
-                steps = max(g.max_new_tokens for g in order)
                 cap = self._generate_rows(len(prompts[req]) + steps)
-                # a padded position: its prefill token, then read at every step's attention
-                budget = steps * (self.pad_tokens_per_pass or 1) / (1 + steps / PAD_READS)
             chunk.append(req)
             padding += pad
         if chunk:

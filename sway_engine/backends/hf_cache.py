@@ -9,6 +9,7 @@ and hands attention a view of the filled part; dropping rows copies only the fil
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 
@@ -18,9 +19,23 @@ def reserved_cache(config: Any, capacity: int) -> Any:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
+    layer_class = _reserved_layer()
+    cache = DynamicCache(config=config)
+    cache.layers = [
+        layer_class(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    return cache
+
+
+@functools.cache
+def _reserved_layer() -> type:
+    """The layer class, defined once transformers is imported (on first decode)."""
+    from transformers.cache_utils import DynamicLayer
+
     class ReservedLayer(DynamicLayer):
-        def __init__(self) -> None:
+        def __init__(self, capacity: int) -> None:
             super().__init__()
+            self.capacity = capacity
             self._k: Any = None
             self._v: Any = None
 
@@ -30,8 +45,9 @@ def reserved_cache(config: Any, capacity: int) -> Any:
             n = self.get_seq_length()
             end = n + int(key_states.shape[-2])
             if self._k is None or end > self._k.shape[-2]:
-                self._k = _grown(self._k, key_states, n, max(capacity, end))
-                self._v = _grown(self._v, value_states, n, max(capacity, end))
+                room = max(self.capacity, end)
+                self._k = _grown(self._k, key_states, n, room)
+                self._v = _grown(self._v, value_states, n, room)
             self._k[:, :, n:end] = key_states
             self._v[:, :, n:end] = value_states
             self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
@@ -49,11 +65,7 @@ def reserved_cache(config: Any, capacity: int) -> Any:
             self._k = self._v = None
             super().reset()
 
-    cache = DynamicCache(config=config)
-    cache.layers = [
-        ReservedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers
-    ]
-    return cache
+    return ReservedLayer
 
 
 def _grown(buffer: Any, like: Any, filled: int, capacity: int) -> Any:

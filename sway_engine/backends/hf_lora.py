@@ -115,6 +115,9 @@ def row_plan(
     return RowPlan(slots, width, torch.tensor(src, **as_index), torch.tensor(dest, **as_index))
 
 
+_STACK = ("stacked",)  # the table key of a layer's current stack (names are strings)
+
+
 def _stacked(torch: Any, layer: Any, table: dict[Any, Any], slots: tuple[str, ...]) -> Any:
     """(A, B) of `slots` on this layer stacked: (G, in, r) and (G, r, out), the scaling in B,
     ranks zero-padded to the largest, zeros for a view this layer does not adapt; None when
@@ -138,9 +141,6 @@ def _stacked(torch: Any, layer: Any, table: dict[Any, Any], slots: tuple[str, ..
             b_all[g, : a.shape[0], :] = b.T * float(layer.scaling[name])
     table[_STACK] = (slots, (a_all, b_all))
     return a_all, b_all
-
-
-_STACK = ("stacked",)  # the table key of a layer's current stack (names are strings)
 
 
 def add_row_updates(
