@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import dagster as dg
 from pydantic import ConfigDict, PrivateAttr, model_validator
 
+from sway_engine.backends import deferred
 from sway_engine.backends.build import build_kind, build_side, check_one_model
 from sway_engine.backends.instrumentation import Instrumented, session
 from sway_engine.mirror import Mirror
@@ -98,6 +99,7 @@ class _LocalModel(ModelResource):
     _backend: Any = PrivateAttr(default=None)
     _session: Instrumented | None = PrivateAttr(default=None)
     _adapter: str | None = PrivateAttr(default=None)
+    KIND: ClassVar[Literal["hf", "mlx"]]
 
     def _load(self) -> Any:
         """Construct the engine backend (heavy imports happen here)."""
@@ -130,8 +132,11 @@ class _LocalModel(ModelResource):
         return self._backend
 
     def _shared(self) -> Instrumented:
+        """The run's session: the model loads on the first request the persistent scoring
+        cache cannot answer (`backends.deferred`; hf only), so an unchanged adapter's run
+        loads none."""
         if self._session is None:
-            self._session = self._session_on(self.engine())
+            self._session = self._session_on(deferred.for_model(self._spec(self.KIND), self.engine))
         return self._session
 
     def session(self, adapter_path: str) -> Instrumented:
@@ -159,7 +164,10 @@ class _LocalModel(ModelResource):
 
 
 class HFModelResource(_LocalModel):
-    """torch/transformers/peft: the base loads once per run; adapters swap in place."""
+    """torch/transformers/peft: the base loads once per run (on the first result the scoring
+    cache lacks); adapters swap in place."""
+
+    KIND: ClassVar[Literal["hf", "mlx"]] = "hf"
 
     def _load(self) -> Any:
         return build_kind(self._spec("hf"), batch_tokens=self.batch_tokens)
@@ -169,6 +177,7 @@ class MLXModelResource(_LocalModel):
     """mlx-lm (Apple silicon, or Linux CPU through mlx[cpu]): the base loads once per run;
     views and adapters swap LoRA weights in place; PEFT adapters are converted (cached)."""
 
+    KIND: ClassVar[Literal["hf", "mlx"]] = "mlx"
     dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     cache_dir: str = ""
 

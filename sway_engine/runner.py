@@ -14,8 +14,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from sway_engine import __version__, score, stats
+from sway_engine.backends import deferred
 from sway_engine.backends.base import NULL_VIEWS
-from sway_engine.backends.build import build_backend
+from sway_engine.backends.build import build_backend, check_one_model
 from sway_engine.backends.instrumentation import Instrumented, session
 from sway_engine.calibration import NullMatrix, NullPlan, calibrate, calibrates, plan_for
 from sway_engine.errors import ProbeSkip, SwayError
@@ -44,6 +45,7 @@ def context_for(spec: SuiteSpec, backend: Instrumented) -> Context:
         divergence_mode=spec.defaults.divergence_mode,
         document=document_of(spec),
         adapter_path=backend.adapter_path or spec.models.ft.adapter,
+        remember=backend.remember,
     )
 
 
@@ -349,7 +351,11 @@ def evaluate(
         results = run_without_model(spec, entries, model.adapter, progress)
         return suite_result(spec, spec_path, model.adapter or "", started, t0, results, None)
     try:
-        inner = build_backend(model, base=None if spec.defaults.differential else spec.models.base)
+        if spec.defaults.differential:
+            check_one_model(model)
+            inner = deferred.for_model(model, lambda: build_backend(model))
+        else:
+            inner = build_backend(model, base=spec.models.base)
     except SwayError as exc:
         results = error_results(entries, f"preflight failed: {exc}")
         return suite_result(spec, spec_path, model.adapter or "", started, t0, results, None)

@@ -27,7 +27,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,16 @@ def request_key(identity: Identity, req: Request) -> bytes | None:
         else:
             parts.append(f"{f.name}={value!r}")
     return hashlib.sha256("\x1f".join(parts).encode()).digest()
+
+
+def derived_key(identity: Identity, parts: Sequence[str], views: Sequence[View]) -> bytes | None:
+    """The content key of a value derived from `views` on this backend's model (a weight
+    probe's measurements: `Instrumented.remember`); None where a view cannot be named."""
+    named = [identity.view(v) for v in views]
+    if any(n is None for n in named):
+        return None
+    head = [MAGIC, str(SCHEMA), code_digest(), identity.backend, "derived", *parts]
+    return hashlib.sha256("\x1f".join([*head, *(f"<{n}>" for n in named)]).encode()).digest()
 
 
 def embed_key(embedder: str, req: Embed) -> bytes:

@@ -9,12 +9,14 @@ is `backends/local.py`; the LoRA layer surgery is `backends/hf_lora.py`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sway_engine import torch_env
 from sway_engine.adapters import WEIGHTS, AdapterInfo, read_adapter
 from sway_engine.backends.hf_cache import reserved_cache
 from sway_engine.backends.hf_lora import (
@@ -31,7 +33,13 @@ from sway_engine.backends.hf_lora import (
     row_plan,
     update_is_zero,
 )
-from sway_engine.backends.local import Derived, LocalBackend, cut_at_eos
+from sway_engine.backends.local import (
+    Derived,
+    LocalBackend,
+    backend_digest,
+    cut_at_eos,
+    local_base,
+)
 from sway_engine.backends.rows import Row
 from sway_engine.errors import AdapterError, BackendError
 from sway_engine.requests import Generate, GenerationResult, ModuleWeights
@@ -40,7 +48,14 @@ from sway_engine.views import Finetuned, Null, View
 if TYPE_CHECKING:
     import torch
 
+    from sway_engine.score_cache import ScoreCache
+
 BASE_NAME = "__base__"
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+HF_LIBRARIES = ("torch", "transformers", "peft")
+# Beside local.COUNTERS: decode steps computed for all rows of a batch, and the tokens rows
+# kept (to EOS).
+HF_COUNTERS = ("generate_row_steps", "generated_tokens")
 GENERATE_MAX_ROWS = 2048  # per generate call, whatever the cache budget allows
 # Rows that ended leave a decode batch once they are 1/COMPACT_AT of it (`_decode`).
 COMPACT_AT = 8
@@ -90,8 +105,7 @@ class HFBackend(LocalBackend):
             batch_tokens=batch_tokens,
             max_batch_rows=max_batch_rows,
             row_cache_bytes=row_cache_bytes,
-            # decode steps computed for all rows of a batch, and the tokens rows kept (to EOS)
-            extra_counters=("generate_row_steps", "generated_tokens"),
+            extra_counters=HF_COUNTERS,
         )
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -144,11 +158,7 @@ class HFBackend(LocalBackend):
     # ---- adapters and views ----
 
     def _numerics(self) -> str:
-        import peft
-        import transformers
-
-        versions = f"torch={self._torch.__version__} transformers={transformers.__version__}"
-        return f"{versions} peft={peft.__version__} dtype={self.dtype} device={self.device}"
+        return hf_numerics(str(self.dtype), self.device)
 
     def _hub_revision(self) -> str | None:
         revision = getattr(self._base_model.config, "_commit_hash", None)
@@ -646,6 +656,45 @@ def _kv_bytes_per_token(config: Any, dtype: Any) -> int:
     return 2 * layers * kv_heads * head_dim * size
 
 
+def hf_numerics(dtype: str, device: str) -> str:
+    """What the hf backend's numbers depend on besides the weights: library versions (read
+    from the installed packages, not imported), dtype and device."""
+    return f"{torch_env.versions(*HF_LIBRARIES)} dtype={dtype} device={device}"
+
+
+def planned_identity(base: str, dtype: str, device: str, cache: ScoreCache) -> str | None:
+    """The persistent cache's name of `HFBackend(base, dtype=, device=)`, without loading it
+    (`backends.deferred`): None for a hub model (its revision is known once loaded) or a
+    dtype the backend refuses. torch is imported only where the device or dtype "auto"
+    resolves to depends on the hardware (a torch build with GPU libraries, or macOS)."""
+    where = local_base(base, cache)
+    if where is None or (dtype != "auto" and dtype not in DTYPE_NAMES):
+        return None
+    if device == "auto" and torch_env.cpu_only():
+        device = "cpu"
+    if device == "cpu" or (device != "auto" and dtype != "auto"):
+        dtype_name = "torch.float32" if dtype == "auto" else f"torch.{DTYPE_NAMES[dtype]}"
+    else:
+        import torch
+
+        device = _pick_device(torch, device)
+        dtype_name = str(_pick_dtype(torch, dtype, device))
+    return backend_digest(HFBackend.kind, hf_numerics(dtype_name, device), _max_len(base), where)
+
+
+def _max_len(base: str) -> int:
+    """The context length a local base's config.json gives (the backend reads it through
+    transformers' config, which also knows other names for it: where they differ, the
+    planned identity names no loaded backend's, and a deferred session's results are kept
+    under the planned one)."""
+    try:
+        config = json.loads((Path(base).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return 2048
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return int(value or 2048)
+
+
 def _pick_device(torch: Any, device: str) -> str:
     if device != "auto":
         return device
@@ -657,9 +706,8 @@ def _pick_device(torch: Any, device: str) -> str:
 
 
 def _pick_dtype(torch: Any, dtype: str, device: str) -> torch.dtype:
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype in table:
-        return table[dtype]
+    if dtype in DTYPE_NAMES:
+        return getattr(torch, DTYPE_NAMES[dtype])
     if dtype != "auto":
         raise BackendError(f"dtype {dtype!r} is not one of auto, fp32, fp16, bf16")
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():

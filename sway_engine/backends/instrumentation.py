@@ -31,6 +31,7 @@ from sway_engine.requests import (
     check_prompt,
     views_of,
 )
+from sway_engine.views import View
 
 log = logging.getLogger(__name__)
 Embedder = Callable[[Sequence[str]], np.ndarray]
@@ -158,11 +159,32 @@ class Instrumented:
                 self._embedder_id = ""  # unavailable: the embedder itself says why
         return score_cache.embed_key(self._embedder_id, req) if self._embedder_id else None
 
-    def _keys(self, requests: Sequence[Request]) -> dict[Request, bytes]:
-        """Content keys of the requests that can be stored (none without a persistent cache
-        or where the backend cannot name its model by content)."""
-        if self._store is None or not requests:
-            return {}
+    def remember(
+        self, parts: Sequence[str], views: Sequence[View], compute: Callable[[], bytes]
+    ) -> bytes:
+        """`compute()`, kept in the persistent cache under `parts` and the identities of
+        `views` on this backend's model: what is derived from requests that are never stored
+        (a weight probe's measurements from `AdapterWeights`), so an unchanged adapter needs
+        neither the weights nor the model. Computed every time without a persistent cache or
+        where a view cannot be named."""
+        identity = self._identity_now()
+        key = None if identity is None else score_cache.derived_key(identity, parts, views)
+        if key is not None:
+            assert self._store is not None
+            blob = self._store.get([key]).get(key)
+            if blob is not None:
+                self.stats["stored_hits"] += 1
+                return blob
+        blob = compute()
+        if key is not None:
+            assert self._store is not None
+            self._store.put({key: blob})
+        return blob
+
+    def _identity_now(self) -> score_cache.Identity | None:
+        """The backend's identity for the persistent cache (asked once; None: not stored)."""
+        if self._store is None:
+            return None
         if not self._identity_known:
             provider = getattr(self.inner, "cache_identity", None)
             self._identity = provider(self._store) if callable(provider) else None
@@ -170,8 +192,14 @@ class Instrumented:
             share = getattr(self.inner, "share_base_rows", None)
             if self._identity is not None and callable(share):
                 share(self._store, self._identity.backend)
-        if self._identity is None:
+        return self._identity
+
+    def _keys(self, requests: Sequence[Request]) -> dict[Request, bytes]:
+        """Content keys of the requests that can be stored (none without a persistent cache
+        or where the backend cannot name its model by content)."""
+        if not requests or self._identity_now() is None:
             return {}
+        assert self._identity is not None
         keys = {}
         for req in requests:
             key = score_cache.request_key(self._identity, req)

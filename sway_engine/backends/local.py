@@ -396,25 +396,20 @@ class LocalBackend:
         dtype, device, context length and the base model's content (its files' hashes, or the
         hub revision). None where the base cannot be named by content (its results are then
         computed every run)."""
-        local = Path(self.base_id).expanduser()
-        if local.is_dir():
-            base = f"files:{cache.directory_digest(local)}"
-        else:
+        base = local_base(self.base_id, cache)
+        if base is None:
             revision = self._hub_revision()
             if revision is None:
                 return None
             base = f"hub:{self.base_id}@{revision}"
-        backend = f"{self.kind}|{self._numerics()}|max_len={self.max_len}|{base}"
         return Identity(
-            backend=hashlib.sha256(backend.encode()).hexdigest(),
+            backend=backend_digest(self.kind, self._numerics(), self.max_len, base),
             view=self._view_identity,
             decode=self.tokenizer.convert_ids_to_tokens,
         )
 
     def _view_identity(self, view: View) -> str | None:
-        label = getattr(view, "adapter", None)
-        info = self.adapter if label == "" else self.extra_adapters.get(label or "")
-        return view_identity(view, None if info is None else adapter_identity(info))
+        return named_view(view, self.adapter, self.extra_adapters)
 
     def _numerics(self) -> str:
         """Library versions, dtype and device: what the numbers depend on besides weights."""
@@ -478,6 +473,27 @@ class LocalBackend:
 
     def _release(self) -> None:
         raise NotImplementedError
+
+
+def local_base(base_id: str, cache: ScoreCache) -> str | None:
+    """A base model in a local folder, named by its files' content (None: not a folder)."""
+    local = Path(base_id).expanduser()
+    return f"files:{cache.directory_digest(local)}" if local.is_dir() else None
+
+
+def backend_digest(kind: str, numerics: str, max_len: int, base: str) -> str:
+    """The persistent cache's name of a backend: what its numbers depend on, hashed."""
+    return hashlib.sha256(f"{kind}|{numerics}|max_len={max_len}|{base}".encode()).hexdigest()
+
+
+def named_view(
+    view: View, primary: AdapterInfo | None, extras: dict[str, AdapterInfo]
+) -> str | None:
+    """A view named by content: the trained adapter it derives from (the primary, or the one
+    registered under its label) by `adapter_identity`."""
+    label = getattr(view, "adapter", None)
+    info = primary if label == "" else extras.get(label or "")
+    return view_identity(view, None if info is None else adapter_identity(info))
 
 
 @functools.cache

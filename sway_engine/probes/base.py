@@ -63,6 +63,9 @@ class Context:
     document: Document | None = None
     # Directory of the trained adapter under test (pre-run probes read training files there).
     adapter_path: str | None = None
+    # The persistent cache for values derived from unstored requests (`Instrumented.remember`:
+    # parts, views, compute -> bytes); None: computed every time.
+    remember: Callable[[Sequence[str], Sequence[View], Callable[[], bytes]], bytes] | None = None
 
 
 @dataclass(frozen=True)

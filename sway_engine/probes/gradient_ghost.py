@@ -29,8 +29,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from sway_engine.adapters import file_sha256
 from sway_engine.errors import ProbeError, ProbeSkip
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
+from sway_engine.probes.common.stored import stored_measure
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import View
 
@@ -283,8 +285,15 @@ class GradientGhost(Probe):
                 f"no {STATE_FILE} in {path.parent} (the trainer did not save its optimizer "
                 "state there); set adapter_path to the directory that holds it",
             )
-        state = parse_state(load_state(path, spec.name), path, spec.name)
         weights = path.parent / WEIGHTS
+        files = (file_sha256(path), file_sha256(weights) if weights.is_file() else "-")
+        (m,) = stored_measure(
+            ctx, spec, [], lambda: [self._measure(spec, path, weights)], inputs=files
+        )
+        return [m for _ in treatments]
+
+    def _measure(self, spec: GradientGhostSpec, path: Path, weights: Path) -> Measurement:
+        state = parse_state(load_state(path, spec.name), path, spec.name)
         shapes = safetensors_shapes(weights, spec.name) if weights.is_file() else None
         mapping = map_layers(state, shapes)
         finite = [p for p in state.params if p.finite]
@@ -320,7 +329,7 @@ class GradientGhost(Probe):
             ],
             **state.extras,
         }
-        return [Measurement(raw=frac, items=items, evidence=evidence) for _ in treatments]
+        return Measurement(raw=frac, items=items, evidence=evidence)
 
     def judge(self, spec: GradientGhostSpec, m: Measurement, null: NullStats | None) -> Judgement:
         e = m.evidence

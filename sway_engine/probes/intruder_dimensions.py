@@ -24,6 +24,7 @@ from sway_engine.probes.base import Context, Judgement, Measurement, Probe, Prob
 from sway_engine.probes.common.adapter_weights import ZERO, per_layer, weights_of
 from sway_engine.probes.common.guard_rail import guard_rail
 from sway_engine.probes.common.spectra import base_spectrum, intruders, layer_of
+from sway_engine.probes.common.stored import stored_measure
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import View
 
@@ -47,6 +48,11 @@ class IntruderDimensions(Probe):
     z_sign = -1  # fewer intruders is the safe side; more is the harm
 
     def measure(
+        self, spec: IntruderDimensionsSpec, ctx: Context, treatments: Sequence[View]
+    ) -> list[Measurement]:
+        return stored_measure(ctx, spec, treatments, lambda: self._measure(spec, ctx, treatments))
+
+    def _measure(
         self, spec: IntruderDimensionsSpec, ctx: Context, treatments: Sequence[View]
     ) -> list[Measurement]:
         per_view = weights_of(ctx, spec.name, treatments)

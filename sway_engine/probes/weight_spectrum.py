@@ -22,8 +22,14 @@ from sway_engine import stats
 from sway_engine.backends.base import ADAPTER_WEIGHTS
 from sway_engine.errors import ProbeSkip
 from sway_engine.probes.base import Context, Judgement, Measurement, Probe, ProbeSpec
-from sway_engine.probes.common.adapter_weights import ZERO, per_layer, spectrum_nulls, weights_of
+from sway_engine.probes.common.adapter_weights import (
+    ZERO,
+    per_layer,
+    spectrum_nulls,
+    weights_of,
+)
 from sway_engine.probes.common.spectra import layer_of, update_stats
+from sway_engine.probes.common.stored import stored_measure
 from sway_engine.result import NullStats, Verdict
 from sway_engine.views import View
 
@@ -44,6 +50,11 @@ class WeightSpectrum(Probe):
     z_sign = -1
 
     def measure(
+        self, spec: WeightSpectrumSpec, ctx: Context, treatments: Sequence[View]
+    ) -> list[Measurement]:
+        return stored_measure(ctx, spec, treatments, lambda: self._measure(spec, ctx, treatments))
+
+    def _measure(
         self, spec: WeightSpectrumSpec, ctx: Context, treatments: Sequence[View]
     ) -> list[Measurement]:
         if spectrum_nulls(treatments):

@@ -159,7 +159,8 @@ def test_a_run_hashes_the_adapter_weights_once(home, instance, fx, monkeypatch) 
 
 def test_an_unchanged_adapter_again_forwards_nothing(home, instance, fx, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The persistent scoring cache on the Dagster path: it lives in the home's cache/ folder,
-    and a second run of the same partition takes every result from it, with equal numbers."""
+    and a second run of the same partition takes every result from it, with equal numbers,
+    without loading the base model (backends/deferred.py)."""
     monkeypatch.setenv("SWAY_SCORE_CACHE", "on")
     defs, results = evaluate(home, instance, ["doc-strong"], fx)
     ((key, first),) = results.items()
@@ -170,6 +171,8 @@ def test_an_unchanged_adapter_again_forwards_nothing(home, instance, fx, monkeyp
     passes = {r["run_id"]: r["forward_passes"] for r in store.runs()}
     assert passes[f"{first.run_id}:{key}"] > 0
     assert passes[f"{again.run_id}:{key}"] == 0, passes
+    assert model_loads(instance, first.run_id) == 1
+    assert model_loads(instance, again.run_id) == 0
     rows = {
         run: {r["probe"]: (r["raw"], r["z"], r["verdict"]) for r in store.probe_results(run_id=run)}
         for run in passes

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from sway_dagster.definitions import JOB_NAME, build_definitions
 from sway_dagster.resources import HFModelResource, TwoModelResource
 from sway_engine.backends.hf import HFBackend as Engine
+from sway_engine.runner import preflight
 from sway_engine.store import ResultStore
 from tests.conftest import count_constructions
 from tests.dagster.conftest import add_adapter, verdict_checks
@@ -19,8 +20,8 @@ def test_two_model_on_one_model_loads_once(fx, monkeypatch) -> None:  # type: ig
     res = TwoModelResource(
         base=HFModelResource(base=str(fx.base)), ft=HFModelResource(base=str(fx.base))
     )
-    res.session(str(fx.adapters["doc-strong"]))
-    res.session(str(fx.adapters["zero"]))
+    preflight(res.session(str(fx.adapters["doc-strong"])))  # a session loads on first use
+    preflight(res.session(str(fx.adapters["zero"])))
     assert len(loads) == 1
 
 
@@ -30,6 +31,7 @@ def test_two_model_on_two_models_composes(fx, monkeypatch) -> None:  # type: ign
         base=HFModelResource(base=str(fx.base), dtype="fp32"), ft=HFModelResource(base=str(fx.base))
     )
     session = res.session(str(fx.adapters["doc-strong"]))
+    preflight(session)
     assert len(loads) == 2
     assert session.kind == "two_model"
 

@@ -10,16 +10,20 @@ import json
 import logging
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from sway_engine import score_cache
+from sway_engine import score_cache, torch_env
 from sway_engine.backends.hf import HFBackend
 from sway_engine.fixtures import FixturePaths
 from sway_engine.fixtures.battery import write_battery
+from sway_engine.probes.base import Context, Measurement, ProbeSpec
+from sway_engine.probes.common.stored import stored_measure
 from sway_engine.requests import (
     ContinuationResult,
     DivergenceResult,
@@ -31,6 +35,7 @@ from sway_engine.result import SuiteResult
 from sway_engine.runner import CALIBRATION_LABEL, evaluate
 from sway_engine.safe_yaml import load as load_yaml
 from sway_engine.suite import load_spec
+from sway_engine.views import Finetuned
 
 # A small suite with each operation the battery sends: null calibration, divergences
 # (delta_kl), rolling log-probs (external_perplexity), generation (style_fingerprint) and
@@ -401,3 +406,92 @@ def test_sentence_vectors_are_stored_under_the_embedding_model(
     assert embedded == [2]  # computed once, read the second time
     assert out[0].dtype == out[1].dtype and np.array_equal(out[0], out[1])
     assert out[0].shape == (2, embeddings.DIM)
+
+
+# The probes whose inputs are never stored themselves: the weights probes read AdapterWeights
+# (the base's tensors), gradient_ghost reads training_state.pt with torch.
+UNSTORED_INPUTS = ("gradient_ghost", "intruder_dimensions", "weight_spectrum")
+
+AGAIN = """
+import json, sys
+from pathlib import Path
+from sway_engine.runner import evaluate
+from sway_engine.suite import load_spec
+
+spec, entries = load_spec(sys.argv[1])
+result = evaluate(spec, entries, cache_dir=Path(sys.argv[2]))
+heavy = sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)
+print(json.dumps({"heavy": heavy, "stats": result.backend_stats, "result": result.to_dict()}))
+"""
+
+
+def test_an_unchanged_adapter_re_evaluated_loads_no_model_nor_torch(
+    fx: FixturePaths, tmp_path: Path, cache_on: None
+) -> None:
+    """A fresh process (what a user times) re-evaluating an unchanged adapter finds every
+    result stored, weight probes and training-file probes included: it builds no model and,
+    on a CPU-only torch, imports neither torch, transformers nor PEFT. The numbers are the
+    first run's, bit for bit."""
+    battery = load_yaml(write_battery(fx, tmp_path / "battery.yaml").read_text())
+    battery["suite"] = [e for e in battery["suite"] if e["name"] in (*KEEP, *UNSTORED_INPUTS)]
+    for entry in battery["suite"]:
+        if entry["kind"] == "null_adapter":
+            entry["runs"] = 4
+    spec_file = tmp_path / "sway.yaml"
+    spec_file.write_text(json.dumps(battery))
+    first = run(spec_file, tmp_path / "cache")
+    verdicts = {p.name: p.verdict.value for p in first.probes}
+    assert all(verdicts[n] not in ("error", "skip") for n in UNSTORED_INPUTS), verdicts
+    out = subprocess.run(
+        [sys.executable, "-c", AGAIN, str(spec_file), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    again = json.loads(out.stdout.strip().splitlines()[-1])
+    assert again["stats"].get("base_loads") == 0, again["stats"]
+    assert again["stats"]["stored_hits"] > 0
+    heavy = set(again["heavy"])
+    assert not heavy & {"transformers", "peft"}, heavy
+    if torch_env.cpu_only():
+        assert not heavy, heavy
+    fresh = {p["name"]: (p["verdict"], p["raw"], p["z"], p["p"]) for p in again["result"]["probes"]}
+    assert fresh == {p.name: (p.verdict.value, p.raw, p.z, p.p) for p in first.probes}
+
+
+def test_a_measurement_json_cannot_hold_is_computed_every_time(tmp_path: Path) -> None:
+    """stored_measure keeps what JSON holds faithfully and nothing else: a value of another
+    type is measured again on every call, never stored as a lossy copy."""
+    store = score_cache.ScoreCache(tmp_path / "scores.sqlite")
+    identity = score_cache.Identity(backend="b", view=lambda v: repr(v))
+    kept: dict[bytes, bytes] = {}
+
+    def remember(parts: Any, views: Any, compute: Any) -> bytes:
+        key = score_cache.derived_key(identity, parts, views)
+        assert key is not None
+        if key not in kept:
+            kept[key] = compute()
+        return kept[key]
+
+    ctx = Context(execute=lambda _r: [], capabilities=frozenset(), remember=remember)
+    spec = ProbeSpec(name="p", kind="k")
+    calls: list[int] = []
+
+    def plain() -> list[Measurement]:
+        calls.append(1)
+        return [Measurement(raw=0.5, values=(1.0, np.float64(2.0)), evidence={"n": np.int64(3)})]
+
+    def odd() -> list[Measurement]:
+        calls.append(1)
+        return [Measurement(raw=0.5, evidence={"when": object()})]
+
+    a = stored_measure(ctx, spec, [Finetuned()], plain)
+    b = stored_measure(ctx, spec, [Finetuned()], plain)
+    assert len(calls) == 1 and a == b and a[0].values == (1.0, 2.0) and a[0].evidence == {"n": 3}
+    calls.clear()
+    other = ProbeSpec(name="q", kind="k")
+    stored_measure(ctx, other, [Finetuned()], odd)
+    stored_measure(ctx, other, [Finetuned()], odd)
+    assert len(calls) == 2
+    store.close()
