@@ -438,9 +438,14 @@ class ResultStoreResource(_Strict):
     database: str
     reports: str = ""
     export_root: str = ""
+    _store: DuckStore | None = PrivateAttr(default=None)
 
     def store(self) -> DuckStore:
-        return DuckStore(self.database)
+        """One store object per run: it checks the schema once, not in every step (each
+        transaction still opens a connection of its own)."""
+        if self._store is None:
+            self._store = DuckStore(self.database)
+        return self._store
 
 
 class MlflowResource(_Strict):
