@@ -26,6 +26,7 @@ from sway_engine.errors import AdapterError, SwayError
 from sway_engine.history import mlflow_params, registered_model
 from sway_engine.probes.null_adapter import NullAdapterSpec
 from sway_engine.probes.registry import Entry
+from sway_engine.report import plots
 from sway_engine.report.html import Gate, write_page
 from sway_engine.report.plots import plot_of
 from sway_engine.result import ProbeResult, Verdict
@@ -304,12 +305,13 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
             return run_entry(entry, session.context(suite), matrix)
 
         kind = backend.served_kind()
-        per_key = {
-            session.key: _store_probe(context, store, mlflow, session, result, suite, kind)
-            for session, result in per_adapter(
-                context.partition_keys, backend, adapter_store, compute
-            )
-        }
+        with plots.kept_in(backend.plot_store()):
+            per_key = {
+                session.key: _store_probe(context, store, mlflow, session, result, suite, kind)
+                for session, result in per_adapter(
+                    context.partition_keys, backend, adapter_store, compute
+                )
+            }
         yield publish(context, per_key)
         yield from verdict_pending(context)
 
@@ -426,11 +428,12 @@ def _score_asset(suite: Suite, checked: dict[str, dg.AssetKey]) -> dg.AssetsDefi
         # and a failure there leaves the copy pending instead of failing this step.
         mirror = mlflow.mirror(store, context.log.warning)
         trace = Path(backend.trace_dir) / "trace.jsonl" if backend.trace_dir else None
-        published = mirror.publish(
-            run["run_id"], _params(suite, store, key), trace, registered_model(suite)
-        )
-        if published.synced:
-            mirror.catch_up()
+        with plots.kept_in(backend.plot_store()):
+            published = mirror.publish(
+                run["run_id"], _params(suite, store, key), trace, registered_model(suite)
+            )
+            if published.synced:
+                mirror.catch_up()
         exported = _export(store, run["run_id"], results.export_root)
         probe_results = suite_result.probes
         composite = suite_result.score
@@ -458,13 +461,14 @@ def _score_asset(suite: Suite, checked: dict[str, dg.AssetKey]) -> dg.AssetsDefi
         if exported is not None:
             metadata["exported"] = dg.MetadataValue.path(str(exported))
         if results.reports:
-            page = write_page(
-                Path(results.reports),
-                key,
-                run["run_id"],
-                store.suite_of(run["run_id"]),
-                Gate(passed, why),
-            )
+            with plots.kept_in(backend.plot_store()):
+                page = write_page(
+                    Path(results.reports),
+                    key,
+                    run["run_id"],
+                    store.suite_of(run["run_id"]),
+                    Gate(passed, why),
+                )
             metadata["report"] = dg.MetadataValue.path(str(page))
         yield dg.MaterializeResult(metadata=metadata, check_results=[check])
         allow = suite.spec.defaults.allow_uncalibrated

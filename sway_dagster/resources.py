@@ -18,6 +18,7 @@ from sway_engine.backends import deferred
 from sway_engine.backends.build import build_kind, build_side, check_one_model
 from sway_engine.backends.instrumentation import Instrumented, session
 from sway_engine.mirror import Mirror
+from sway_engine.score_cache import ScoreCache
 from sway_engine.spec import ModelSpec, SuiteSpec
 from sway_engine.store import ResultStore as DuckStore
 from sway_engine.tracking import MlflowTracking
@@ -48,6 +49,7 @@ class ModelResource(_Strict):
     # The persistent scoring cache's folder ("": ScoreCache.open_default's choice); the
     # environment's SWAY_SCORE_CACHE=off turns it off.
     score_cache_dir: str = ""
+    _plots: ScoreCache | Literal[False] | None = PrivateAttr(default=None)
 
     def session(self, adapter_path: str) -> Instrumented:
         raise NotImplementedError
@@ -75,6 +77,19 @@ class ModelResource(_Strict):
     def same_model(self, other: ModelResource) -> bool:
         """True when `other` would load the very same model (a TwoModelResource loads once)."""
         return False
+
+    def plot_store(self) -> ScoreCache | None:
+        """The persistent scoring cache, for the plots this run draws (`report.plots.kept_in`);
+        None where it is off. Opened on first use, closed in teardown."""
+        if self._plots is None:
+            cache_dir = Path(self.score_cache_dir) if self.score_cache_dir else None
+            self._plots = ScoreCache.open_default(cache_dir) or False
+        return self._plots or None
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._plots:
+            self._plots.close()
+        self._plots = None
 
     def _trace(self) -> Path | None:
         return Path(self.trace_dir) / "trace.jsonl" if self.trace_dir else None
@@ -161,6 +176,7 @@ class _LocalModel(ModelResource):
         self._backend = None
         self._session = None
         self._adapter = None
+        super().teardown_after_execution(context)
 
 
 class HFModelResource(_LocalModel):
@@ -272,6 +288,7 @@ class _Built(ModelResource):
         self._backend = None
         self._session = None
         self._adapter = self._loaded = None
+        super().teardown_after_execution(context)
 
 
 class ApiModelResource(_Built):

@@ -71,7 +71,7 @@ class Mirror:
         runs; the link to the run, or None. Best effort: `publish` copies it all again."""
 
         def work() -> str | None:
-            mlflow_id = self.tracking.run_for(adapter_id, dagster_run_id, tags)
+            mlflow_id = self.tracking.run_for(adapter_id, dagster_run_id, tags, reuse=True)
             self.tracking.log_probe(mlflow_id, result)
             png = plot_of(result)
             if png is not None:
@@ -81,6 +81,7 @@ class Mirror:
         try:
             return self._guarded(work)
         except TrackingError as exc:
+            self.tracking.forget_run(adapter_id, dagster_run_id)  # found again next time
             self.warn(f"MLflow: {result.name} of {adapter_id} not logged yet ({exc})")
             return None
 

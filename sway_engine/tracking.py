@@ -79,6 +79,7 @@ class MlflowTracking:
         self.ui_url = ui_url.rstrip("/") if ui_url else None
         self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
+        self._open_runs: dict[tuple[str, str], str] = {}  # (adapter, Dagster run) -> run id
 
     @property
     def client(self) -> MlflowClient:
@@ -124,8 +125,24 @@ class MlflowTracking:
             self._experiment_id = str(found.experiment_id)
         return self._experiment_id
 
-    def run_for(self, adapter_id: str, dagster_run_id: str, tags: Mapping[str, str]) -> str:
-        """Id of the run of this adapter in this Dagster run; created once, found on retries."""
+    def run_for(
+        self,
+        adapter_id: str,
+        dagster_run_id: str,
+        tags: Mapping[str, str],
+        *,
+        reuse: bool = False,
+    ) -> str:
+        """Id of the run of this adapter in this Dagster run; created once, found on retries.
+        `reuse`: the id this object found or created before, unless it terminated that run
+        since (a Dagster run's probe steps each log a preview: one search, not one per step)."""
+        key = (adapter_id, dagster_run_id)
+        if reuse and key in self._open_runs:
+            return self._open_runs[key]
+        self._open_runs[key] = found = self._find_or_create(adapter_id, dagster_run_id, tags)
+        return found
+
+    def _find_or_create(self, adapter_id: str, dagster_run_id: str, tags: Mapping[str, str]) -> str:
         experiment_id = self.experiment_id()
         query = (
             f"tags.`{ADAPTER_TAG}` = {_quote(adapter_id)} "
@@ -330,8 +347,18 @@ class MlflowTracking:
             raise TrackingError(
                 f"run {run_id}: status {status!r} not in {sorted(TERMINAL_STATUSES)}"
             )
+        self._forget(run_id)
         with self._errors(f"run {run_id}"):
             self.client.set_terminated(run_id, status=status)
+
+    def forget_run(self, adapter_id: str, dagster_run_id: str) -> None:
+        """The next `run_for(..., reuse=True)` of this pair searches again (after a failure)."""
+        self._open_runs.pop((adapter_id, dagster_run_id), None)
+
+    def _forget(self, run_id: str) -> None:
+        """A run this object terminates is looked up again by the next `run_for`."""
+        for key in [k for k, v in self._open_runs.items() if v == run_id]:
+            del self._open_runs[key]
 
     def fail_runs_of(self, dagster_run_id: str) -> int:
         """Mark this experiment's RUNNING runs of a failed Dagster run FAILED; return how many."""
@@ -344,6 +371,7 @@ class MlflowTracking:
         with self._errors(f"runs of Dagster run {dagster_run_id}"):
             found = self.client.search_runs([self.experiment_id()], filter_string=query)
             for run in found:
+                self._forget(run.info.run_id)
                 self.client.set_terminated(run.info.run_id, status="FAILED")
         return len(found)
 

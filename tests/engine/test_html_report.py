@@ -182,3 +182,40 @@ def test_a_plot_is_drawn_once_per_process_however_many_pages_show_it(monkeypatch
     assert len(pngs) == 1 and next(iter(pngs)).startswith(b"\x89PNG") and drawn == ["dkl"]
     other = ProbeResult("dkl", "delta_kl", "adherence", Verdict.PASS, "", raw=0.5, null=null)
     assert plots.plot_of(other) not in pngs and drawn == ["dkl", "dkl"]
+
+
+def test_a_plot_kept_in_the_score_cache_is_not_drawn_again_by_a_new_process(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Inside `kept_in(store)` (Dagster's probe and score steps), a plot is stored in the
+    persistent scoring cache: a later process (here: the in-process memory cleared) reads it
+    back, byte for byte, without drawing; another result's plot is drawn; outside, nothing is
+    read or kept."""
+    from sway_engine.report import plots
+    from sway_engine.result import NullStats, ProbeResult, Verdict
+    from sway_engine.score_cache import ScoreCache
+
+    drawn: list[float] = []
+    real = plots.null_histogram
+
+    def counting(name, samples, raw, **kwargs):  # type: ignore[no-untyped-def]
+        drawn.append(raw)
+        return real(name, samples, raw, **kwargs)
+
+    monkeypatch.setattr(plots, "null_histogram", counting)
+    store = ScoreCache(tmp_path / "scores.sqlite")
+    null = NullStats(0.1, 0.02, 4, (0.08, 0.1, 0.11, 0.12), False)
+    one = ProbeResult("dkl", "delta_kl", "adherence", Verdict.PASS, "", raw=0.9, null=null)
+    other = ProbeResult("dkl", "delta_kl", "adherence", Verdict.PASS, "", raw=0.5, null=null)
+    plots._drawn.cache_clear()
+    with plots.kept_in(store):
+        first = plots.plot_of(one)
+    plots._drawn.cache_clear()
+    with plots.kept_in(store):
+        again = plots.plot_of(one)
+        assert plots.plot_of(other) != first
+    assert again == first and drawn == [0.9, 0.5]
+    plots._drawn.cache_clear()
+    assert plots.plot_of(one) == first and drawn == [0.9, 0.5, 0.9]  # outside: drawn
+    store.close()
+    plots._drawn.cache_clear()

@@ -102,6 +102,34 @@ def test_run_for_reopens_a_terminated_run(tracking: MlflowTracking) -> None:
         tracking.finish(run_id, "DONE")
 
 
+def test_run_for_reuse_searches_once_until_the_run_is_terminated(
+    tracking: MlflowTracking, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Dagster run's probe steps each preview into the adapter's MLflow run: with `reuse`
+    the run is searched for once, not once per step; a run this object terminates, or a pair
+    it was told to forget, is searched for again (and a terminated run reopened)."""
+    searches: list[object] = []
+    original = tracking.client.search_runs
+
+    def counted(*args: object, **kwargs: object) -> object:
+        searches.append(args)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tracking.client, "search_runs", counted)
+    first = tracking.run_for("a", "dagster-1", {}, reuse=True)
+    assert [tracking.run_for("a", "dagster-1", {}, reuse=True) for _ in range(5)] == [first] * 5
+    assert len(searches) == 1
+    assert tracking.run_for("a", "dagster-1", {}) == first  # without reuse: searched
+    assert len(searches) == 2
+    tracking.finish(first, "FAILED")
+    assert tracking.run_for("a", "dagster-1", {}, reuse=True) == first
+    assert len(searches) == 3
+    assert tracking.client.get_run(first).info.status == "RUNNING"
+    tracking.forget_run("a", "dagster-1")
+    tracking.run_for("a", "dagster-1", {}, reuse=True)
+    assert len(searches) == 4
+
+
 def test_log_suite_writes_metrics_params_and_tags(tracking: MlflowTracking) -> None:
     run_id = tracking.run_for("a", "dagster-1", {})
     params = {
