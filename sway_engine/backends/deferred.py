@@ -60,13 +60,16 @@ class Deferred:
 
     @property
     def real(self) -> Any:
-        """The loaded backend (loading it, and the adapter given so far, on first use)."""
+        """The loaded backend (loading it, and the adapter given so far, on first use). An
+        adapter that does not fit the base raises here, and again on every later use: a
+        backend without its adapter is never handed out."""
         if self._real is None:
-            self._real = self._load()
+            real = self._load()
             if self._base_rows is not None:
-                self._real.share_base_rows(*self._base_rows)
+                real.share_base_rows(*self._base_rows)
             if self._path is not None:
-                self._real.load_adapter(self._path)
+                real.load_adapter(self._path)
+            self._real = real
         return self._real
 
     # ---- what works without the model ----
