@@ -298,6 +298,13 @@ class HFBackend(LocalBackend):
 
     # ---- execution ----
 
+    def _named_max_len(self) -> int:
+        """A local base's context length as `planned_identity` reads it from config.json (the
+        files are in the name already): a loaded backend and a deferred session then name the
+        same base alike, also where transformers knows the length by another key (GPT-2's
+        `n_positions`). Rows are still cut to the model's own `max_len`."""
+        return _max_len(self.base_id) if Path(self.base_id).expanduser().is_dir() else self.max_len
+
     def _left_padded(self, seqs: list[tuple[int, ...]]) -> tuple[Any, Any, int]:
         """Token ids and attention mask of `seqs`, left padded to the longest."""
         torch = self._torch
@@ -683,10 +690,9 @@ def planned_identity(base: str, dtype: str, device: str, cache: ScoreCache) -> s
 
 
 def _max_len(base: str) -> int:
-    """The context length a local base's config.json gives (the backend reads it through
-    transformers' config, which also knows other names for it: where they differ, the
-    planned identity names no loaded backend's, and a deferred session's results are kept
-    under the planned one)."""
+    """The context length a local base's config.json names `max_position_embeddings` (2048
+    without one), for the cache's name only: a loaded `HFBackend` names its base with this
+    too (`_named_max_len`), whatever key its config uses."""
     try:
         config = json.loads((Path(base).expanduser() / "config.json").read_text())
     except (OSError, ValueError):

@@ -403,10 +403,15 @@ class LocalBackend:
                 return None
             base = f"hub:{self.base_id}@{revision}"
         return Identity(
-            backend=backend_digest(self.kind, self._numerics(), self.max_len, base),
+            backend=backend_digest(self.kind, self._numerics(), self._named_max_len(), base),
             view=self._view_identity,
             decode=self.tokenizer.convert_ids_to_tokens,
         )
+
+    def _named_max_len(self) -> int:
+        """The context length in the cache's name of this backend (`max_len`, the limit rows
+        are cut to; `HFBackend` names a local base's as its config.json gives it)."""
+        return self.max_len
 
     def _view_identity(self, view: View) -> str | None:
         return named_view(view, self.adapter, self.extra_adapters)
