@@ -299,8 +299,7 @@ def _probe_asset(suite: Suite, entry: Entry) -> dg.AssetsDefinition:
                 return failed
             assert session.backend is not None
             session.backend.label = entry.spec.name
-            run = evaluations.evaluation_id(context.run.run_id, session.key)
-            matrix = evaluations.null_matrix_for(store, session.key, suite, run)
+            matrix = results.null_matrix(session.key, suite, context.run.run_id)
             context.log.info(f"{session.key}: {entry.spec.name} ({entry.spec.kind})")
             return run_entry(entry, session.context(suite), matrix)
 
@@ -330,8 +329,7 @@ def _store_probe(
     key, run_id = session.key, context.run.run_id
     if session.error is not None:
         context.log.error(f"{key}: {session.error}")
-    run = evaluations.begin(store, run_id, key, suite, kind)
-    written = evaluations.record_probe(store, run, key, suite, result, run_id)
+    _, written = evaluations.record_probe(store, run_id, key, suite, result, kind)
     url = mlflow.mirror(store, context.log.warning).preview(
         key, run_id, adapter_tags(key, session.info), result
     )

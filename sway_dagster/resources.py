@@ -14,13 +14,16 @@ from typing import Any, ClassVar, Literal, cast
 import dagster as dg
 from pydantic import ConfigDict, PrivateAttr, model_validator
 
+from sway_engine import evaluations
 from sway_engine.backends import deferred
 from sway_engine.backends.build import build_kind, build_side, check_one_model
 from sway_engine.backends.instrumentation import Instrumented, session
+from sway_engine.calibration import NullMatrix
 from sway_engine.mirror import Mirror
 from sway_engine.score_cache import ScoreCache
 from sway_engine.spec import ModelSpec, SuiteSpec
 from sway_engine.store import ResultStore as DuckStore
+from sway_engine.suite import Suite
 from sway_engine.tracking import MlflowTracking
 
 # Logged once per base-model load into the run's event log (from whichever step process
@@ -456,6 +459,7 @@ class ResultStoreResource(_Strict):
     reports: str = ""
     export_root: str = ""
     _store: DuckStore | None = PrivateAttr(default=None)
+    _matrices: dict[str, NullMatrix] = PrivateAttr(default_factory=dict)
 
     def store(self) -> DuckStore:
         """One store object per run: it checks the schema once, not in every step (each
@@ -463,6 +467,20 @@ class ResultStoreResource(_Strict):
         if self._store is None:
             self._store = DuckStore(self.database)
         return self._store
+
+    def null_matrix(self, key: str, suite: Suite, dagster_run_id: str) -> NullMatrix | None:
+        """The adapter's null samples for this Dagster run's probe steps
+        (`evaluations.null_matrix_for`), read once per run: null_calibration wrote them before
+        any probe step reads them, and nothing in the run writes them again. Read again
+        while there are none (a probe materialised without its calibration)."""
+        run = evaluations.evaluation_id(dagster_run_id, key)
+        kept = self._matrices.get(run)
+        if kept is not None:
+            return kept
+        matrix = evaluations.null_matrix_for(self.store(), key, suite, run)
+        if matrix is not None and matrix.cells:
+            self._matrices[run] = matrix
+        return matrix
 
 
 class MlflowResource(_Strict):

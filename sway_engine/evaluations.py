@@ -26,22 +26,24 @@ def evaluation_id(dagster_run_id: str, key: str) -> str:
     return f"{dagster_run_id}:{key}"
 
 
+def _incomplete(dagster_run_id: str, key: str, suite: Suite, kind: str) -> RunRecord:
+    return RunRecord(
+        run_id=evaluation_id(dagster_run_id, key),
+        adapter_id=key,
+        spec_hash=suite.spec_hash,
+        engine_version=__version__,
+        dagster_run_id=dagster_run_id,
+        backend_kind=kind,
+        origin="dagster",
+        status=INCOMPLETE,
+    )
+
+
 def begin(store: ResultStore, dagster_run_id: str, key: str, suite: Suite, kind: str) -> str:
     """Register this evaluation as an incomplete run (once); return its id."""
-    run_id = evaluation_id(dagster_run_id, key)
-    store.begin_run(
-        RunRecord(
-            run_id=run_id,
-            adapter_id=key,
-            spec_hash=suite.spec_hash,
-            engine_version=__version__,
-            dagster_run_id=dagster_run_id,
-            backend_kind=kind,
-            origin="dagster",
-            status=INCOMPLETE,
-        )
-    )
-    return run_id
+    record = _incomplete(dagster_run_id, key, suite, kind)
+    store.begin_run(record)
+    return record.run_id
 
 
 def null_matrix_for(store: ResultStore, key: str, suite: Suite, run_id: str) -> NullMatrix | None:
@@ -89,14 +91,19 @@ def record_calibration(
 
 def record_probe(
     store: ResultStore,
-    run_id: str,
+    dagster_run_id: str,
     key: str,
     suite: Suite,
     result: ProbeResult,
-    dagster_run_id: str,
-) -> int:
-    """Write one probe's row of this evaluation; return rows written."""
-    return store.write_probe_results(run_id, key, suite.spec_hash, [result], dagster_run_id)
+    kind: str,
+) -> tuple[str, int]:
+    """Write one probe's row of this evaluation, registering the evaluation (once) in the
+    same transaction; return its run id and the rows written."""
+    record = _incomplete(dagster_run_id, key, suite, kind)
+    written = store.write_probe_results(
+        record.run_id, key, suite.spec_hash, [result], dagster_run_id, begin=record
+    )
+    return record.run_id, written
 
 
 def to_complete(store: ResultStore, key: str, suite: Suite) -> tuple[dict[str, Any], str | None]:

@@ -126,12 +126,17 @@ class ResultStore(Database):
         spec_hash: str,
         results: Iterable[ProbeResult],
         dagster_run_id: str | None = None,
+        *,
+        begin: RunRecord | None = None,
     ) -> int:
-        """The run's rows of these probes (replacing only this run's own rows of them)."""
+        """The run's rows of these probes (replacing only this run's own rows of them);
+        `begin`: the run registered first, in the same transaction (as `begin_run`)."""
         listed = list(results)
         at = now()
 
         def work(con: duckdb.DuckDBPyConnection) -> int:
+            if begin is not None:
+                put_run(con, begin, only_new=True)
             for r in listed:
                 put_probe(con, run_id, adapter_id, spec_hash, r, dagster_run_id, at)
             return len(listed)

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from sway_dagster.definitions import JOB_NAME, build_definitions
-from sway_dagster.resources import HFModelResource, TwoModelResource
+from sway_dagster.resources import HFModelResource, ResultStoreResource, TwoModelResource
 from sway_engine.backends.hf import HFBackend as Engine
 from sway_engine.runner import preflight
 from sway_engine.store import ResultStore
@@ -82,3 +82,34 @@ def test_teardown_closes_the_backend_and_the_score_cache(fx, tmp_path, monkeypat
     monkeypatch.setattr(engine, "close", lambda: closed.append(True))
     res.teardown_after_execution(dg.build_init_resource_context())
     assert store._db is None and closed == [True]
+
+
+def test_probe_steps_read_the_null_matrix_once_per_run(fx, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """null_calibration writes the matrix before any probe step reads it: the store is read
+    once per (Dagster run, adapter), not once per probe step, and read again while it holds
+    no samples yet."""
+    from sway_engine import evaluations
+    from sway_engine.calibration import NullCell
+    from sway_engine.suite import Suite
+
+    suite = Suite.load(fx.suite)
+    res = ResultStoreResource(database=str(tmp_path / "sway.duckdb"))
+    reads: list[str] = []
+    real = evaluations.null_matrix_for
+
+    def counted(store, key, suite, run):  # type: ignore[no-untyped-def]
+        reads.append(run)
+        return real(store, key, suite, run)
+
+    monkeypatch.setattr(evaluations, "null_matrix_for", counted)
+    empty = res.null_matrix("k", suite, "d1")
+    assert empty is not None and empty.cells == ()
+    run = evaluations.evaluation_id("d1", "k")
+    cells = [NullCell("delta_kl_doc", "delta_kl", 1000 + i, 1.0, 0.01 * (i + 1)) for i in range(4)]
+    res.store().write_null_cells(run, "k", suite.spec_hash, cells)
+    for _ in range(3):
+        matrix = res.null_matrix("k", suite, "d1")
+        assert matrix is not None and len(matrix.cells) == 4
+    assert reads == [run, run]  # once empty, once with samples, then kept
+    other = res.null_matrix("k", suite, "d2")  # another Dagster run reads its own
+    assert reads[-1] == evaluations.evaluation_id("d2", "k") and other is not None

@@ -23,10 +23,11 @@ def computed(fx):  # type: ignore[no-untyped-def]
 
 
 def _write_steps(store: ResultStore, suite: Suite, result, dagster_run: str, names) -> str:  # type: ignore[no-untyped-def]
-    run = evaluations.begin(store, dagster_run, "doc-strong-1", suite, "hf")
+    run = evaluations.evaluation_id(dagster_run, "doc-strong-1")
     for r in result.probes:
         if r.name in names:
-            evaluations.record_probe(store, run, "doc-strong-1", suite, r, dagster_run)
+            written = evaluations.record_probe(store, dagster_run, "doc-strong-1", suite, r, "hf")
+            assert written == (run, 1)  # the run registered with its first row
     return run
 
 
