@@ -329,7 +329,7 @@ def _store_probe(
     key, run_id = session.key, context.run.run_id
     if session.error is not None:
         context.log.error(f"{key}: {session.error}")
-    _, written = evaluations.record_probe(store, run_id, key, suite, result, kind)
+    written = evaluations.record_probe(store, run_id, key, suite, result, kind)
     url = mlflow.mirror(store, context.log.warning).preview(
         key, run_id, adapter_tags(key, session.info), result
     )

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import dagster as dg
 from pydantic import ConfigDict, PrivateAttr, model_validator
 
-from sway_engine import evaluations
 from sway_engine.backends import deferred
 from sway_engine.backends.build import build_kind, build_side, check_one_model
 from sway_engine.backends.instrumentation import Instrumented, session
-from sway_engine.calibration import NullMatrix
 from sway_engine.mirror import Mirror
 from sway_engine.score_cache import ScoreCache
 from sway_engine.spec import ModelSpec, SuiteSpec
 from sway_engine.store import ResultStore as DuckStore
-from sway_engine.suite import Suite
 from sway_engine.tracking import MlflowTracking
+
+if TYPE_CHECKING:
+    from sway_engine.calibration import NullMatrix
+    from sway_engine.suite import Suite
 
 # Logged once per base-model load into the run's event log (from whichever step process
 # loads it), so the loads of a run can be counted on every launch path.
@@ -473,6 +474,8 @@ class ResultStoreResource(_Strict):
         (`evaluations.null_matrix_for`), read once per run: null_calibration wrote them before
         any probe step reads them, and nothing in the run writes them again. Read again
         while there are none (a probe materialised without its calibration)."""
+        from sway_engine import evaluations  # here: it brings the runner, kept out of this import
+
         run = evaluations.evaluation_id(dagster_run_id, key)
         kept = self._matrices.get(run)
         if kept is not None:

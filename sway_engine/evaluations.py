@@ -96,14 +96,13 @@ def record_probe(
     suite: Suite,
     result: ProbeResult,
     kind: str,
-) -> tuple[str, int]:
+) -> int:
     """Write one probe's row of this evaluation, registering the evaluation (once) in the
-    same transaction; return its run id and the rows written."""
+    same transaction; return rows written."""
     record = _incomplete(dagster_run_id, key, suite, kind)
-    written = store.write_probe_results(
+    return store.write_probe_results(
         record.run_id, key, suite.spec_hash, [result], dagster_run_id, begin=record
     )
-    return record.run_id, written
 
 
 def to_complete(store: ResultStore, key: str, suite: Suite) -> tuple[dict[str, Any], str | None]:
